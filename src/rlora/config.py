@@ -1,0 +1,125 @@
+"""`RLoraConfig`: the configuration of an R-LoRA / HydraLoRA adapter, a PEFT config like `LoraConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import PeftConfig
+
+from ._registry import RLORA_PEFT_TYPE
+
+HEAD_INITS = ("random", "zeros")
+
+
+@dataclass
+class RLoraConfig(PeftConfig):
+    """Configuration of a multi-head LoRA adapter (R-LoRA by default, HydraLoRA with two fields changed).
+
+    Every variant of the R-LoRA paper's ablation is one config away:
+
+    | variant             | `head_init` | `head_dropout` |
+    |---------------------|-------------|----------------|
+    | HydraLoRA           | `"zeros"`   | `False`        |
+    | + Multi-Head Dropout| `"zeros"`   | `True`         |
+    | + Random Init       | `"random"`  | `False`        |
+    | R-LoRA (default)    | `"random"`  | `True`         |
+
+    Plain LoRA is PEFT's own `LoraConfig`.
+    """
+
+    r: int = field(
+        default=4, metadata={"help": "Rank of the shared down-projection A and of every head B_k."}
+    )
+    lora_alpha: float = field(
+        default=32, metadata={"help": "Scaling numerator: alpha/r, or alpha/sqrt(r) with rsLoRA."}
+    )
+    num_heads: int = field(
+        default=5, metadata={"help": "Number of head matrices B_k mixed by the router (K)."}
+    )
+    lora_dropout: float = field(
+        default=0.1,
+        metadata={
+            "help": "Dropout probability: per head on A·x (head_dropout=True) or on the layer input x."
+        },
+    )
+    head_init: Literal["random", "zeros"] = field(
+        default="random",
+        metadata={
+            "help": "'random': R-LoRA's scaled Gaussian init of A and every head, with the initial update kept as a "
+            "frozen rank-r offset so the model starts at the pretrained function. 'zeros': B_k = 0 (HydraLoRA/LoRA)."
+        },
+    )
+    head_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "True: an independent dropout mask per head on the r-dim A·x (R-LoRA). "
+            "False: one mask on the layer input x shared by all heads (the paper's HydraLoRA baseline)."
+        },
+    )
+    init_gamma: float = field(
+        default=64.0,
+        metadata={"help": "gamma of the 'stable' random init: scale f = d_out**0.25 / sqrt(gamma)."},
+    )
+    use_rslora: bool = field(
+        default=True,
+        metadata={"help": "Scale the update by alpha/sqrt(r) (rsLoRA, as R-LoRA) instead of alpha/r."},
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Names of the linear modules to adapt: a list (exact name or name suffix), a regex, or "
+            "'all-linear'. None uses PEFT's LoRA defaults for known architectures."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules not to adapt: a list of names/suffixes or a regex."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the nn.ModuleList of layers, with layers_to_transform."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules besides the adapter layers to train fully and save."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = RLORA_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        def check(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"RLoraConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        check(_is_int(self.r) and self.r >= 1, "r", "an integer >= 1")
+        check(_is_int(self.num_heads) and self.num_heads >= 1, "num_heads", "an integer >= 1")
+        check(_is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "a number > 0")
+        check(
+            _is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)"
+        )
+        check(self.head_init in HEAD_INITS, "head_init", f"one of {', '.join(map(repr, HEAD_INITS))}")
+        check(isinstance(self.head_dropout, bool), "head_dropout", "True or False")
+        check(_is_number(self.init_gamma) and self.init_gamma > 0, "init_gamma", "a number > 0")
+        check(isinstance(self.use_rslora, bool), "use_rslora", "True or False")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("RLoraConfig.layers_pattern: only meaningful together with layers_to_transform")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -1,0 +1,189 @@
+r"""The multi-head LoRA layer (HydraLoRA architecture, R-LoRA initialisation and dropout).
+
+For a frozen linear layer W0 (d_out x d_in) and input x, with K heads of rank r:
+
+    g(x) = softmax(W_r x)                                   # (K,) per token, in float32
+    h    = W0 x + s * sum_k g_k(x) * B_k @ drop_k(A x)  -  s * mean_k(B_k^0) @ A^0 x
+
+A (r x d_in) is shared, B_k (d_out x r) are the heads, W_r (K x d_in) the router, zero at init so the gates
+start uniform. s = alpha/sqrt(r) (rsLoRA) or alpha/r.
+
+Fused forward: A x is computed once (together with the offset's A^0 x, in one matmul), the K dropout masks
+are drawn on the r-dim result, the gates (times s) are folded in, and one matmul with the concatenated heads
+B = [B_1 ... B_K] (d_out x K*r) produces the update. There is no Python loop over heads.
+
+Initialisation:
+- head_init="zeros" (HydraLoRA/LoRA): A ~ kaiming-uniform, B_k = 0, no offset.
+- head_init="random" (R-LoRA): f = d_out**0.25 / sqrt(gamma); A ~ f N(0, 1/d_in), every B_k ~ f N(0, 1/d_out),
+  drawn independently. The initial update s * mean_k(B_k^0) A^0 is non-zero; it is subtracted in the forward
+  pass through two frozen rank-r buffers (offset_B = s * mean_k(B_k^0), offset_A = A^0) saved with the adapter,
+  so the base weights are never edited and the start is exactly the pretrained function (uniform gates).
+
+Dropout:
+- head_dropout=True (R-LoRA): independent masks per head on the r-dim A x.
+- head_dropout=False (HydraLoRA baseline): one mask on x shared by the heads. The offset always reads the
+  undropped x: it belongs to the frozen part of the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import RLoraConfig
+
+MERGE_ERROR = (
+    "R-LoRA/HydraLoRA adapters cannot be merged into the base weights exactly: the router mixes the heads with "
+    "gates that depend on each token's input, so the update is not a fixed matrix. Keep the adapter unmerged, or "
+    "use `merge_with_fixed_gates(...)` for an explicit approximation with one fixed head mixture."
+)
+
+
+class RLoraLayer(BaseTunerLayer):
+    adapter_layer_names = ("rlora_A", "rlora_B", "rlora_router")
+    other_param_names = (
+        "r",
+        "num_heads",
+        "scaling",
+        "dropout_p",
+        "head_dropout",
+        "rlora_offset_A",
+        "rlora_offset_B",
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.num_heads: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+        self.head_dropout: dict[str, bool] = {}
+        self.rlora_A = nn.ParameterDict({})  # (r, d_in)
+        self.rlora_B = nn.ParameterDict({})  # (d_out, K*r): head k is columns k*r:(k+1)*r
+        self.rlora_router = nn.ParameterDict({})  # (K, d_in)
+        self.rlora_offset_A = BufferDict({}, persistent=True)  # (r, d_in), frozen A^0
+        self.rlora_offset_B = BufferDict({}, persistent=True)  # (d_out, r), frozen s * mean_k(B_k^0)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"R-LoRA supports torch.nn.Linear layers only, got {type(base).__name__}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name: str, config: RLoraConfig, inference_mode: bool = False) -> None:
+        r, k = config.r, config.num_heads
+        self.r[adapter_name] = r
+        self.num_heads[adapter_name] = k
+        self.scaling[adapter_name] = config.scaling
+        self.dropout_p[adapter_name] = float(config.lora_dropout)
+        self.head_dropout[adapter_name] = config.head_dropout
+        self.rlora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+        self.rlora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, k * r))
+        self.rlora_router[adapter_name] = nn.Parameter(torch.zeros(k, self.in_features))
+        self._init_heads(adapter_name, config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        if config.head_init == "random":
+            self._store_offset(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def _init_heads(self, adapter_name: str, config: RLoraConfig) -> None:
+        A, B = self.rlora_A[adapter_name], self.rlora_B[adapter_name]
+        if config.head_init == "zeros":
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+        else:
+            f = self.out_features**0.25 / math.sqrt(config.init_gamma)
+            nn.init.normal_(A, std=f / math.sqrt(self.in_features))
+            nn.init.normal_(B, std=f / math.sqrt(self.out_features))
+
+    @torch.no_grad()
+    def _store_offset(self, adapter_name: str) -> None:
+        """Freeze the initial update s * mean_k(B_k) @ A as two rank-r buffers, from the weights as stored."""
+        A, B = self.rlora_A[adapter_name].float(), self.rlora_B[adapter_name].float()
+        r, k = self.r[adapter_name], self.num_heads[adapter_name]
+        mean_head = B.view(self.out_features, k, r).mean(dim=1)  # (d_out, r)
+        self.rlora_offset_A[adapter_name] = A.clone()
+        self.rlora_offset_B[adapter_name] = self.scaling[adapter_name] * mean_head
+
+    def gates(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Router probabilities (..., K), in float32."""
+        return torch.softmax(F.linear(x.float(), self.rlora_router[adapter_name].float()), dim=-1)
+
+    def head_weights(self, adapter_name: str) -> torch.Tensor:
+        """The heads as a (K, d_out, r) tensor (a view of the trained parameter)."""
+        r, k = self.r[adapter_name], self.num_heads[adapter_name]
+        return self.rlora_B[adapter_name].view(self.out_features, k, r).permute(1, 0, 2)
+
+    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter's contribution to the layer output for input x (..., d_in) -> (..., d_out)."""
+        A, B = self.rlora_A[adapter_name], self.rlora_B[adapter_name]
+        r, k, p = self.r[adapter_name], self.num_heads[adapter_name], self.dropout_p[adapter_name]
+        x = self._cast_input_dtype(x, A.dtype)
+        offset = adapter_name in self.rlora_offset_A
+        gates = (self.gates(x, adapter_name) * self.scaling[adapter_name]).to(A.dtype)  # (..., K)
+
+        if self.head_dropout[adapter_name]:
+            down = torch.cat([A, self.rlora_offset_A[adapter_name].to(A.dtype)]) if offset else A
+            z = F.linear(x, down)  # (..., r) or (..., 2r) with the offset's A^0 x
+            z, z0 = (z[..., :r], z[..., r:]) if offset else (z, None)
+            zk = F.dropout(
+                z.unsqueeze(-2).expand(*z.shape[:-1], k, r), p, self.training
+            )  # (..., K, r), a mask per head
+        else:
+            z = F.linear(F.dropout(x, p, self.training), A)  # (..., r), one mask on x for all heads
+            z0 = F.linear(x, self.rlora_offset_A[adapter_name].to(A.dtype)) if offset else None
+            zk = z.unsqueeze(-2)  # (..., 1, r), broadcast over heads
+        u = (zk * gates.unsqueeze(-1)).flatten(-2)  # (..., K*r)
+        out = F.linear(u, B)  # (..., d_out)
+        if offset:
+            out = out - F.linear(z0, self.rlora_offset_B[adapter_name].to(A.dtype))
+        return out
+
+
+class RLoraLinear(nn.Module, RLoraLayer):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RLoraConfig, **kwargs: Any) -> None:
+        super().__init__()
+        RLoraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name in self.rlora_A:
+                result = result + self.delta(x, name).to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        pass  # nothing is ever merged
+
+    def get_delta_weight(self, adapter_name: str, gates: torch.Tensor | None = None) -> torch.Tensor:
+        """Update W (d_out x d_in) for a FIXED head mixture `gates` (K,), default uniform; an approximation."""
+        k = self.num_heads[adapter_name]
+        A = self.rlora_A[adapter_name].float()
+        heads = self.head_weights(adapter_name).float()  # (K, d_out, r)
+        g = torch.full((k,), 1.0 / k, device=A.device) if gates is None else gates.to(A.device).float()
+        if g.shape != (k,) or not torch.isclose(g.sum(), torch.tensor(1.0, device=g.device)):
+            raise ValueError(f"gates: expected {k} non-negative weights summing to 1, got {gates}")
+        weight = self.scaling[adapter_name] * torch.einsum("k,kor->or", g, heads) @ A
+        if adapter_name in self.rlora_offset_A:
+            weight = (
+                weight - self.rlora_offset_B[adapter_name].float() @ self.rlora_offset_A[adapter_name].float()
+            )
+        return weight
+
+    def __repr__(self) -> str:
+        return "rlora." + super().__repr__()

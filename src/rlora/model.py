@@ -1,0 +1,70 @@
+"""`RLoraModel`: the PEFT tuner that finds the target linear layers and swaps in `RLoraLinear`."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from .config import RLoraConfig
+from .layer import MERGE_ERROR, RLoraLayer, RLoraLinear
+
+
+class RLoraModel(BaseTuner):
+    """Adds R-LoRA/HydraLoRA adapters to a model; used through `peft.get_peft_model(model, RLoraConfig(...))`."""
+
+    prefix: str = "rlora_"
+    tuner_layer_cls = RLoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(
+        self, config: RLoraConfig, adapter_name, target, target_name, parent, current_key, **kwargs
+    ) -> None:
+        if isinstance(target, RLoraLinear):
+            target.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"target module {current_key!r} is a {type(base).__name__}; R-LoRA adapts torch.nn.Linear layers only"
+            )
+        new_module = RLoraLinear(target, adapter_name, config)
+        if adapter_name != self.active_adapter:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except ValueError as err:
+            if "not found in the base model" not in str(err):
+                raise
+            names = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            )
+            targets = self.peft_config[adapter_name].target_modules
+            targets = sorted(targets) if isinstance(targets, set) else targets
+            raise ValueError(
+                f"RLoraConfig.target_modules: {targets!r} matches no linear layer of "
+                f"{type(model).__name__}; its linear modules are named: {', '.join(names)}"
+            ) from None
+
+    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
+        raise ValueError(MERGE_ERROR)
+
+    @torch.no_grad()
+    def merge_with_fixed_gates(
+        self, gates: torch.Tensor | None = None, adapter_name: str | None = None
+    ) -> nn.Module:
+        """Merge one adapter with FIXED head weights (default uniform) and return the plain base model.
+
+        This is an approximation, not the trained model: the trained router mixes heads per token, a merged
+        matrix cannot. Use it only where a plain model is required and measure what is lost.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        for module in self.model.modules():
+            if isinstance(module, RLoraLinear) and adapter_name in module.rlora_A:
+                weight = module.get_base_layer().weight
+                weight += module.get_delta_weight(adapter_name, gates).to(weight.dtype)
+        return self.unload()

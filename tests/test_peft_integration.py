@@ -1,0 +1,199 @@
+"""R-LoRA as a PEFT method: every PEFT entry point a LoRA user relies on, after `import rlora`."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from _tiny import MLP, perturb_adapter, tiny_llama
+from peft import LoraConfig, PeftConfig, get_peft_model, get_peft_model_state_dict
+from peft.utils import PeftType
+
+from rlora import RLoraConfig, RLoraLinear
+
+TOKENS = torch.tensor([[5, 17, 3, 44, 8, 91, 2], [60, 1, 1, 33, 9, 12, 70]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def test_import_registers_a_peft_type_that_behaves_like_a_builtin():
+    assert PeftType("RLORA") is PeftType.RLORA
+    assert "RLORA" in list(PeftType) and PeftType.RLORA == "RLORA"
+    assert RLoraConfig().peft_type is PeftType.RLORA
+    assert isinstance(PeftConfig.from_peft_type(peft_type="RLORA", r=2), RLoraConfig)
+
+
+@pytest.mark.parametrize(
+    ("head_init", "head_dropout"), [("random", True), ("random", False), ("zeros", True)]
+)
+def test_get_peft_model_starts_exactly_at_the_base_model_without_editing_it(head_init, head_dropout):
+    base = tiny_llama()
+    reference = logits(base)
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(
+        base, RLoraConfig(target_modules=MLP, head_init=head_init, head_dropout=head_dropout)
+    )
+    torch.testing.assert_close(logits(model.eval()), reference, atol=1e-5, rtol=0)
+    base_now = {k.replace("base_layer.", ""): v for k, v in model.get_base_model().state_dict().items()}
+    for key, value in weights.items():
+        assert torch.equal(base_now[key], value), key
+
+
+def test_only_adapter_parameters_train_and_the_router_is_counted():
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, r=4, num_heads=5))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("rlora_A" in n or "rlora_B" in n or "rlora_router" in n) for n in trainable)
+    assert sum("rlora_router" in n for n in trainable) == 6  # 2 layers x 3 modules
+    # per layer: gate/up (32->64) and down (64->32): A r*d_in + B d_out*K*r + router K*d_in
+    per_layer = 2 * (4 * 32 + 64 * 20 + 5 * 32) + (4 * 64 + 32 * 20 + 5 * 64)
+    n_trainable, _ = model.get_nb_trainable_parameters()
+    assert n_trainable == 2 * per_layer
+
+
+def test_target_modules_accepts_a_list_a_regex_and_all_linear():
+    def adapted(target):
+        model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=target))
+        return sorted(n.split("layers.")[1] for n, m in model.named_modules() if isinstance(m, RLoraLinear))
+
+    assert adapted(["up_proj"]) == ["0.mlp.up_proj", "1.mlp.up_proj"]
+    assert adapted(r".*layers\.1\.self_attn\.(q|v)_proj") == ["1.self_attn.q_proj", "1.self_attn.v_proj"]
+    assert len(adapted("all-linear")) == 14  # 7 linear layers a block, lm_head excluded
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, exclude_modules=["down_proj"]))
+    assert sum(isinstance(m, RLoraLinear) for m in model.modules()) == 4
+
+
+def test_disable_adapter_gives_the_base_outputs_exactly():
+    base = tiny_llama()
+    reference = logits(base)
+    model = get_peft_model(base, RLoraConfig(target_modules=MLP)).eval()
+    perturb_adapter(model)
+    assert (logits(model) - reference).abs().max() > 1e-2
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model), reference, atol=0, rtol=0)
+
+
+def test_several_adapters_are_added_switched_and_deleted():
+    base = tiny_llama()
+    reference = logits(base)
+    model = get_peft_model(base, RLoraConfig(target_modules=MLP), adapter_name="first").eval()
+    perturb_adapter(model, seed=1)
+    out_a = logits(model)
+    model.add_adapter("second", RLoraConfig(target_modules=MLP, head_init="zeros", num_heads=2))
+    model.set_adapter("second")
+    perturb_adapter(model, seed=2)  # the trainable ones: the second only
+    out_b = logits(model)
+    assert (out_b - out_a).abs().max() > 1e-2
+    model.set_adapter("first")
+    torch.testing.assert_close(logits(model), out_a, atol=0, rtol=0)
+    model.delete_adapter("first")
+    assert list(model.peft_config) == ["second"]
+    torch.testing.assert_close(logits(model), out_b, atol=0, rtol=0)
+    assert not any("first" in m.rlora_A for m in model.modules() if isinstance(m, RLoraLinear))
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model), reference, atol=0, rtol=0)
+
+
+def test_merge_and_unload_refuses_and_the_fixed_gate_merge_is_explicit():
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP)).eval()
+    with pytest.raises(ValueError, match="cannot be merged into the base weights exactly: the router"):
+        model.merge_and_unload()
+    with torch.no_grad():  # heads trained, router still uniform: the fixed uniform mixture is exact
+        for name, p in model.named_parameters():
+            if "rlora_B" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    expected = logits(model)
+    merged = model.base_model.merge_with_fixed_gates()
+    assert not any(isinstance(m, RLoraLinear) for m in merged.modules())
+    torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_heads": 0}, r"RLoraConfig.num_heads: expected an integer >= 1, got 0"),
+        ({"r": 0}, r"RLoraConfig.r: expected an integer >= 1, got 0"),
+        ({"lora_dropout": 1.0}, r"RLoraConfig.lora_dropout: expected a number in \[0, 1\), got 1.0"),
+        ({"lora_dropout": -0.1}, r"RLoraConfig.lora_dropout: expected a number in \[0, 1\), got -0.1"),
+        (
+            {"head_init": "orthogonal"},
+            r"RLoraConfig.head_init: expected one of 'random', 'zeros', got 'orthogonal'",
+        ),
+        ({"init_gamma": 0}, r"RLoraConfig.init_gamma: expected a number > 0, got 0"),
+    ],
+)
+def test_bad_configuration_fails_at_construction_naming_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RLoraConfig(**kwargs)
+
+
+def test_target_modules_matching_nothing_lists_the_linear_modules():
+    with pytest.raises(ValueError) as err:
+        get_peft_model(tiny_llama(), RLoraConfig(target_modules=["c_attn"]))
+    assert str(err.value) == (
+        "RLoraConfig.target_modules: ['c_attn'] matches no linear layer of LlamaForCausalLM; its linear modules "
+        "are named: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
+    )
+
+
+def test_lora_and_rlora_coexist_in_one_process():
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=MLP))
+    assert lora.peft_config["default"].peft_type is PeftType.LORA
+    assert any("lora_A" in n for n, _ in lora.named_parameters())
+
+
+def test_a_saved_adapter_reloads_in_a_fresh_process_to_the_same_function(tmp_path):
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, RLoraConfig(target_modules=MLP, num_heads=3)).eval()
+    perturb_adapter(model)
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "RLORA" and saved["num_heads"] == 3 and saved["head_init"] == "random"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+
+    script = textwrap.dedent(
+        f"""
+        import torch, rlora
+        from peft import PeftModel, PeftConfig
+        from transformers import AutoModelForCausalLM
+        torch.manual_seed(12345)  # a different RNG state: nothing may depend on replaying the init
+        base = AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r})
+        assert type(PeftConfig.from_pretrained({str(tmp_path / "adapter")!r})).__name__ == "RLoraConfig"
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}).eval()
+        with torch.no_grad():
+            out = model(torch.load({str(tmp_path / "tokens.pt")!r})).logits
+        torch.save(out, {str(tmp_path / "out.pt")!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-6, rtol=0)
+
+
+def test_saved_state_holds_the_offset_and_no_base_weight():
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=["up_proj"], num_heads=2))
+    keys = sorted(get_peft_model_state_dict(model))
+    assert keys == sorted(
+        f"base_model.model.model.layers.{i}.mlp.up_proj.rlora_{p}"
+        for i in range(2)
+        for p in ("A", "B", "router", "offset_A", "offset_B")
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_start_at_the_base_and_train(dtype):
+    base = tiny_llama(dtype=dtype)
+    reference = logits(base)
+    model = get_peft_model(base, RLoraConfig(target_modules=MLP)).eval()
+    torch.testing.assert_close(logits(model), reference, atol=0, rtol=0)
+    model.train()
+    loss = model(TOKENS, labels=TOKENS).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "rlora_B" in n]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
