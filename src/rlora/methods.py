@@ -1,0 +1,86 @@
+"""The methods compared in the R-LoRA paper's ablation, each as a PEFT config.
+
+| method              | heads | head init            | dropout               |
+|---------------------|-------|----------------------|-----------------------|
+| `lora`              | 1     | B = 0                | on x (PEFT's LoRA)    |
+| `hydralora`         | K     | B_k = 0              | one mask on x         |
+| `hydralora+dropout` | K     | B_k = 0              | per head, on A x      |
+| `hydralora+init`    | K     | random, compensated  | one mask on x         |
+| `rlora`             | K     | random, compensated  | per head, on A x      |
+
+Plain LoRA's rank is matched to the multi-head methods' trainable parameter count unless given: per adapted
+linear layer the multi-head adapter trains r*d_in + K*r*d_out + K*d_in parameters and LoRA r'*(d_in + d_out),
+so r' = round(sum over layers of the former / sum of (d_in + d_out)), at least 1.
+"""
+
+from __future__ import annotations
+
+from peft import LoraConfig, PeftConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+
+from .config import RLoraConfig
+
+MULTI_HEAD = {
+    "rlora": {"head_init": "random", "head_dropout": True},
+    "hydralora": {"head_init": "zeros", "head_dropout": False},
+    "hydralora+dropout": {"head_init": "zeros", "head_dropout": True},
+    "hydralora+init": {"head_init": "random", "head_dropout": False},
+}
+METHODS = (*MULTI_HEAD, "lora")
+
+
+def adapter_config(
+    method: str,
+    *,
+    r: int,
+    lora_alpha: float,
+    num_heads: int,
+    lora_dropout: float,
+    target_modules: list[str] | str,
+    init_gamma: float = 64.0,
+    use_rslora: bool = True,
+    lora_r: int | None = None,
+    model: nn.Module | None = None,
+) -> PeftConfig:
+    """The PEFT config of `method`; for `lora` without `lora_r`, `model` is needed to match parameter counts."""
+    if method in MULTI_HEAD:
+        return RLoraConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            num_heads=num_heads,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules,
+            init_gamma=init_gamma,
+            use_rslora=use_rslora,
+            **MULTI_HEAD[method],
+        )
+    if method != "lora":
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if lora_r is None:
+        if model is None:
+            raise ValueError("method 'lora': give lora_r, or the model to match the multi-head parameter count")
+        lora_r = matched_lora_rank(model, target_modules, r, num_heads)
+    return LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        use_rslora=use_rslora,
+    )
+
+
+def matched_lora_rank(model: nn.Module, target_modules: list[str] | str, r: int, num_heads: int) -> int:
+    probe = LoraConfig(target_modules=target_modules)
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    multi_head, per_rank = 0, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if target_modules == "all-linear" and module is not output_layer or check_target_module_exists(probe, name):
+            d_in, d_out = module.in_features, module.out_features
+            multi_head += r * d_in + num_heads * r * d_out + num_heads * d_in
+            per_rank += d_in + d_out
+    if per_rank == 0:
+        raise ValueError(f"target_modules {target_modules!r} match no linear layer of {type(model).__name__}")
+    return max(1, round(multi_head / per_rank))

@@ -1,0 +1,226 @@
+"""The run configuration: one YAML file (model, data, method, adapter, training, eval), typed and validated.
+
+Every key is a field of a dataclass below, with its default and help text. Unknown keys and wrong types are
+rejected with the file, the key path and the expected type, before any model is loaded. Any key can be
+overridden on the command line as `section.key=value` (the value is parsed as YAML: `data.tasks=[boolq,piqa]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .methods import METHODS
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class DataSettings:
+    tasks: list[str] = field(default_factory=lambda: ["boolq", "piqa", "arc_easy", "winogrande"])
+    jsonl: list[str] = field(default_factory=list)  # user task files, see the README's data section
+    mixture: str = "temperature"  # proportional | equal | temperature
+    temperature: float = 2.0
+    max_train_per_task: int | None = None
+    total_train: int | None = None
+    max_eval_per_task: int | None = 200
+    test_fraction: float = 0.2
+    max_length: int = 384
+    chat_template: bool = False
+
+
+@dataclass
+class AdapterSettings:
+    r: int = 4
+    lora_alpha: float = 32
+    num_heads: int = 5
+    lora_dropout: float = 0.1
+    target_modules: list[str] | str = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    init_gamma: float = 64.0
+    use_rslora: bool = True
+    lora_r: int | None = None  # rank of plain LoRA; None = matched to the multi-head parameter count
+
+
+@dataclass
+class TrainingSettings:
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 5
+    save_steps: int = 50
+    save_total_limit: int = 2
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 ("auto": bf16 on CUDA devices that support it)
+    group_by_length: bool = True
+    deepspeed: str | None = None  # path of a DeepSpeed JSON config, passed to the Trainer
+    fsdp: str | None = None  # FSDP options string, passed to the Trainer (e.g. "full_shard auto_wrap")
+    dataloader_workers: int = 0
+
+
+@dataclass
+class EvalSettings:
+    batch_size: int = 16
+    generate: bool = True
+    max_new_tokens: int = 8
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    method: str = "rlora"
+    data: DataSettings = field(default_factory=DataSettings)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "method": METHODS,
+    "data.mixture": ("proportional", "equal", "temperature"),
+    "training.precision": ("auto", "fp32", "bf16", "fp16"),
+    "training.scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
+}
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Reads a YAML run config (or the defaults when `path` is None) and applies `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the run config ({err.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.lr=1e-4")
+        try:
+            parsed = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            parsed = value
+        _set_path(raw, key.strip().split("."), parsed, item)
+    return _validate(_build(RunConfig, raw, source, ""), source)
+
+
+def _set_path(raw: dict, keys: list[str], value: Any, item: str) -> None:
+    for k in keys[:-1]:
+        raw = raw.setdefault(k, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"override {item!r}: {k!r} is not a section")
+    raw[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {prefix + str(key)!r}{hint}; valid keys here: {', '.join(names)}")
+        expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            kwargs[key] = _build(expected, value, source, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(value, expected, f"{source}: {prefix}{key}")
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, expected: Any, where: str) -> Any:
+    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    for option in options:
+        origin = typing.get_origin(option)
+        if option is type(None) and value is None:
+            return None
+        if origin is list and isinstance(value, list):
+            (item_type,) = typing.get_args(option)
+            return [_check_type(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if option in (int, str, bool) and type(value) is option:
+            return value
+    names = " or ".join(_type_name(o) for o in options)
+    raise ConfigError(f"{where}: expected {names}, got {value!r}")
+
+
+def _type_name(t: Any) -> str:
+    if t is type(None):
+        return "null"
+    if typing.get_origin(t) is list:
+        item = typing.get_args(t)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(t, str(t))
+
+
+def _validate(cfg: RunConfig, source: str) -> RunConfig:
+    for path, allowed in CHOICES.items():
+        value = _get(cfg, path)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {path}: expected one of {', '.join(allowed)}, got {value!r}")
+    positive = ["training.batch_size", "training.grad_accum", "training.save_steps", "training.logging_steps"]
+    positive += ["eval.batch_size", "data.max_length", "adapter.r", "adapter.num_heads"]
+    for path in positive:
+        if _get(cfg, path) < 1:
+            raise ConfigError(f"{source}: {path}: expected an integer >= 1, got {_get(cfg, path)!r}")
+    if not 0 < cfg.data.test_fraction < 1:
+        raise ConfigError(f"{source}: data.test_fraction: expected a number in (0, 1), got {cfg.data.test_fraction}")
+    if not 0 <= cfg.adapter.lora_dropout < 1:
+        raise ConfigError(
+            f"{source}: adapter.lora_dropout: expected a number in [0, 1), got {cfg.adapter.lora_dropout}"
+        )
+    if not cfg.data.tasks and not cfg.data.jsonl:
+        raise ConfigError(f"{source}: data: no tasks: give data.tasks (built-in names) or data.jsonl (files)")
+    for i, file in enumerate(cfg.data.jsonl):
+        if not Path(file).is_file():
+            raise ConfigError(f"{source}: data.jsonl[{i}]: no such file: {file}")
+    for key in ("deepspeed",):
+        value = getattr(cfg.training, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{source}: training.{key}: no such file: {value}")
+    return cfg
+
+
+def _get(cfg: RunConfig, path: str) -> Any:
+    value: Any = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def dump_run_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
