@@ -27,3 +27,33 @@ def perturb_adapter(model: torch.nn.Module, seed: int = 1, scale: float = 0.1) -
         for name, p in model.named_parameters():
             if p.requires_grad and ("rlora_" in name or "lora_" in name):
                 p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in milliseconds on a few sentences (every string encodes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Question: is the sky blue? Answer: yes", "Answer format: A/B/C/D. Answer: A", "no yes B C D"] * 5
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_model_dir(path, seed: int = 0):
+    """A complete local model folder (tiny Llama + tokenizer) that `from_pretrained(path)` loads."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(seed)
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
