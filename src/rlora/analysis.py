@@ -1,0 +1,209 @@
+"""What the heads and the router learned: head similarity, router usage per task, a 2-D map of the heads.
+
+- Head similarity (the R-LoRA paper's diagnostic): for every adapted layer, the mean cosine similarity over
+  all pairs of its K heads B_k (each flattened to a d_out*r vector).
+- Router usage: on held-out prompts of each task, the router's gates g(x) averaged over every real token
+  and every adapted layer give a mean gate per head per task; the entropy of g(x) (in nats, at most ln K)
+  says how concentrated the routing is.
+- Head map: the heads of one module type (e.g. every layer's up_proj), projected on their first two
+  principal components, coloured by head index.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from ._io import atomic_write_bytes
+from .layer import RLoraLinear
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def adapted_layers(model: torch.nn.Module, adapter_name: str = "default") -> list[tuple[str, RLoraLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, RLoraLinear) and adapter_name in m.rlora_A]
+
+
+def describe(name: str) -> tuple[int, str]:
+    """(layer index, module name) of a module path like `...layers.3.mlp.up_proj`; index -1 when there is none."""
+    found = _LAYER_INDEX.findall(name)
+    return (int(found[-1]) if found else -1), name.rsplit(".", 1)[-1]
+
+
+def mean_pairwise_cosine(heads: torch.Tensor) -> float:
+    """Mean cosine similarity over the K*(K-1)/2 pairs of heads (K, ...); NaN for a single head."""
+    flat = heads.flatten(1).float()
+    k = flat.shape[0]
+    if k < 2:
+        return math.nan
+    cos = F.cosine_similarity(flat[:, None], flat[None, :], dim=-1)
+    return cos[torch.triu(torch.ones(k, k, dtype=torch.bool), diagonal=1)].mean().item()
+
+
+def head_similarity(model: torch.nn.Module, adapter_name: str = "default") -> list[dict]:
+    """One row per adapted layer: layer index, module name, mean pairwise cosine of its heads."""
+    rows = []
+    for name, layer in adapted_layers(model, adapter_name):
+        index, module = describe(name)
+        heads = layer.head_weights(adapter_name).detach()
+        rows.append({"layer": index, "module": module, "mean_cosine": mean_pairwise_cosine(heads)})
+    return rows
+
+
+@contextmanager
+def record_gates(model: torch.nn.Module, adapter_name: str = "default"):
+    """Collects every adapted layer's gates (tokens, K) during forward passes, keyed by module name."""
+    records: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name, layer in adapted_layers(model, adapter_name):
+
+        def hook(module, args, output, name=name):
+            records.setdefault(name, []).append(module.gates(args[0].detach(), adapter_name).cpu())
+
+        hooks.append(layer.register_forward_hook(hook))
+    try:
+        yield records
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def router_usage(
+    model: torch.nn.Module,
+    prompts_by_task: dict[str, Sequence[list[int]]],
+    adapter_name: str = "default",
+    batch_size: int = 16,
+) -> dict[str, dict]:
+    """Per task: mean gate per head (averaged over real tokens and layers), mean gate entropy, per-layer entropy."""
+    model.eval()
+    device = next(model.parameters()).device
+    usage = {}
+    for task, prompts in prompts_by_task.items():
+        sums: dict[str, torch.Tensor] = {}
+        entropy: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(batch):
+                ids[i, : len(p)] = torch.tensor(p)
+                mask[i, : len(p)] = 1
+            with record_gates(model, adapter_name) as records:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            real = mask.bool().flatten()
+            tokens += int(real.sum())
+            for name, calls in records.items():
+                g = torch.cat(calls).reshape(-1, calls[0].shape[-1])[real]  # (real tokens, K)
+                sums[name] = sums.get(name, 0) + g.sum(0)
+                h = -(g * g.clamp_min(1e-12).log()).sum(-1)
+                entropy[name] = entropy.get(name, 0) + h.sum()
+        per_layer = {name: (sums[name] / tokens) for name in sums}
+        usage[task] = {
+            "mean_gate": torch.stack(list(per_layer.values())).mean(0).tolist(),
+            "entropy": float(sum(entropy.values()) / (tokens * len(entropy))),
+            "entropy_per_layer": {name: float(entropy[name] / tokens) for name in entropy},
+            "tokens": tokens,
+        }
+    return usage
+
+
+def head_projection(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, dict]:
+    """Per module type: the 2-D PCA coordinates of every (layer, head), with the head and layer indices."""
+    groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for name, layer in adapted_layers(model, adapter_name):
+        index, module = describe(name)
+        groups.setdefault(module, []).append((index, layer.head_weights(adapter_name).detach().flatten(1).float()))
+    out = {}
+    for module, items in groups.items():
+        points = torch.cat([h for _, h in items])  # (layers*K, d_out*r)
+        centred = points - points.mean(0, keepdim=True)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)
+        coords = centred @ v[:2].T if v.shape[0] >= 2 else torch.cat([centred @ v.T, torch.zeros(len(points), 1)], 1)
+        k = items[0][1].shape[0]
+        out[module] = {
+            "xy": coords.tolist(),
+            "head": [h for _ in items for h in range(k)],
+            "layer": [index for index, heads in items for _ in range(heads.shape[0])],
+        }
+    return out
+
+
+def similarity_table(init_rows: Iterable[dict] | None, trained_rows: Iterable[dict]) -> str:
+    trained = list(trained_rows)
+    init = {(r["layer"], r["module"]): r["mean_cosine"] for r in init_rows or []}
+    lines = ["| layer | module | cosine at init | cosine trained |", "|---|---|---|---|"]
+    for r in trained:
+        before = init.get((r["layer"], r["module"]))
+        lines.append(
+            f"| {r['layer']} | {r['module']} | {'–' if before is None else f'{before:.3f}'} | {r['mean_cosine']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_similarity(init_rows: list[dict] | None, trained_rows: list[dict], path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, rows, style in (("init", init_rows or [], "--"), ("trained", trained_rows, "-")):
+        for module in sorted({r["module"] for r in rows}):
+            pts = sorted((r["layer"], r["mean_cosine"]) for r in rows if r["module"] == module)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=f"{module} ({label})")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean pairwise cosine of heads")
+    ax.set_title("Head similarity per layer")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def plot_router_usage(usage: dict[str, dict], path) -> None:
+    plt = _pyplot()
+    tasks = list(usage)
+    gates = torch.tensor([usage[t]["mean_gate"] for t in tasks])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * gates.shape[1], 1.2 + 0.5 * len(tasks)))
+    im = ax.imshow(gates, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(gates.shape[1]), [f"head {k}" for k in range(gates.shape[1])])
+    ax.set_yticks(range(len(tasks)), [f"{t} (H={usage[t]['entropy']:.2f})" for t in tasks])
+    for i in range(len(tasks)):
+        for k in range(gates.shape[1]):
+            ax.text(k, i, f"{gates[i, k]:.2f}", ha="center", va="center", color="white", fontsize=7)
+    ax.set_title(f"Mean router gate per task (entropy H in nats, max ln K = {math.log(gates.shape[1]):.2f})")
+    fig.colorbar(im, ax=ax)
+    _save(fig, path)
+
+
+def plot_head_projection(projection: dict[str, dict], path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(projection), figsize=(4.2 * len(projection), 4), squeeze=False)
+    for ax, (module, data) in zip(axes[0], projection.items(), strict=True):
+        xy = torch.tensor(data["xy"])
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=data["head"], cmap="tab10", s=14)
+        ax.set_title(f"{module}: heads of every layer (PCA)")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+    fig.colorbar(sc, ax=axes[0].tolist(), label="head")
+    _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
