@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -20,7 +19,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from ._io import atomic_write_bytes
+from ._plot import pyplot, save_png
 from .layer import RLoraLinear
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -150,7 +149,7 @@ def similarity_table(init_rows: Iterable[dict] | None, trained_rows: Iterable[di
 
 
 def plot_similarity(init_rows: list[dict] | None, trained_rows: list[dict], path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, rows, style in (("init", init_rows or [], "--"), ("trained", trained_rows, "-")):
         for module in sorted({r["module"] for r in rows}):
@@ -161,11 +160,11 @@ def plot_similarity(init_rows: list[dict] | None, trained_rows: list[dict], path
     ax.set_title("Head similarity per layer")
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_router_usage(usage: dict[str, dict], path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     tasks = list(usage)
     gates = torch.tensor([usage[t]["mean_gate"] for t in tasks])
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * gates.shape[1], 1.2 + 0.5 * len(tasks)))
@@ -177,11 +176,11 @@ def plot_router_usage(usage: dict[str, dict], path) -> None:
             ax.text(k, i, f"{gates[i, k]:.2f}", ha="center", va="center", color="white", fontsize=7)
     ax.set_title(f"Mean router gate per task (entropy H in nats, max ln K = {math.log(gates.shape[1]):.2f})")
     fig.colorbar(im, ax=ax)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_head_projection(projection: dict[str, dict], path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(projection), figsize=(4.2 * len(projection), 4), squeeze=False)
     for ax, (module, data) in zip(axes[0], projection.items(), strict=True):
         xy = torch.tensor(data["xy"])
@@ -190,20 +189,4 @@ def plot_head_projection(projection: dict[str, dict], path) -> None:
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
     fig.colorbar(sc, ax=axes[0].tolist(), label="head")
-    _save(fig, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)

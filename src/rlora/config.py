@@ -28,20 +28,14 @@ class RLoraConfig(PeftConfig):
     Plain LoRA is PEFT's own `LoraConfig`.
     """
 
-    r: int = field(
-        default=4, metadata={"help": "Rank of the shared down-projection A and of every head B_k."}
-    )
+    r: int = field(default=4, metadata={"help": "Rank of the shared down-projection A and of every head B_k."})
     lora_alpha: float = field(
         default=32, metadata={"help": "Scaling numerator: alpha/r, or alpha/sqrt(r) with rsLoRA."}
     )
-    num_heads: int = field(
-        default=5, metadata={"help": "Number of head matrices B_k mixed by the router (K)."}
-    )
+    num_heads: int = field(default=5, metadata={"help": "Number of head matrices B_k mixed by the router (K)."})
     lora_dropout: float = field(
         default=0.1,
-        metadata={
-            "help": "Dropout probability: per head on A·x (head_dropout=True) or on the layer input x."
-        },
+        metadata={"help": "Dropout probability: per head on A·x (head_dropout=True) or on the layer input x."},
     )
     head_init: Literal["random", "zeros"] = field(
         default="random",
@@ -102,9 +96,7 @@ class RLoraConfig(PeftConfig):
         check(_is_int(self.r) and self.r >= 1, "r", "an integer >= 1")
         check(_is_int(self.num_heads) and self.num_heads >= 1, "num_heads", "an integer >= 1")
         check(_is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "a number > 0")
-        check(
-            _is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)"
-        )
+        check(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)")
         check(self.head_init in HEAD_INITS, "head_init", f"one of {', '.join(map(repr, HEAD_INITS))}")
         check(isinstance(self.head_dropout, bool), "head_dropout", "True or False")
         check(_is_number(self.init_gamma) and self.init_gamma > 0, "init_gamma", "a number > 0")

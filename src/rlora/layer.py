@@ -180,9 +180,7 @@ class RLoraLinear(nn.Module, RLoraLayer):
             raise ValueError(f"gates: expected {k} non-negative weights summing to 1, got {gates}")
         weight = self.scaling[adapter_name] * torch.einsum("k,kor->or", g, heads) @ A
         if adapter_name in self.rlora_offset_A:
-            weight = (
-                weight - self.rlora_offset_B[adapter_name].float() @ self.rlora_offset_A[adapter_name].float()
-            )
+            weight = weight - self.rlora_offset_B[adapter_name].float() @ self.rlora_offset_A[adapter_name].float()
         return weight
 
     def __repr__(self) -> str:

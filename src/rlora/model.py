@@ -40,9 +40,7 @@ class RLoraModel(BaseTuner):
         except ValueError as err:
             if "not found in the base model" not in str(err):
                 raise
-            names = sorted(
-                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-            )
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
             targets = self.peft_config[adapter_name].target_modules
             targets = sorted(targets) if isinstance(targets, set) else targets
             raise ValueError(
@@ -54,9 +52,7 @@ class RLoraModel(BaseTuner):
         raise ValueError(MERGE_ERROR)
 
     @torch.no_grad()
-    def merge_with_fixed_gates(
-        self, gates: torch.Tensor | None = None, adapter_name: str | None = None
-    ) -> nn.Module:
+    def merge_with_fixed_gates(self, gates: torch.Tensor | None = None, adapter_name: str | None = None) -> nn.Module:
         """Merge one adapter with FIXED head weights (default uniform) and return the plain base model.
 
         This is an approximation, not the trained model: the trained router mixes heads per token, a merged
