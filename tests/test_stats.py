@@ -1,0 +1,71 @@
+"""Confidence intervals and the comparison summary, against values computed by hand."""
+
+import math
+
+import pytest
+
+from rlora.compare import comparison_markdown, parse_methods, summarize
+from rlora.stats import format_ci, mean_ci, paired_difference, t_quantile_975
+
+
+def test_t_quantiles_match_published_values():
+    assert t_quantile_975(1) == pytest.approx(12.706, abs=1e-3)
+    assert t_quantile_975(2) == pytest.approx(4.303, abs=1e-3)
+    assert t_quantile_975(30) == pytest.approx(2.042, abs=1e-3)
+    assert t_quantile_975(40) == pytest.approx(2.021, abs=1e-3)
+    assert t_quantile_975(120) == pytest.approx(1.980, abs=1e-3)
+    with pytest.raises(ValueError, match="dof: expected >= 1, got 0"):
+        t_quantile_975(0)
+
+
+def test_mean_ci_by_hand():
+    # values 0.70, 0.74, 0.72: mean 0.72, sd 0.02, half-width 4.3027 * 0.02 / sqrt(3) = 0.049683
+    mean, half = mean_ci([0.70, 0.74, 0.72])
+    assert mean == pytest.approx(0.72)
+    assert half == pytest.approx(4.3027 * 0.02 / math.sqrt(3))
+    single_mean, single_half = mean_ci([0.5])
+    assert single_mean == 0.5 and math.isnan(single_half)
+    assert format_ci(0.72, half) == "72.0 ± 5.0"
+    assert format_ci(0.5, math.nan) == "50.0"
+
+
+def test_paired_difference_uses_per_seed_differences():
+    # differences 0.02, 0.04, 0.00: mean 0.02, sd 0.02
+    mean, half = paired_difference([0.72, 0.74, 0.70], [0.70, 0.70, 0.70])
+    assert mean == pytest.approx(0.02)
+    assert half == pytest.approx(4.3027 * 0.02 / math.sqrt(3))
+    with pytest.raises(ValueError, match="2 values against 3"):
+        paired_difference([1, 2], [1, 2, 3])
+
+
+def run(acc_a, acc_b):
+    tasks = {"a": {"n": 10, "acc_ll": acc_a, "acc_gen": None}, "b": {"n": 10, "acc_ll": acc_b, "acc_gen": None}}
+    return {"tasks": tasks, "average": {"acc_ll": (acc_a + acc_b) / 2, "acc_gen": None}}
+
+
+def test_summary_has_means_cis_and_differences_to_the_first_method():
+    runs = {
+        "hydralora": {0: run(0.5, 0.6), 1: run(0.7, 0.6)},
+        "rlora": {0: run(0.6, 0.6), 1: run(0.9, 0.7)},
+    }
+    summary = summarize(runs, ["hydralora", "rlora"], [0, 1])
+    assert list(summary["metrics"]) == ["acc_ll"]  # no generation metric was measured
+    hydra = summary["metrics"]["acc_ll"]["per_method"]["hydralora"]
+    assert hydra["a"]["mean"] == pytest.approx(0.6)
+    assert hydra["a"]["ci95"] == pytest.approx(12.7062 * math.sqrt(0.02) / math.sqrt(2))
+    assert hydra["average"]["values"] == pytest.approx([0.55, 0.65])
+    diff = summary["metrics"]["acc_ll"]["differences"]["rlora"]
+    assert diff["a"]["mean"] == pytest.approx(0.15)  # (0.1 + 0.2) / 2
+    assert diff["b"]["mean"] == pytest.approx(0.05)
+    text = comparison_markdown(summary)
+    assert "| task | hydralora | rlora |" in text
+    assert "| a | 60.0 ± 127.1 | 75.0 ± 190.6 |" in text
+    assert "| **average** | rlora − hydralora |" not in text and "| task | rlora − hydralora |" in text
+
+
+def test_methods_are_parsed_and_checked():
+    assert parse_methods("lora, rlora") == ["lora", "rlora"]
+    with pytest.raises(ValueError, match="--methods: unknown dora; choose from rlora, hydralora"):
+        parse_methods("rlora,dora")
+    with pytest.raises(ValueError, match="names a method twice"):
+        parse_methods("rlora,rlora")
