@@ -107,7 +107,7 @@ def build_mixture(
 def format_mixture_table(counts: Mapping[str, int], sizes: Mapping[str, int]) -> str:
     """A text table of each task's available and sampled examples and its share of the mixture."""
     total = sum(counts.values()) or 1
-    width = max([len("task"), *(len(t) for t in counts)])
+    width = max([len("total"), *(len(t) for t in counts)])
     lines = [f"{'task':<{width}}  {'available':>9}  {'sampled':>7}  {'share':>6}"]
     for task, count in counts.items():
         lines.append(f"{task:<{width}}  {sizes[task]:>9}  {count:>7}  {100 * count / total:>5.1f}%")

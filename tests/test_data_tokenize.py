@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from rlora.data import IGNORE_INDEX, CausalLMCollator, Example, encode_example, encode_pair, encode_prompt
+
+# tiny_tokenizer ids: <pad> 0, <eos> 1, What 3, is 4, two 5, plus 6, four 7, ? 8, Answer 9, : 10, A 11, B 12,
+# . 15, format 18, / 19, user 20, assistant 21, red 22, blue 23, sky 24
+FREE = Example("qa", "What is two plus two ?", "four", uid="qa/0")
+PROMPT_IDS = [3, 4, 5, 6, 5, 8, 9, 10]  # What is two plus two ? Answer :
+
+
+def test_plain_mode_masks_the_prompt_and_ends_with_eos(tiny_tokenizer):
+    feature = encode_example(tiny_tokenizer, FREE, use_chat_template=False, max_length=64)
+    assert feature["input_ids"] == PROMPT_IDS + [7, 1]
+    assert feature["labels"] == [IGNORE_INDEX] * 8 + [7, 1]
+    assert feature["attention_mask"] == [1] * 10
+    assert feature["length"] == 10
+
+
+def test_chat_mode_finds_the_assistant_span(tiny_tokenizer):
+    feature = encode_example(tiny_tokenizer, FREE, use_chat_template=True, max_length=64)
+    prompt = [20, 10, *PROMPT_IDS, 1, 21, 10]  # user : <prompt> <eos> assistant :
+    assert feature["input_ids"] == prompt + [7, 1]
+    assert feature["labels"] == [IGNORE_INDEX] * len(prompt) + [7, 1]
+    assert encode_prompt(tiny_tokenizer, FREE, use_chat_template=True) == prompt
+
+
+def test_multiple_choice_target_is_the_label_and_any_label_can_be_scored(tiny_tokenizer):
+    ex = Example.multiple_choice("mc", "What is blue ?", ["sky", "red"], 0, "mc/0")
+    feature = encode_example(tiny_tokenizer, ex, use_chat_template=False, max_length=64)
+    # What is blue ? A . sky B . red Answer format : A / B . Answer :
+    prompt = [3, 4, 23, 8, 11, 15, 24, 12, 15, 22, 9, 18, 10, 11, 19, 12, 15, 9, 10]
+    assert feature["input_ids"] == prompt + [11, 1]
+    assert encode_pair(tiny_tokenizer, ex, "B", False, 64)["labels"] == [IGNORE_INDEX] * len(prompt) + [12, 1]
+
+
+def test_truncation_drops_the_start_of_the_prompt_never_the_answer(tiny_tokenizer):
+    feature = encode_example(tiny_tokenizer, FREE, use_chat_template=False, max_length=5)
+    assert feature["input_ids"] == [8, 9, 10, 7, 1]
+    assert feature["labels"] == [IGNORE_INDEX] * 3 + [7, 1]
+
+
+def test_an_answer_longer_than_max_length_is_an_error(tiny_tokenizer):
+    with pytest.raises(ValueError, match="qa/0: the answer alone is 2 tokens, max_length is 2"):
+        encode_example(tiny_tokenizer, FREE, use_chat_template=False, max_length=2)
+
+
+def test_collator_pads_right_to_the_longest():
+    features = [
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7], "length": 3},
+        {"input_ids": [8], "attention_mask": [1], "labels": [8], "length": 1},
+    ]
+    batch = CausalLMCollator(pad_token_id=0)(features)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    torch.testing.assert_close(batch["input_ids"], torch.tensor([[5, 6, 7], [8, 0, 0]]))
+    torch.testing.assert_close(batch["attention_mask"], torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    torch.testing.assert_close(batch["labels"], torch.tensor([[-100, 6, 7], [8, -100, -100]]))
+
+
+def test_collator_rounds_up_to_a_multiple():
+    batch = CausalLMCollator(pad_token_id=9, pad_to_multiple_of=4)(
+        [{"input_ids": [1, 2, 3, 4, 5], "attention_mask": [1] * 5, "labels": [1, 2, 3, 4, 5]}]
+    )
+    torch.testing.assert_close(batch["input_ids"], torch.tensor([[1, 2, 3, 4, 5, 9, 9, 9]]))
+    torch.testing.assert_close(batch["labels"], torch.tensor([[1, 2, 3, 4, 5, -100, -100, -100]]))
