@@ -122,8 +122,11 @@ class RLoraLayer(BaseTunerLayer):
         r, k = self.r[adapter_name], self.num_heads[adapter_name]
         return self.rlora_B[adapter_name].view(self.out_features, k, r).permute(1, 0, 2)
 
-    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The adapter's contribution to the layer output for input x (..., d_in) -> (..., d_out)."""
+    def delta(self, x: torch.Tensor, adapter_name: str, result: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapter's contribution to the layer output for input x (..., d_in) -> (..., d_out).
+
+        With `result` (the base layer's output), returns result + contribution, added inside the last matmul.
+        """
         A, B = self.rlora_A[adapter_name], self.rlora_B[adapter_name]
         r, k, p = self.r[adapter_name], self.num_heads[adapter_name], self.dropout_p[adapter_name]
         x = self._cast_input_dtype(x, A.dtype)
@@ -134,18 +137,21 @@ class RLoraLayer(BaseTunerLayer):
             down = torch.cat([A, self.rlora_offset_A[adapter_name].to(A.dtype)]) if offset else A
             z = F.linear(x, down)  # (..., r) or (..., 2r) with the offset's A^0 x
             z, z0 = (z[..., :r], z[..., r:]) if offset else (z, None)
-            zk = F.dropout(
-                z.unsqueeze(-2).expand(*z.shape[:-1], k, r), p, self.training
-            )  # (..., K, r), a mask per head
+            zk = F.dropout(z.unsqueeze(-2).expand(*z.shape[:-1], k, r), p, self.training)  # (..., K, r), mask per head
         else:
             z = F.linear(F.dropout(x, p, self.training), A)  # (..., r), one mask on x for all heads
             z0 = F.linear(x, self.rlora_offset_A[adapter_name].to(A.dtype)) if offset else None
             zk = z.unsqueeze(-2)  # (..., 1, r), broadcast over heads
         u = (zk * gates.unsqueeze(-1)).flatten(-2)  # (..., K*r)
-        out = F.linear(u, B)  # (..., d_out)
-        if offset:
-            out = out - F.linear(z0, self.rlora_offset_B[adapter_name].to(A.dtype))
-        return out
+        if offset:  # the offset is one more "head" with input A^0 x and weight -s*mean_k(B_k^0): same matmul
+            u = torch.cat([u, z0], dim=-1)  # (..., (K+1)*r)
+            B = torch.cat([B, -self.rlora_offset_B[adapter_name].to(A.dtype)], dim=1)  # (d_out, (K+1)*r)
+        if result is None:
+            return F.linear(u, B)  # (..., d_out)
+        if result.dtype != u.dtype:
+            return result + F.linear(u, B).to(result.dtype)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), B.t())
+        return out.view(result.shape)
 
 
 class RLoraLinear(nn.Module, RLoraLayer):
@@ -161,7 +167,7 @@ class RLoraLinear(nn.Module, RLoraLayer):
             return result
         for name in self.active_adapters:
             if name in self.rlora_A:
-                result = result + self.delta(x, name).to(result.dtype)
+                result = self.delta(x, name, result)
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
