@@ -97,9 +97,7 @@ def test_fused_forward_and_gradients_equal_a_naive_per_head_loop(head_init, head
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def identity_probe(
-    head_dropout: bool, p: float = 0.5, r: int = 16, k: int = 4
-) -> tuple[RLoraLinear, torch.Tensor]:
+def identity_probe(head_dropout: bool, p: float = 0.5, r: int = 16, k: int = 4) -> tuple[RLoraLinear, torch.Tensor]:
     """A layer whose output shows each head's dropped A·x separately: A = I, B = I, d_out = K*r."""
     layer = make_layer(d_in=r, d_out=k * r, bias=False, r=r, num_heads=k, head_init="zeros", lora_dropout=p,
                        head_dropout=head_dropout, use_rslora=False, lora_alpha=r)  # fmt: skip

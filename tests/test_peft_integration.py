@@ -28,16 +28,12 @@ def test_import_registers_a_peft_type_that_behaves_like_a_builtin():
     assert isinstance(PeftConfig.from_peft_type(peft_type="RLORA", r=2), RLoraConfig)
 
 
-@pytest.mark.parametrize(
-    ("head_init", "head_dropout"), [("random", True), ("random", False), ("zeros", True)]
-)
+@pytest.mark.parametrize(("head_init", "head_dropout"), [("random", True), ("random", False), ("zeros", True)])
 def test_get_peft_model_starts_exactly_at_the_base_model_without_editing_it(head_init, head_dropout):
     base = tiny_llama()
     reference = logits(base)
     weights = {k: v.clone() for k, v in base.state_dict().items()}
-    model = get_peft_model(
-        base, RLoraConfig(target_modules=MLP, head_init=head_init, head_dropout=head_dropout)
-    )
+    model = get_peft_model(base, RLoraConfig(target_modules=MLP, head_init=head_init, head_dropout=head_dropout))
     torch.testing.assert_close(logits(model.eval()), reference, atol=1e-5, rtol=0)
     base_now = {k.replace("base_layer.", ""): v for k, v in model.get_base_model().state_dict().items()}
     for key, value in weights.items():
