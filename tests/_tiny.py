@@ -1,5 +1,7 @@
 """Tiny models built from a config, shared by the unit tests."""
 
+from pathlib import Path
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -56,4 +58,31 @@ def tiny_model_dir(path, seed: int = 0):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def write_config(workspace, out, **sections) -> Path:
+    text = f"""
+model: {workspace / "model"}
+output_dir: {out}
+data:
+  tasks: []
+  jsonl: [{workspace / "colors.jsonl"}, {workspace / "letters.jsonl"}]
+  max_eval_per_task: 6
+  max_length: 64
+training:
+  max_steps: 6
+  batch_size: 4
+  save_steps: 2
+  logging_steps: 1
+  lr: 1e-3
+adapter:
+  num_heads: 3
+eval:
+  batch_size: 4
+  max_new_tokens: 3
+"""
+    path = Path(out).with_suffix(".yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
     return path

@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny offline word-level tokenizer and the converted embedded model (once per session)."""
 
+import json
 import os
+import random
 from pathlib import Path
 
 import pytest
+from _tiny import tiny_model_dir
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -59,3 +62,25 @@ def model_cache_dir(request) -> Path:
     if os.environ.get("RLORA_CACHE_DIR"):
         return Path(os.environ["RLORA_CACHE_DIR"])
     return Path(request.config.cache.mkdir("rlora-cache"))
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """A tiny model folder and three tiny JSONL tasks (yes/no, lettered, free-form)."""
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_model_dir(root / "model")
+    rng = random.Random(0)
+    with open(root / "colors.jsonl", "w") as f:
+        for i in range(40):
+            c = rng.choice(["red", "blue"])
+            row = {"prompt": f"item {i}: the sky is {c}?", "choices": ["yes", "no"], "labels": ["yes", "no"]}
+            f.write(json.dumps(row | {"gold": int(c == "red")}) + "\n")
+    with open(root / "letters.jsonl", "w") as f:
+        for i in range(40):
+            g = rng.randrange(4)
+            row = {"prompt": f"question {i}: pick {'ABCD'[g]}", "choices": ["one", "two", "three", "four"], "gold": g}
+            f.write(json.dumps(row) + "\n")
+    with open(root / "free.jsonl", "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"prompt": f"say {i}", "answer": f"{i}"}) + "\n")
+    return root

@@ -190,3 +190,69 @@ def plot_head_projection(projection: dict[str, dict], path) -> None:
         ax.set_ylabel("PC 2")
     fig.colorbar(sc, ax=axes[0].tolist(), label="head")
     save_png(fig, path)
+
+
+def analyze_run(run_dir, cache_dir: str | None = None, max_prompts_per_task: int = 64) -> dict:
+    """Writes RUN_DIR/analysis/: head similarity (init and trained) as table, JSON and line plot; router
+    usage per task on held-out prompts as JSON and heatmap; the heads' PCA map. Returns the JSON data."""
+    from pathlib import Path
+
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from ._io import atomic_write_json, atomic_write_text
+    from .data import encode_prompt
+    from .data_plan import plan_data
+    from .models import load_model_and_tokenizer
+    from .runconfig import load_run_config
+
+    run_dir = Path(run_dir)
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: no trained adapter (adapter/adapter_config.json); train the run first")
+    cfg = load_run_config(run_dir / "config.yaml")
+    if cfg.method == "lora":
+        raise ValueError(f"{run_dir}: a plain LoRA run has one head and no router; analyze a multi-head run")
+    plan = plan_data(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cache_dir=cache_dir)
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+
+    trained = head_similarity(model)
+    init = None
+    init_weights = run_dir / "adapter_init" / "adapter_model.safetensors"
+    if init_weights.is_file():
+        trained_state = {k: v.clone() for k, v in model.state_dict().items() if "rlora_" in k}
+        set_peft_model_state_dict(model, load_file(str(init_weights)))
+        init = head_similarity(model)
+        model.load_state_dict(trained_state, strict=False)
+    prompts = {
+        task: [encode_prompt(tokenizer, e, cfg.data.chat_template)[-cfg.data.max_length :] for e in examples]
+        for task, examples in plan.test.items()
+    }
+    usage = router_usage(
+        model, {t: p[:max_prompts_per_task] for t, p in prompts.items()}, batch_size=cfg.eval.batch_size
+    )
+    projection = head_projection(model)
+
+    out = run_dir / "analysis"
+    data = {"head_similarity": {"init": init, "trained": trained}, "router_usage": usage, "head_projection": projection}
+    atomic_write_json(out / "analysis.json", data)
+    atomic_write_text(out / "head_similarity.md", similarity_table(init, trained) + "\n")
+    plot_similarity(init, trained, out / "head_similarity.png")
+    plot_router_usage(usage, out / "router_usage.png")
+    plot_head_projection(projection, out / "heads_pca.png")
+    return data
+
+
+def summary_lines(data: dict) -> list[str]:
+    """A short text summary of `analyze_run`'s data for the terminal."""
+    lines = []
+    for when in ("init", "trained"):
+        rows = data["head_similarity"][when]
+        if rows:
+            mean = sum(r["mean_cosine"] for r in rows) / len(rows)
+            lines.append(f"mean pairwise cosine of heads, {when}: {mean:.3f} over {len(rows)} layers")
+    for task, u in data["router_usage"].items():
+        gates = " ".join(f"{g:.2f}" for g in u["mean_gate"])
+        lines.append(f"router {task}: mean gates [{gates}], entropy {u['entropy']:.3f} nats")
+    return lines

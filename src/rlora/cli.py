@@ -103,7 +103,123 @@ def _add_show(subparsers) -> None:
     parser.set_defaults(func=_show)
 
 
-SUBCOMMANDS = (_add_tasks, _add_show)
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override any config key, e.g. training.lr=1e-4"
+    )
+    parser.add_argument("--cache-dir", help="where the embedded model is converted (default: $RLORA_CACHE_DIR)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .runconfig import load_run_config
+    from .train import train
+
+    run_dir = train(load_run_config(args.config, args.overrides), resume=args.resume, cache_dir=args.cache_dir)
+    print(f"adapter written to {run_dir / 'adapter'}; evaluate it with: rlora eval {run_dir}")
+    return 0
+
+
+def _add_train(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train an adapter on a task mixture (Hugging Face Trainer)")
+    parser.add_argument("config", help="a run config YAML file, or a preset name (demo, paper-qwen2.5-0.5b)")
+    _add_run_options(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.set_defaults(func=_train)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._io import atomic_write_text
+    from .evaluate import evaluate_run, results_table
+    from .runconfig import dump_run_config, load_run_config
+
+    target = Path(args.target)
+    if not target.is_dir():  # a config: evaluate its base model alone, into its output_dir
+        cfg = load_run_config(args.target, args.overrides)
+        target = Path(cfg.output_dir)
+        atomic_write_text(target / "config.yaml", dump_run_config(cfg))
+        args.base = True
+    elif args.overrides:
+        raise ValueError("overrides apply to a config file; a run folder is evaluated with its own config")
+    results = evaluate_run(target, args.cache_dir, base=args.base)
+    print(results_table({"base" if args.base else results["method"]: results}))
+    print(f"written to {target / ('eval_base' if args.base else 'eval')}.json and .md")
+    return 0
+
+
+def _add_eval(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="per-task accuracy of a trained run (or a base model) on held-out data")
+    parser.add_argument(
+        "target", help="a run folder (from `rlora train`), or a config/preset to evaluate its base model"
+    )
+    parser.add_argument("--base", action="store_true", help="evaluate the run's base model without the adapter")
+    _add_run_options(parser)
+    parser.set_defaults(func=_eval)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    print(run_demo(args.overrides, args.cache_dir))
+    return 0
+
+
+def _add_demo(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="R-LoRA on the embedded SmolLM2-135M and 4 real tasks: train, evaluate base and tuned"
+    )
+    _add_run_options(parser)
+    parser.set_defaults(func=_demo)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare, comparison_markdown, parse_methods
+    from .runconfig import load_run_config
+
+    methods = parse_methods(args.methods)
+    base = load_run_config(args.config, args.overrides)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    summary = compare(base, methods, seeds, args.output or base.output_dir, cache_dir=args.cache_dir)
+    print(comparison_markdown(summary))
+    return 0
+
+
+def _add_compare(subparsers) -> None:
+    from .methods import METHODS
+
+    parser = subparsers.add_parser("compare", help="train and evaluate several methods over seeds, with 95%% CIs")
+    parser.add_argument("config", help="a run config YAML file or preset: data, budget and adapter settings")
+    parser.add_argument(
+        "--methods",
+        default="hydralora,rlora",
+        help=f"comma-separated, from {', '.join(METHODS)} (default: %(default)s)",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default: %(default)s)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ...")
+    parser.add_argument("--output", help="comparison folder (default: the config's output_dir)")
+    _add_run_options(parser)
+    parser.set_defaults(func=_compare)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze_run, summary_lines
+
+    data = analyze_run(args.run_dir, args.cache_dir, max_prompts_per_task=args.max_prompts)
+    print("\n".join(summary_lines(data)))
+    print(f"tables and plots written to {args.run_dir}/analysis/")
+    return 0
+
+
+def _add_analyze(subparsers) -> None:
+    parser = subparsers.add_parser("analyze", help="head similarity, router usage per task, and plots of a run")
+    parser.add_argument("run_dir", help="a run folder of a multi-head method")
+    parser.add_argument("--max-prompts", type=int, default=64, help="held-out prompts per task for router usage")
+    parser.add_argument("--cache-dir", help="where the embedded model is converted (default: $RLORA_CACHE_DIR)")
+    parser.set_defaults(func=_analyze)
+
+
+SUBCOMMANDS = (_add_tasks, _add_show, _add_train, _add_eval, _add_demo, _add_compare, _add_analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,14 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may follow options too (`rlora compare c.yaml --seeds 2 training.lr=1e-4`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("rlora").setLevel(logging.INFO)
+    from .train import TrainingError
+
     try:
         return args.func(args)
-    except (DataError, ValueError, EmbeddedModelMissing) as error:
+    except (DataError, ValueError, EmbeddedModelMissing, FileNotFoundError) as error:
         print(f"rlora: error: {error}", file=sys.stderr)
         return 2
+    except TrainingError as error:
+        print(f"rlora: training stopped: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rlora: interrupted; `rlora train CONFIG --resume` continues from the last checkpoint", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

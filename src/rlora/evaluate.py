@@ -93,8 +93,14 @@ def _continuation_logprob(model, prompt: list[int], answers: list[list[int]], pa
     return scores
 
 
+@dataclasses.dataclass
+class Prediction:
+    scores: list[float] | None  # log-likelihood of each choice label (multiple choice only)
+    text: str | None  # the greedy generation (when generating)
+
+
 @torch.no_grad()
-def evaluate_examples(
+def predict(
     model,
     tokenizer,
     examples: Sequence[Example],
@@ -105,19 +111,19 @@ def evaluate_examples(
     generate: bool = True,
     max_new_tokens: int = 8,
     desc: str = "eval",
-) -> TaskResult:
+) -> list[Prediction]:
+    """Choice scores and generations for every example, in batches of left-padded prompts."""
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    correct_ll = correct_gen = 0
-    is_mc = all(e.choices for e in examples)
+    predictions = []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, unit="batch"):
         batch = examples[start : start + batch_size]
         encoded = [_encode(tokenizer, e, chat_template, max_length) for e in batch]
         single = all(len(a) == 1 for enc in encoded for a in enc.choices)
         ids, mask = _left_pad([enc.prompt for enc in encoded], pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        first_logprobs = None
+        first_logprobs, texts = None, [None] * len(batch)
         if generate:
             out = model.generate(
                 input_ids=ids,
@@ -130,25 +136,38 @@ def evaluate_examples(
             )
             first_logprobs = out.logits[0].float().log_softmax(-1)
             texts = tokenizer.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True)
-            correct_gen += sum(
-                normalize_answer(t) == normalize_answer(e.answer) for t, e in zip(texts, batch, strict=True)
-            )
-        if not is_mc:
-            continue
-        if single and first_logprobs is None:
+        if single and first_logprobs is None and any(e.choices for e in batch):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
             first_logprobs = logits.float().log_softmax(-1)
-        for i, (enc, example) in enumerate(zip(encoded, batch, strict=True)):
-            if single:
+        for i, (enc, text) in enumerate(zip(encoded, texts, strict=True)):
+            scores = None
+            if enc.choices and single:
                 scores = [first_logprobs[i, a[0]].item() for a in enc.choices]
-            else:
+            elif enc.choices:
                 scores = _continuation_logprob(model, enc.prompt, enc.choices, pad_id)
-            correct_ll += int(max(range(len(scores)), key=scores.__getitem__) == example.gold)
+            predictions.append(Prediction(scores, text))
+    return predictions
+
+
+def evaluate_examples(model, tokenizer, examples: Sequence[Example], *, generate: bool = True, **kwargs) -> TaskResult:
+    """Accuracies of one task: log-likelihood choice (multiple choice) and generated exact match."""
+    predictions = predict(model, tokenizer, examples, generate=generate, **kwargs)
     n = len(examples)
+    is_mc = n > 0 and all(e.choices for e in examples)
+    correct_ll = sum(
+        max(range(len(p.scores)), key=p.scores.__getitem__) == e.gold
+        for p, e in zip(predictions, examples, strict=True)
+        if p.scores is not None
+    )
+    correct_gen = sum(
+        normalize_answer(p.text) == normalize_answer(e.answer)
+        for p, e in zip(predictions, examples, strict=True)
+        if p.text is not None
+    )
     return TaskResult(
         n=n,
-        acc_ll=correct_ll / n if is_mc and n else None,
+        acc_ll=correct_ll / n if is_mc else None,
         acc_gen=correct_gen / n if generate and n else None,
     )
 

@@ -101,16 +101,35 @@ CHOICES = {
 }
 
 
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+def presets() -> list[str]:
+    """Names of the shipped presets (`rlora train demo` is `rlora train <package>/configs/demo.yaml`)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """`path` itself, or the shipped preset of that name when no such file exists."""
+    path = Path(path)
+    if not path.exists() and path.suffix == "" and (PRESETS_DIR / f"{path}.yaml").is_file():
+        return PRESETS_DIR / f"{path}.yaml"
+    return path
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Reads a YAML run config (or the defaults when `path` is None) and applies `key=value` overrides."""
+    """Reads a YAML run config or preset name (the defaults when `path` is None) and applies `key=value` overrides."""
     raw: dict[str, Any] = {}
     source = "command line"
     if path is not None:
+        path = resolve_config_path(path)
         source = str(path)
         try:
             text = Path(path).read_text()
         except OSError as err:
-            raise ConfigError(f"{path}: cannot read the run config ({err.strerror})") from None
+            raise ConfigError(
+                f"{path}: cannot read the run config ({err.strerror}); presets: {', '.join(presets())}"
+            ) from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:

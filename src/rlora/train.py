@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,11 @@ def precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def _multi_process_without_gpu() -> bool:
+    """Accelerate only sets up data parallelism over CPU processes (gloo) when told to use the CPU."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def build_peft_model(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
     """Adds the configured method's adapter; the adapter's random init is seeded by `cfg.seed`."""
     a = cfg.adapter
@@ -144,6 +150,7 @@ def training_arguments(cfg: RunConfig, paths: RunPaths) -> TrainingArguments:
         deepspeed=t.deepspeed,
         fsdp=t.fsdp or "",
         disable_tqdm=False,
+        use_cpu=_multi_process_without_gpu(),
         **precision_flags(t.precision),
     )
 

@@ -1,0 +1,28 @@
+"""`rlora demo`: the embedded default end to end (train R-LoRA on real tasks, evaluate base and tuned)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ._io import atomic_write_text
+from .evaluate import evaluate_run, results_table
+from .runconfig import load_run_config
+from .train import complete_checkpoints, train
+
+
+def run_demo(overrides: list[str] | tuple[str, ...] = (), cache_dir: str | None = None) -> str:
+    """Trains the `demo` preset (reusing a finished run, resuming an interrupted one), evaluates the base
+    model and the tuned one on the held-out split, writes RUN_DIR/demo.md and returns its table."""
+    cfg = load_run_config("demo", overrides)
+    run_dir = Path(cfg.output_dir)
+    if not (run_dir / "adapter").is_dir():
+        train(cfg, resume=bool(complete_checkpoints(run_dir / "checkpoints")), cache_dir=cache_dir)
+    results = {}
+    for column, base, stem in (("base", True, "eval_base"), (cfg.method, False, "eval")):
+        saved = run_dir / f"{stem}.json"
+        fresh = not saved.is_file()
+        results[column] = evaluate_run(run_dir, cache_dir, base=base) if fresh else json.loads(saved.read_text())
+    table = results_table(results)
+    atomic_write_text(run_dir / "demo.md", table + "\n")
+    return table

@@ -1,0 +1,225 @@
+"""The main job on a tiny model and tiny JSONL tasks: train, evaluate, resume, fail well, distribute."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers
+from _tiny import write_config
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlora.cli import main
+from rlora.data import encode_pair, read_jsonl_tasks
+from rlora.evaluate import normalize_answer, predict
+from rlora.runconfig import dump_run_config, load_run_config
+from rlora.train import TrainingError, complete_checkpoints, train
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "rlora", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
+
+
+def test_train_writes_a_complete_run_folder_and_the_adapter_reloads(workspace, tmp_path):
+    cfg = load_run_config(write_config(workspace, tmp_path / "run"))
+    run = train(cfg)
+    assert sorted(p.name for p in run.iterdir()) == [
+        "adapter",
+        "adapter_init",
+        "checkpoints",
+        "config.yaml",
+        "data_manifest.json",
+        "train_log.jsonl",
+        "train_metrics.json",
+    ]
+    assert (run / "config.yaml").read_text() == dump_run_config(cfg)
+    manifest = json.loads((run / "data_manifest.json").read_text())
+    assert set(manifest["tasks"]) == {"colors", "letters"}
+    assert manifest["train_examples"] == sum(t["train_used"] for t in manifest["tasks"].values())
+    assert all(t["test_evaluated"] == 6 for t in manifest["tasks"].values())
+    metrics = json.loads((run / "train_metrics.json").read_text())
+    assert metrics["global_step"] == 6
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [c.name for c in complete_checkpoints(run / "checkpoints")] == ["checkpoint-4", "checkpoint-6"]
+
+    base = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    model = PeftModel.from_pretrained(base, run / "adapter").eval()
+    init = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "model"), run / "adapter_init")
+    trained_b = dict(model.named_parameters())["base_model.model.model.layers.0.mlp.up_proj.rlora_B.default"]
+    init_b = dict(init.named_parameters())["base_model.model.model.layers.0.mlp.up_proj.rlora_B.default"]
+    assert not torch.equal(trained_b, init_b)  # training moved the heads; the init was kept apart
+
+    with pytest.raises(TrainingError, match="already holds a finished run"):
+        train(cfg)
+
+
+def naive_choice_scores(model, tokenizer, example, max_length=64):
+    """log P(label tokens | prompt) with one unpadded forward pass per choice, end token excluded."""
+    scores = []
+    for label in example.labels:
+        enc = encode_pair(tokenizer, example, label, False, max_length)
+        ids = torch.tensor([enc["input_ids"]])
+        answer = [i for i, lab in enumerate(enc["labels"]) if lab != -100][:-1]  # drop EOS
+        logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1)
+        scores.append(sum(logprobs[i - 1, ids[0, i]].item() for i in answer))
+    return scores
+
+
+@pytest.mark.parametrize("generate", [True, False])
+def test_batched_choice_scores_equal_unpadded_one_at_a_time_scoring(workspace, generate):
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    tasks = read_jsonl_tasks([workspace / "colors.jsonl", workspace / "letters.jsonl"])
+    examples = tasks["colors"][:5] + tasks["letters"][:5]  # prompts of different lengths: left padding matters
+    predictions = predict(model, tokenizer, examples, max_length=64, batch_size=4, generate=generate)
+    with torch.no_grad():
+        for p, e in zip(predictions, examples, strict=True):
+            torch.testing.assert_close(torch.tensor(p.scores), torch.tensor(naive_choice_scores(model, tokenizer, e)))
+            assert (p.text is not None) == generate
+
+
+def test_normalize_answer_keeps_the_first_line_without_case_or_punctuation():
+    assert normalize_answer("  B.\nbecause ...") == "b"
+    assert normalize_answer("Yes!") == "yes"
+    assert normalize_answer("") == ""
+
+
+def test_eval_command_prints_and_writes_a_table_for_a_run_and_for_the_base(workspace, tmp_path):
+    config = write_config(workspace, tmp_path / "run")
+    assert main(["train", str(config), "training.max_steps=2"]) == 0
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert set(results["tasks"]) == {"colors", "letters"}
+    assert results["tasks"]["colors"]["n"] == 6
+    mean = (results["tasks"]["colors"]["acc_ll"] + results["tasks"]["letters"]["acc_ll"]) / 2
+    assert results["average"]["acc_ll"] == pytest.approx(mean)
+    table = (tmp_path / "run" / "eval.md").read_text().splitlines()
+    assert table[0] == "| task | n | rlora acc log-lik | rlora acc generated |"
+    assert table[-1].startswith("| **average** |")
+    assert main(["eval", str(config), f"output_dir={tmp_path / 'base'}"]) == 0
+    assert json.loads((tmp_path / "base" / "eval_base.json").read_text())["adapter"] is None
+
+
+def test_free_form_tasks_get_generated_exact_match_only(workspace, tmp_path):
+    config = write_config(workspace, tmp_path / "run")
+    assert main(["eval", str(config), f"data.jsonl=[{workspace / 'free.jsonl'}]", "data.max_eval_per_task=3"]) == 0
+    result = json.loads((tmp_path / "run" / "eval_base.json").read_text())["tasks"]["free"]
+    assert result["acc_ll"] is None and result["acc_gen"] is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.tasks=[boolqq]"], "unknown task 'boolqq'; did you mean boolq"),
+        (["training.lrate=1"], "unknown key 'training.lrate'"),
+        (["data.jsonl=[missing.jsonl]"], r"data.jsonl\[0\]: no such file: missing.jsonl"),
+        (["method=dora"], "method: expected one of rlora, hydralora"),
+    ],
+)
+def test_bad_input_is_rejected_before_any_model_loads(workspace, tmp_path, overrides, message, monkeypatch):
+    import rlora.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(rlora.models, "load_model_and_tokenizer", refuse)
+    config = write_config(workspace, tmp_path / "run")
+    code = main(["train", str(config), *overrides])
+    assert code == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_errors_are_one_line_on_stderr_with_a_nonzero_exit(workspace, tmp_path):
+    result = run_cli("train", tmp_path / "nope.yaml")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("rlora: error: ")
+    assert "nope.yaml: cannot read the run config" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("eval", tmp_path)
+    assert result.returncode == 2 and "not a run folder (no config.yaml)" in result.stderr
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint(
+    workspace, tmp_path, monkeypatch
+):
+    original = transformers.Trainer.compute_loss
+
+    def poisoned(self, model, inputs, *args, **kwargs):
+        loss = original(self, model, inputs, *args, **kwargs)
+        if self.state.global_step >= 2:
+            return (loss * float("nan"), *loss[1:]) if isinstance(loss, tuple) else loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(transformers.Trainer, "compute_loss", poisoned)
+    cfg = load_run_config(write_config(workspace, tmp_path / "run"))
+    with pytest.raises(TrainingError, match=r"non-finite training loss \(nan\) at step 3; .*checkpoint-2"):
+        train(cfg)
+    assert [c.name for c in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-2"]
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_a_killed_run_resumes_from_its_last_complete_checkpoint(workspace, tmp_path):
+    config = write_config(workspace, tmp_path / "run")
+    overrides = ["training.max_steps=40", "training.save_steps=3"]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlora", "train", str(config), *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(complete_checkpoints(checkpoints)) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = complete_checkpoints(checkpoints)
+    assert done, "no checkpoint was completed before the kill"
+    assert not (tmp_path / "run" / "adapter").exists()
+
+    refused = run_cli("train", config, *overrides)
+    assert refused.returncode == 1 and "pass --resume" in refused.stderr
+    resumed = run_cli("train", config, *overrides, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    assert metrics["global_step"] == 40
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in log if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # one history, continued, not restarted
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_refuses_a_different_config(workspace, tmp_path):
+    config = write_config(workspace, tmp_path / "run")
+    assert main(["train", str(config), "training.max_steps=2"]) == 0
+    result = run_cli("train", config, "training.max_steps=4", "--resume")
+    assert result.returncode == 1 and "the run config differs" in result.stderr
+
+
+def test_two_process_data_parallel_training_loads_and_evaluates_like_a_single_one(workspace, tmp_path):
+    config = write_config(workspace, tmp_path / "ddp")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
+        + ["-m", "rlora", "train", str(config), "training.max_steps=3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "train_metrics.json").read_text())
+    assert metrics["global_step"] == 3
+    # two processes of batch 4 make global batches of 8: the epoch count after 3 steps says so
+    n_train = json.loads((tmp_path / "ddp" / "data_manifest.json").read_text())["train_examples"]
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
+    last = [r for r in log if "loss" in r][-1]
+    assert last["epoch"] == pytest.approx(3 / -(-n_train // 8), abs=1e-3)
+    assert main(["eval", str(tmp_path / "ddp")]) == 0
+    assert json.loads((tmp_path / "ddp" / "eval.json").read_text())["tasks"]["colors"]["n"] == 6
