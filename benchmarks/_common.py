@@ -43,6 +43,14 @@ def add_common_args(parser: argparse.ArgumentParser, repeats: int, warmup: int =
         "--dtype", choices=["float32", "bfloat16"], default=None, help="default: float32 on CPU, bfloat16 on CUDA"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 is steadier on a busy host"
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def interleaved_median_times(

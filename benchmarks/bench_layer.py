@@ -21,6 +21,7 @@ import sys
 import torch
 from _common import (
     add_common_args,
+    apply_threads,
     default_dtype,
     device,
     interleaved_median_times,
@@ -109,6 +110,7 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
 
 
 def run(args: argparse.Namespace) -> str:
+    apply_threads(args)
     dev = device()
     dtype = getattr(torch, args.dtype or default_dtype(dev))
     shapes = QUICK_SHAPES if args.quick else SHAPES

@@ -18,6 +18,7 @@ import sys
 import torch
 from _common import (
     add_common_args,
+    apply_threads,
     default_dtype,
     device,
     interleaved_median_times,
@@ -99,6 +100,7 @@ def batch_of(lengths: list[int], pad_to: int, vocab: int, dev: torch.device) -> 
 
 
 def run(args: argparse.Namespace) -> str:
+    apply_threads(args)
     dev = device()
     dtype = getattr(torch, args.dtype or default_dtype(dev))
     models = {m: get_peft_model(base_model(args, dtype, dev), peft_config(m, args)).train() for m in METHODS}
