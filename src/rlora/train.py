@@ -30,7 +30,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from ._io import atomic_dir, atomic_write_json, atomic_write_text
-from .data_plan import DataPlan, plan_data
+from .data_plan import plan_data
 from .methods import adapter_config
 from .runconfig import RunConfig, dump_run_config
 
@@ -230,6 +230,3 @@ def _check_same_config(cfg: RunConfig, saved: Path) -> None:
             f"--resume: the run config differs from the one {saved.parent} was started with ({saved}); "
             "resume with the same config and overrides"
         )
-
-
-__all__ = ["DataPlan", "TrainingError", "build_peft_model", "complete_checkpoints", "train"]
