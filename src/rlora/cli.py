@@ -98,16 +98,20 @@ def _add_show(subparsers) -> None:
         "--model", help=f"show the tokenized sequence for this model (default with --chat-template: {DEFAULT_MODEL})"
     )
     parser.add_argument("--max-length", type=int, default=512, help="truncation length in tokens")
-    parser.add_argument("--cache-dir", help="where the embedded model is converted (default: $RLORA_CACHE_DIR)")
+    _add_cache_dir(parser)
     _add_data_options(parser)
     parser.set_defaults(func=_show)
+
+
+def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", help="where the embedded model is converted (default: $RLORA_CACHE_DIR)")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="override any config key, e.g. training.lr=1e-4"
     )
-    parser.add_argument("--cache-dir", help="where the embedded model is converted (default: $RLORA_CACHE_DIR)")
+    _add_cache_dir(parser)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -215,7 +219,7 @@ def _add_analyze(subparsers) -> None:
     parser = subparsers.add_parser("analyze", help="head similarity, router usage per task, and plots of a run")
     parser.add_argument("run_dir", help="a run folder of a multi-head method")
     parser.add_argument("--max-prompts", type=int, default=64, help="held-out prompts per task for router usage")
-    parser.add_argument("--cache-dir", help="where the embedded model is converted (default: $RLORA_CACHE_DIR)")
+    _add_cache_dir(parser)
     parser.set_defaults(func=_analyze)
 
 
