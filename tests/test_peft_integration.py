@@ -193,3 +193,11 @@ def test_low_precision_models_start_at_the_base_and_train(dtype):
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "rlora_B" in n]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_modules_to_save_are_trained_and_saved_beside_the_adapter():
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=["up_proj"], modules_to_save=["lm_head"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lm_head.modules_to_save.default.weight" in n for n in trainable)
+    saved = get_peft_model_state_dict(model)
+    assert "base_model.model.lm_head.weight" in saved
