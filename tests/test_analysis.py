@@ -29,6 +29,7 @@ def test_mean_pairwise_cosine_matches_hand_computed_values():
     assert mean_pairwise_cosine(heads) == pytest.approx((0 + 2 / math.sqrt(2)) / 3)
     assert mean_pairwise_cosine(torch.ones(4, 3, 2)) == pytest.approx(1.0)
     assert math.isnan(mean_pairwise_cosine(torch.ones(1, 5)))
+    assert math.isnan(mean_pairwise_cosine(torch.zeros(3, 4)))  # HydraLoRA's heads at init: undefined, not 0
 
 
 def test_describe_reads_the_layer_index_and_module_name():

@@ -43,6 +43,7 @@ def test_compare_trains_every_method_and_seed_then_reuses_finished_runs(workspac
     monkeypatch.setattr(rlora.train, "train", no_training)
     assert main(args) == 0
     assert (out / "comparison.json").read_text() == before
+    assert main([*args, "training.lr=5e-4"]) == 2  # finished runs made with another config are not reused
 
 
 def test_analyze_writes_tables_and_plots_of_a_multi_head_run(workspace, tmp_path):

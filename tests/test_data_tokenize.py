@@ -63,3 +63,22 @@ def test_collator_rounds_up_to_a_multiple():
     )
     torch.testing.assert_close(batch["input_ids"], torch.tensor([[1, 2, 3, 4, 5, 9, 9, 9]]))
     torch.testing.assert_close(batch["labels"], torch.tensor([[1, 2, 3, 4, 5, -100, -100, -100]]))
+
+
+class _CharTokenizer:
+    """One id per character, BOS = 1 added in front of every text with special tokens, EOS = 2."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+
+def test_truncation_cuts_the_start_of_the_prompt_but_keeps_bos_and_the_whole_answer():
+    example = Example(task="t", prompt="x" * 50, answer="yes")
+    enc = encode_example(_CharTokenizer(), example, use_chat_template=False, max_length=20)
+    answer = [ord(c) for c in " yes"] + [2]
+    assert len(enc["input_ids"]) == 20
+    assert enc["input_ids"][0] == 1 and enc["input_ids"][-5:] == answer
+    assert enc["labels"] == [-100] * 15 + answer
+    assert enc["input_ids"][1:15] == [ord(c) for c in ("x" * 50 + "\nAnswer:")[-14:]]

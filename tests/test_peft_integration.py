@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 from _tiny import MLP, perturb_adapter, tiny_llama
-from peft import LoraConfig, PeftConfig, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.utils import PeftType
 
 from rlora import RLoraConfig, RLoraLinear
@@ -170,6 +170,16 @@ def test_a_saved_adapter_reloads_in_a_fresh_process_to_the_same_function(tmp_pat
     )
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-6, rtol=0)
+
+
+def test_a_random_init_adapter_loads_with_low_cpu_mem_usage(tmp_path):
+    base = tiny_llama()
+    model = get_peft_model(base, RLoraConfig(target_modules=MLP)).eval()
+    perturb_adapter(model)
+    expected = logits(model)
+    model.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=True).eval()
+    torch.testing.assert_close(logits(again), expected, atol=1e-6, rtol=0)
 
 
 def test_saved_state_holds_the_offset_and_no_base_weight():

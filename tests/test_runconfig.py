@@ -54,6 +54,10 @@ def test_the_dumped_config_loads_back_to_the_same_config(tmp_path):
         ("", ["adapter.lora_dropout=1.5"], r"adapter.lora_dropout: expected a number in \[0, 1\), got 1.5"),
         ("", ["data.test_fraction=0"], r"data.test_fraction: expected a number in \(0, 1\), got 0.0"),
         ("", ["training.batch_size=0"], r"training.batch_size: expected an integer >= 1, got 0"),
+        ("", ["training.warmup_ratio=1"], r"training.warmup_ratio: expected a number in \[0, 1\), got 1.0"),
+        ("", ["training.lr=0"], r"training.lr: expected a finite number > 0, got 0.0"),
+        ("", ["training.lr=nan"], r"training.lr: expected a finite number > 0, got nan"),
+        ("", ["eval.max_new_tokens=0"], r"eval.max_new_tokens: expected an integer >= 1, got 0"),
     ],
 )
 def test_bad_configs_are_rejected_naming_the_file_and_key(tmp_path, text, overrides, message):

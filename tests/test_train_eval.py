@@ -90,6 +90,7 @@ def test_normalize_answer_keeps_the_first_line_without_case_or_punctuation():
     assert normalize_answer("  B.\nbecause ...") == "b"
     assert normalize_answer("Yes!") == "yes"
     assert normalize_answer("") == ""
+    assert normalize_answer("-5") == "-5" != normalize_answer("5")
 
 
 def test_eval_command_prints_and_writes_a_table_for_a_run_and_for_the_base(workspace, tmp_path):
@@ -201,7 +202,7 @@ def test_resume_refuses_a_different_config(workspace, tmp_path):
     config = write_config(workspace, tmp_path / "run")
     assert main(["train", str(config), "training.max_steps=2"]) == 0
     result = run_cli("train", config, "training.max_steps=4", "--resume")
-    assert result.returncode == 1 and "the run config differs" in result.stderr
+    assert result.returncode == 2 and "was made with a different config" in result.stderr
 
 
 def test_two_process_data_parallel_training_loads_and_evaluates_like_a_single_one(workspace, tmp_path):

@@ -36,10 +36,11 @@ def describe(name: str) -> tuple[int, str]:
 
 
 def mean_pairwise_cosine(heads: torch.Tensor) -> float:
-    """Mean cosine similarity over the K*(K-1)/2 pairs of heads (K, ...); NaN for a single head."""
+    """Mean cosine similarity over the K*(K-1)/2 pairs of heads (K, ...); NaN for a single head, and for
+    all-zero heads (HydraLoRA at init: identical, but the cosine of zero vectors is undefined)."""
     flat = heads.flatten(1).float()
     k = flat.shape[0]
-    if k < 2:
+    if k < 2 or (flat.norm(dim=1) == 0).any():
         return math.nan
     cos = F.cosine_similarity(flat[:, None], flat[None, :], dim=-1)
     return cos[torch.triu(torch.ones(k, k, dtype=torch.bool), diagonal=1)].mean().item()
@@ -142,10 +143,12 @@ def similarity_table(init_rows: Iterable[dict] | None, trained_rows: Iterable[di
     lines = ["| layer | module | cosine at init | cosine trained |", "|---|---|---|---|"]
     for r in trained:
         before = init.get((r["layer"], r["module"]))
-        lines.append(
-            f"| {r['layer']} | {r['module']} | {'–' if before is None else f'{before:.3f}'} | {r['mean_cosine']:.3f} |"
-        )
+        lines.append(f"| {r['layer']} | {r['module']} | {_cell(before)} | {_cell(r['mean_cosine'])} |")
     return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def plot_similarity(init_rows: list[dict] | None, trained_rows: list[dict], path) -> None:
@@ -248,10 +251,12 @@ def summary_lines(data: dict) -> list[str]:
     """A short text summary of `analyze_run`'s data for the terminal."""
     lines = []
     for when in ("init", "trained"):
-        rows = data["head_similarity"][when]
-        if rows:
-            mean = sum(r["mean_cosine"] for r in rows) / len(rows)
-            lines.append(f"mean pairwise cosine of heads, {when}: {mean:.3f} over {len(rows)} layers")
+        values = [r["mean_cosine"] for r in data["head_similarity"][when] or [] if not math.isnan(r["mean_cosine"])]
+        if values:
+            mean = sum(values) / len(values)
+            lines.append(f"mean pairwise cosine of heads, {when}: {mean:.3f} over {len(values)} layers")
+        elif data["head_similarity"][when]:
+            lines.append(f"mean pairwise cosine of heads, {when}: undefined (all-zero heads)")
     for task, u in data["router_usage"].items():
         gates = " ".join(f"{g:.2f}" for g in u["mean_gate"])
         lines.append(f"router {task}: mean gates [{gates}], entropy {u['entropy']:.3f} nats")

@@ -23,7 +23,17 @@ from .data import (
     render_prompt,
     split_examples,
 )
-from .models import DEFAULT_MODEL, EmbeddedModelMissing
+from .models import DEFAULT_MODEL
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _user_tasks(args: argparse.Namespace) -> dict[str, list[Example]]:
@@ -91,7 +101,7 @@ def _show(args: argparse.Namespace) -> int:
 def _add_show(subparsers) -> None:
     parser = subparsers.add_parser("show", help="print a few examples of a task exactly as the model sees them")
     parser.add_argument("task", help="a task name (see `rlora tasks`) or one defined in a --data file")
-    parser.add_argument("-n", type=int, default=3, help="how many examples (default: %(default)s)")
+    parser.add_argument("-n", type=positive_int, default=3, help="how many examples (default: %(default)s)")
     parser.add_argument("--split", choices=("train", "test"), default="train")
     parser.add_argument("--chat-template", action="store_true", help="wrap in the model's chat template")
     parser.add_argument(
@@ -136,12 +146,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     from ._io import atomic_write_text
     from .evaluate import evaluate_run, results_table
-    from .runconfig import dump_run_config, load_run_config
+    from .runconfig import check_same_config, dump_run_config, load_run_config
 
     target = Path(args.target)
     if not target.is_dir():  # a config: evaluate its base model alone, into its output_dir
         cfg = load_run_config(args.target, args.overrides)
         target = Path(cfg.output_dir)
+        check_same_config(cfg, target)
         atomic_write_text(target / "config.yaml", dump_run_config(cfg))
         args.base = True
     elif args.overrides:
@@ -199,7 +210,7 @@ def _add_compare(subparsers) -> None:
         default="hydralora,rlora",
         help=f"comma-separated, from {', '.join(METHODS)} (default: %(default)s)",
     )
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default: %(default)s)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="number of seeds (default: %(default)s)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ...")
     parser.add_argument("--output", help="comparison folder (default: the config's output_dir)")
     _add_run_options(parser)
@@ -218,7 +229,9 @@ def _analyze(args: argparse.Namespace) -> int:
 def _add_analyze(subparsers) -> None:
     parser = subparsers.add_parser("analyze", help="head similarity, router usage per task, and plots of a run")
     parser.add_argument("run_dir", help="a run folder of a multi-head method")
-    parser.add_argument("--max-prompts", type=int, default=64, help="held-out prompts per task for router usage")
+    parser.add_argument(
+        "--max-prompts", type=positive_int, default=64, help="held-out prompts per task for router usage"
+    )
     _add_cache_dir(parser)
     parser.set_defaults(func=_analyze)
 
@@ -248,14 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DataError, ValueError, EmbeddedModelMissing, FileNotFoundError) as error:
+    except (DataError, ValueError, ImportError, OSError) as error:  # bad input, missing package or file
         print(f"rlora: error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
         print(f"rlora: training stopped: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("rlora: interrupted; `rlora train CONFIG --resume` continues from the last checkpoint", file=sys.stderr)
+        hint = "; `rlora train CONFIG --resume` continues from the last checkpoint" if args.command == "train" else ""
+        print(f"rlora: interrupted{hint}", file=sys.stderr)
         return 130
 
 

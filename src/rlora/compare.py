@@ -14,12 +14,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from pathlib import Path
 
 from ._io import atomic_write_json, atomic_write_text
 from ._plot import pyplot, save_png
 from .methods import METHODS
-from .runconfig import RunConfig
+from .runconfig import RunConfig, check_same_config
 from .stats import format_ci, mean_ci, paired_difference
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def compare(
             cfg = run_config_for(base, out, method, seed)
             run_dir = Path(cfg.output_dir)
             eval_file = run_dir / "eval.json"
+            check_same_config(cfg, run_dir)
             if eval_file.is_file():
                 logger.info("reusing %s", eval_file)
             else:
@@ -99,8 +101,9 @@ def summarize(runs: dict[str, dict[int, dict]], methods: list[str], seeds: list[
     return summary
 
 
-def _ci(pair: tuple[float, float]) -> dict[str, float]:
-    return {"mean": pair[0], "ci95": pair[1]}
+def _ci(pair: tuple[float, float]) -> dict[str, float | None]:
+    """JSON-safe: the half-width is None (not NaN) with a single seed."""
+    return {"mean": pair[0], "ci95": None if math.isnan(pair[1]) else pair[1]}
 
 
 def comparison_markdown(summary: dict) -> str:
@@ -145,7 +148,7 @@ def plot_comparison(summary: dict, path: Path) -> None:
         width = 0.8 / len(per_method)
         for j, (method, data) in enumerate(per_method.items()):
             means = [100 * data[t]["mean"] for t in tasks]
-            errs = [0 if data[t]["ci95"] != data[t]["ci95"] else 100 * data[t]["ci95"] for t in tasks]
+            errs = [0 if data[t]["ci95"] is None else 100 * data[t]["ci95"] for t in tasks]
             xs = [i + (j - (len(per_method) - 1) / 2) * width for i in range(len(tasks))]
             ax.bar(xs, means, width, yerr=errs, capsize=2, label=method)
         ax.set_xticks(range(len(tasks)), tasks)

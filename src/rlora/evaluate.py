@@ -34,7 +34,7 @@ class TaskResult:
 
 def normalize_answer(text: str) -> str:
     first_line = text.strip().split("\n", 1)[0]
-    return first_line.strip().strip(string.punctuation + " ").casefold()
+    return first_line.strip().rstrip(string.punctuation + " ").casefold()
 
 
 @dataclasses.dataclass

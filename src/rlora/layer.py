@@ -182,7 +182,7 @@ class RLoraLinear(nn.Module, RLoraLayer):
         A = self.rlora_A[adapter_name].float()
         heads = self.head_weights(adapter_name).float()  # (K, d_out, r)
         g = torch.full((k,), 1.0 / k, device=A.device) if gates is None else gates.to(A.device).float()
-        if g.shape != (k,) or not torch.isclose(g.sum(), torch.tensor(1.0, device=g.device)):
+        if g.shape != (k,) or (g < 0).any() or not torch.isclose(g.sum(), torch.tensor(1.0, device=g.device)):
             raise ValueError(f"gates: expected {k} non-negative weights summing to 1, got {gates}")
         weight = self.scaling[adapter_name] * torch.einsum("k,kor->or", g, heads) @ A
         if adapter_name in self.rlora_offset_A:

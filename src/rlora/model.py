@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -33,6 +35,18 @@ class RLoraModel(BaseTuner):
         if adapter_name != self.active_adapter:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        """As PEFT's, but a module whose buffers (the offset) are still on the meta device is not moved either,
+        so `low_cpu_mem_usage=True` loading works for random-init adapters."""
+        if not isinstance(new_module, RLoraLinear):  # unloading puts the base layer back
+            return super()._replace_module(parent, child_name, new_module, child)
+        setattr(parent, child_name, new_module)
+        device = new_module.get_base_layer().weight.device
+        for name, module in new_module.named_modules():
+            tensors = itertools.chain(module.parameters(), module.buffers())
+            if self.prefix in name and not any(t.is_meta for t in tensors):
+                module.to(device)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         try:

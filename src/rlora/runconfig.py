@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -212,10 +213,22 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
         if value not in allowed:
             raise ConfigError(f"{source}: {path}: expected one of {', '.join(allowed)}, got {value!r}")
     positive = ["training.batch_size", "training.grad_accum", "training.save_steps", "training.logging_steps"]
-    positive += ["eval.batch_size", "data.max_length", "adapter.r", "adapter.num_heads"]
+    positive += ["eval.batch_size", "eval.max_new_tokens", "data.max_length", "adapter.r", "adapter.num_heads"]
+    positive += ["training.save_total_limit"]
     for path in positive:
         if _get(cfg, path) < 1:
             raise ConfigError(f"{source}: {path}: expected an integer >= 1, got {_get(cfg, path)!r}")
+    for path in ("training.lr", "training.epochs", "training.max_grad_norm"):
+        if not 0 < _get(cfg, path) < math.inf:
+            raise ConfigError(f"{source}: {path}: expected a finite number > 0, got {_get(cfg, path)!r}")
+    if not 0 <= cfg.training.weight_decay < math.inf:
+        raise ConfigError(
+            f"{source}: training.weight_decay: expected a finite number >= 0, got {cfg.training.weight_decay}"
+        )
+    if not 0 <= cfg.training.warmup_ratio < 1:
+        raise ConfigError(
+            f"{source}: training.warmup_ratio: expected a number in [0, 1), got {cfg.training.warmup_ratio}"
+        )
     if not 0 < cfg.data.test_fraction < 1:
         raise ConfigError(f"{source}: data.test_fraction: expected a number in (0, 1), got {cfg.data.test_fraction}")
     if not 0 <= cfg.adapter.lora_dropout < 1:
@@ -227,10 +240,12 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
     for i, file in enumerate(cfg.data.jsonl):
         if not Path(file).is_file():
             raise ConfigError(f"{source}: data.jsonl[{i}]: no such file: {file}")
-    for key in ("deepspeed",):
-        value = getattr(cfg.training, key)
-        if value is not None and not Path(value).is_file():
-            raise ConfigError(f"{source}: training.{key}: no such file: {value}")
+    if cfg.training.deepspeed is not None and not Path(cfg.training.deepspeed).is_file():
+        raise ConfigError(f"{source}: training.deepspeed: no such file: {cfg.training.deepspeed}")
+    # absolute paths, so that the saved config works from any folder (eval, analyze, --resume)
+    cfg.data.jsonl = [str(Path(f).resolve()) for f in cfg.data.jsonl]
+    if cfg.training.deepspeed is not None:
+        cfg.training.deepspeed = str(Path(cfg.training.deepspeed).resolve())
     return cfg
 
 
@@ -243,3 +258,13 @@ def _get(cfg: RunConfig, path: str) -> Any:
 
 def dump_run_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def check_same_config(cfg: RunConfig, run_dir: str | Path) -> None:
+    """Refuses to continue, reuse or overwrite a run folder that was made with another config."""
+    saved = Path(run_dir) / "config.yaml"
+    if saved.is_file() and saved.read_text() != dump_run_config(cfg):
+        raise ConfigError(
+            f"{run_dir} was made with a different config ({saved}); use the same config and overrides, "
+            "or another output_dir"
+        )

@@ -42,7 +42,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
     return mean_ci([x - y for x, y in zip(a, b, strict=True)])
 
 
-def format_ci(mean: float, half: float, scale: float = 100.0, digits: int = 1) -> str:
-    if math.isnan(half):
+def format_ci(mean: float, half: float | None, scale: float = 100.0, digits: int = 1) -> str:
+    if half is None or math.isnan(half):
         return f"{scale * mean:.{digits}f}"
     return f"{scale * mean:.{digits}f} ± {scale * half:.{digits}f}"

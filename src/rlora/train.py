@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from ._io import atomic_dir, atomic_write_json, atomic_write_text
 from .data_plan import plan_data
 from .methods import adapter_config
-from .runconfig import RunConfig, dump_run_config
+from .runconfig import RunConfig, check_same_config, dump_run_config
 
 logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "checkpoint_complete"
@@ -71,6 +71,8 @@ class _MarkComplete(TrainerCallback):
     """After the Trainer has written a checkpoint (state last), mark it complete; resume only trusts marked ones."""
 
     def on_save(self, args, state, control, **kwargs):
+        if args.distributed_state is not None:
+            args.distributed_state.wait_for_everyone()  # every process has written its part (rng state, shards)
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
@@ -158,16 +160,15 @@ def training_arguments(cfg: RunConfig, paths: RunPaths) -> TrainingArguments:
 def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) -> Path:
     """Trains `cfg` into `cfg.output_dir` and returns the run folder. Bad input fails before the model loads."""
     paths = RunPaths(Path(cfg.output_dir))
-    if paths.adapter.exists() and not resume:
-        raise TrainingError(f"{paths.root} already holds a finished run; choose another output_dir")
+    if paths.adapter.exists():
+        raise TrainingError(f"{paths.root} already holds a finished run ({paths.adapter}); choose another output_dir")
     checkpoints = complete_checkpoints(paths.checkpoints)
     if checkpoints and not resume:
         raise TrainingError(
             f"{paths.root} holds checkpoints of an unfinished run; pass --resume to continue it, "
             "or choose another output_dir"
         )
-    if resume and paths.root.is_dir():
-        _check_same_config(cfg, paths.root / "config.yaml")
+    check_same_config(cfg, paths.root)
     plan = plan_data(cfg)  # validates tasks and files, before any model is loaded
     logger.info("training mixture:\n%s", plan.counts_table())
 
@@ -186,6 +187,9 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
                 model.save_pretrained(tmp)
     if resume:
         _drop_incomplete_checkpoints(paths.checkpoints, args.process_index)
+    staging = paths.root / ".adapter.staging"
+    if args.process_index == 0:
+        shutil.rmtree(staging, ignore_errors=True)
     last = checkpoints[-1] if resume and checkpoints else None
 
     trainer = _FiniteLossTrainer(
@@ -197,10 +201,10 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
         callbacks=[_MarkComplete()],
     )
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    trainer.save_model(str(staging))  # on every process: gathers ZeRO-3/FSDP shards; the main process writes
+    trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
-        with atomic_dir(paths.adapter) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        os.replace(staging, paths.adapter)  # the adapter appears whole or not at all
         log = "".join(json.dumps(record) + "\n" for record in trainer.state.log_history)
         atomic_write_text(paths.root / "train_log.jsonl", log)
         metrics = dict(result.metrics) | {"global_step": trainer.state.global_step}
@@ -222,11 +226,3 @@ def _drop_incomplete_checkpoints(folder: Path, process_index: int) -> None:
         if path not in complete:
             logger.warning("removing incomplete checkpoint %s (the run was interrupted while writing it)", path)
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _check_same_config(cfg: RunConfig, saved: Path) -> None:
-    if saved.is_file() and saved.read_text() != dump_run_config(cfg):
-        raise TrainingError(
-            f"--resume: the run config differs from the one {saved.parent} was started with ({saved}); "
-            "resume with the same config and overrides"
-        )

@@ -57,7 +57,9 @@ def encode_pair(tokenizer, example: Example, answer: str, use_chat_template: boo
     room = max_length - len(target)
     if room < 1:
         raise ValueError(f"{example.uid}: the answer alone is {len(target)} tokens, max_length is {max_length}")
-    prompt = prompt[-room:]
+    if len(prompt) > room:  # cut the start of the prompt, but keep a leading BOS token
+        keep = 1 if tokenizer.bos_token_id is not None and prompt[0] == tokenizer.bos_token_id and room > 1 else 0
+        prompt = prompt[:keep] + prompt[len(prompt) - (room - keep) :]
     input_ids = prompt + target
     return {
         "input_ids": input_ids,
