@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,9 +199,12 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(workspace, tmp_p
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_resume_refuses_a_different_config(workspace, tmp_path):
+def test_resume_refuses_a_different_config_and_a_finished_run(workspace, tmp_path):
     config = write_config(workspace, tmp_path / "run")
     assert main(["train", str(config), "training.max_steps=2"]) == 0
+    finished = run_cli("train", config, "training.max_steps=2", "--resume")
+    assert finished.returncode == 1 and "already holds a finished run" in finished.stderr
+    shutil.rmtree(tmp_path / "run" / "adapter")  # as if killed after its last checkpoint
     result = run_cli("train", config, "training.max_steps=4", "--resume")
     assert result.returncode == 2 and "was made with a different config" in result.stderr
 
