@@ -184,14 +184,18 @@ def plot_router_usage(usage: dict[str, dict], path) -> None:
 
 def plot_head_projection(projection: dict[str, dict], path) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(projection), figsize=(4.2 * len(projection), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(projection), figsize=(4.6 * len(projection), 4.2), squeeze=False)
+    colours = plt.get_cmap("tab10")
     for ax, (module, data) in zip(axes[0], projection.items(), strict=True):
         xy = torch.tensor(data["xy"])
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=data["head"], cmap="tab10", s=14)
-        ax.set_title(f"{module}: heads of every layer (PCA)")
+        heads = torch.tensor(data["head"])
+        for k in sorted(set(data["head"])):
+            ax.scatter(xy[heads == k, 0], xy[heads == k, 1], s=14, color=colours(k % 10), label=f"head {k}")
+        ax.set_title(f"{module}, all layers")
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
-    fig.colorbar(sc, ax=axes[0].tolist(), label="head")
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("Heads projected on their first two principal components, coloured by head")
     save_png(fig, path)
 
 
