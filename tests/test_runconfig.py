@@ -99,21 +99,3 @@ def test_lora_rank_is_matched_to_the_multi_head_parameter_count():
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="method: expected one of rlora, hydralora"):
         adapter_config("dora", r=4, lora_alpha=32, num_heads=5, lora_dropout=0.1, target_modules=MLP)
-
-
-def test_atomic_writes_leave_one_whole_file_with_a_normal_mode(tmp_path):
-    import os
-    import stat
-
-    from rlora._io import atomic_dir, atomic_write_text
-
-    atomic_write_text(tmp_path / "a.txt", "one")
-    atomic_write_text(tmp_path / "a.txt", "two")
-    mask = os.umask(0)
-    os.umask(mask)
-    assert (tmp_path / "a.txt").read_text() == "two"
-    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~mask
-    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "folder") as tmp:
-        (tmp / "half.bin").write_bytes(b"x")
-        raise RuntimeError("crash while writing")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # no folder, no temporary left
