@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ._io import atomic_write_text
 from .evaluate import evaluate_run, results_table
-from .runconfig import load_run_config
+from .runconfig import check_same_config, load_run_config
 from .train import complete_checkpoints, train
 
 
@@ -16,6 +16,7 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), cache_dir: str | None 
     model and the tuned one on the held-out split, writes RUN_DIR/demo.md and returns its table."""
     cfg = load_run_config("demo", overrides)
     run_dir = Path(cfg.output_dir)
+    check_same_config(cfg, run_dir)  # results of a run made with other settings are never reused
     if not (run_dir / "adapter").is_dir():
         train(cfg, resume=bool(complete_checkpoints(run_dir / "checkpoints")), cache_dir=cache_dir)
     results = {}
