@@ -81,3 +81,4 @@ def test_demo_trains_evaluates_base_and_tuned_and_prints_both(workspace, tmp_pat
     printed = capsys.readouterr().out
     assert "| task | n | base acc log-lik | base acc generated | rlora acc log-lik | rlora acc generated |" in printed
     assert (tmp_path / "demo" / "demo.md").read_text().strip() in printed
+    assert main(["demo", *overrides, "data.max_eval_per_task=2"]) == 2  # not the saved run's settings
