@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlora.data import IGNORE_INDEX, CausalLMCollator, Example, encode_example, encode_pair, encode_prompt
+from rlora.data import IGNORE_INDEX, CausalLMCollator, Example, encode_example, encode_pair, encode_prompt, pad_ids
 
 # tiny_tokenizer ids: <pad> 0, <eos> 1, What 3, is 4, two 5, plus 6, four 7, ? 8, Answer 9, : 10, A 11, B 12,
 # . 15, format 18, / 19, user 20, assistant 21, red 22, blue 23, sky 24
@@ -82,3 +82,10 @@ def test_truncation_cuts_the_start_of_the_prompt_but_keeps_bos_and_the_whole_ans
     assert enc["input_ids"][0] == 1 and enc["input_ids"][-5:] == answer
     assert enc["labels"] == [-100] * 15 + answer
     assert enc["input_ids"][1:15] == [ord(c) for c in ("x" * 50 + "\nAnswer:")[-14:]]
+
+
+def test_pad_ids_pads_right_for_scoring_and_left_for_generation():
+    ids, mask = pad_ids([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_ids([[5, 6, 7], [8]], pad_id=0, left=True)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

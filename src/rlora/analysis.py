@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ._plot import pyplot, save_png
+from .data import pad_ids
 from .layer import RLoraLinear
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -90,13 +91,7 @@ def router_usage(
         entropy: dict[str, torch.Tensor] = {}
         tokens = 0
         for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            width = max(len(p) for p in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, p in enumerate(batch):
-                ids[i, : len(p)] = torch.tensor(p)
-                mask[i, : len(p)] = 1
+            ids, mask = pad_ids(prompts[start : start + batch_size], pad_id=0)  # padding is masked out below
             with record_gates(model, adapter_name) as records:
                 model(input_ids=ids.to(device), attention_mask=mask.to(device))
             real = mask.bool().flatten()

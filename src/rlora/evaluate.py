@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import IGNORE_INDEX, Example, choice_labels, encode_example, encode_pair
+from .data import IGNORE_INDEX, Example, choice_labels, encode_example, encode_pair, pad_ids
 
 
 @dataclasses.dataclass
@@ -64,26 +64,10 @@ def _strip_common_suffix(answers: list[list[int]]) -> list[list[int]]:
     return answers
 
 
-def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, width - len(s) :] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def _continuation_logprob(model, prompt: list[int], answers: list[list[int]], pad_id: int) -> list[float]:
     """Sum of log P(answer tokens | prompt) for each answer, one right-padded batch."""
-    seqs = [prompt + a for a in answers]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+    ids, mask = pad_ids([prompt + a for a in answers], pad_id)
     device = next(model.parameters()).device
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
     scores = []
@@ -121,7 +105,7 @@ def predict(
         batch = examples[start : start + batch_size]
         encoded = [_encode(tokenizer, e, chat_template, max_length) for e in batch]
         single = all(len(a) == 1 for enc in encoded for a in enc.choices)
-        ids, mask = _left_pad([enc.prompt for enc in encoded], pad_id)
+        ids, mask = pad_ids([enc.prompt for enc in encoded], pad_id, left=True)
         ids, mask = ids.to(device), mask.to(device)
         first_logprobs, texts = None, [None] * len(batch)
         if generate:

@@ -14,6 +14,7 @@ from .tokenize import (
     encode_examples,
     encode_pair,
     encode_prompt,
+    pad_ids,
 )
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "list_tasks",
     "load_task",
     "mixture_counts",
+    "pad_ids",
     "read_jsonl_tasks",
     "render_prompt",
     "split_examples",

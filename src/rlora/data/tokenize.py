@@ -78,6 +78,18 @@ def encode_examples(tokenizer, examples: Sequence[Example], use_chat_template: b
     return [encode_example(tokenizer, e, use_chat_template, max_length) for e in examples]
 
 
+def pad_ids(seqs: Sequence[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token id lists padded to the longest, on the right or (to generate) the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 @dataclass
 class CausalLMCollator:
     """Pads a batch on the right to its longest sequence (rounded up to `pad_to_multiple_of`)."""
