@@ -48,7 +48,7 @@ def compare(
 ) -> dict:
     """Trains and evaluates every (method, seed) not finished yet, then writes the comparison files."""
     from .evaluate import evaluate_run
-    from .train import complete_checkpoints, train
+    from .train import ensure_trained
 
     out = Path(out)
     runs: dict[str, dict[int, dict]] = {}
@@ -61,10 +61,7 @@ def compare(
             if eval_file.is_file():
                 logger.info("reusing %s", eval_file)
             else:
-                if not (run_dir / "adapter").is_dir():
-                    resume = bool(complete_checkpoints(run_dir / "checkpoints"))
-                    train(cfg, resume=resume, cache_dir=cache_dir)
-                evaluate_run(run_dir, cache_dir=cache_dir)
+                evaluate_run(ensure_trained(cfg, cache_dir), cache_dir=cache_dir)
             runs.setdefault(method, {})[seed] = json.loads(eval_file.read_text())
     summary = summarize(runs, methods, seeds)
     atomic_write_json(out / "comparison.json", summary)

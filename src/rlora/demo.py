@@ -8,7 +8,7 @@ from pathlib import Path
 from ._io import atomic_write_text
 from .evaluate import evaluate_run, results_table
 from .runconfig import check_same_config, load_run_config
-from .train import complete_checkpoints, train
+from .train import ensure_trained
 
 
 def run_demo(overrides: list[str] | tuple[str, ...] = (), cache_dir: str | None = None) -> str:
@@ -17,8 +17,7 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), cache_dir: str | None 
     cfg = load_run_config("demo", overrides)
     run_dir = Path(cfg.output_dir)
     check_same_config(cfg, run_dir)  # results of a run made with other settings are never reused
-    if not (run_dir / "adapter").is_dir():
-        train(cfg, resume=bool(complete_checkpoints(run_dir / "checkpoints")), cache_dir=cache_dir)
+    ensure_trained(cfg, cache_dir)
     results = {}
     for column, base, stem in (("base", True, "eval_base"), (cfg.method, False, "eval")):
         saved = run_dir / f"{stem}.json"

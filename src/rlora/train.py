@@ -17,6 +17,7 @@ the main process writes the run folder's files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -108,19 +109,7 @@ def _multi_process_without_gpu() -> bool:
 
 def build_peft_model(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
     """Adds the configured method's adapter; the adapter's random init is seeded by `cfg.seed`."""
-    a = cfg.adapter
-    peft_config = adapter_config(
-        cfg.method,
-        r=a.r,
-        lora_alpha=a.lora_alpha,
-        num_heads=a.num_heads,
-        lora_dropout=a.lora_dropout,
-        target_modules=a.target_modules,
-        init_gamma=a.init_gamma,
-        use_rslora=a.use_rslora,
-        lora_r=a.lora_r,
-        model=model,
-    )
+    peft_config = adapter_config(cfg.method, **dataclasses.asdict(cfg.adapter), model=model)
     set_seed(cfg.seed)
     return get_peft_model(model, peft_config)
 
@@ -210,6 +199,14 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
         metrics = dict(result.metrics) | {"global_step": trainer.state.global_step}
         metrics["final_loss"] = _last_logged_loss(trainer.state.log_history)
         atomic_write_json(paths.root / "train_metrics.json", metrics)
+    return paths.root
+
+
+def ensure_trained(cfg: RunConfig, cache_dir: str | None = None) -> Path:
+    """The run folder of `cfg`, trained: a finished run is reused, an interrupted one resumed."""
+    paths = RunPaths(Path(cfg.output_dir))
+    if not paths.adapter.is_dir():
+        train(cfg, resume=bool(complete_checkpoints(paths.checkpoints)), cache_dir=cache_dir)
     return paths.root
 
 
