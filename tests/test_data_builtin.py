@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from rlora.data import COMMONSENSE_8, choice_labels, expand_task_names, list_tasks, load_task
+from rlora.data import COMMONSENSE_8, choice_labels, expand_task_names, list_tasks, load_task, render_pairs
 
 SIZES = {
     "arc_challenge": 299,
@@ -49,3 +51,29 @@ def test_unknown_task_suggests_close_names():
 
 def test_suites_expand():
     assert expand_task_names(["commonsense8", "boolq", "sst2"]) == [*COMMONSENSE_8, "sst2"]
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_every_builtin_task_has_a_cloze_rendering_ending_in_the_choice_text(name):
+    for e in load_task(name)[:50]:
+        rc = render_pairs(dataclasses.replace(e, format="rc"))
+        assert len(rc) == len(e.choices) and all(context and continuation for context, continuation in rc)
+        if name == "winogrande":  # the option fills the blank in the context; the rest of the sentence follows
+            before, _, after = e.prompt.removeprefix("Fill in the blank: ").partition("_")
+            assert rc == [(f"{before}{c}".strip(), after.strip()) for c in e.choices]
+        elif name == "copa":
+            assert rc[0][0].endswith((" because", " therefore"))
+            assert [c.lower() for _, c in rc] == [c.lower() for c in e.choices]
+        else:
+            assert [continuation for _, continuation in rc] == list(e.choices)
+            assert len({context for context, _ in rc}) == 1
+
+
+def test_cloze_contexts_follow_the_olmes_style():
+    arc = load_task("arc_easy")[0]
+    assert render_pairs(dataclasses.replace(arc, format="rc"))[0][0] == f"Question: {arc.prompt}\nAnswer:"
+    piqa = load_task("piqa")[0]
+    assert render_pairs(dataclasses.replace(piqa, format="rc"))[0][0] == f"{piqa.prompt}\nAnswer:"
+    assert piqa.prompt.startswith("Goal: ")
+    hella = render_pairs(dataclasses.replace(load_task("hellaswag")[0], format="rc"))
+    assert not hella[0][0].endswith(("Answer:", "...")) and ": " in hella[0][0]

@@ -10,17 +10,21 @@ def test_tasks_lists_sizes(capsys):
     assert any(line.split()[:2] == ["cb", "56"] for line in out.splitlines())
 
 
-def test_show_prints_rendered_examples(capsys):
-    assert main(["show", "rte", "-n", "1", "--split", "test"]) == 0
+def test_show_prints_rendered_examples_in_either_format(capsys):
+    assert main(["show", "rte", "-n", "1", "--split", "test", "--format", "mc"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("=== rte/") and "Answer format: yes/no. Answer: " in out
+    assert out.startswith("=== rte/") and "Answer format: yes/no. Answer: [[" in out
+    assert main(["show", "arc_easy", "-n", "1"]) == 0  # rc by default: the gold choice's text is the target
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("Question: ") and out[2].startswith("Answer: [[") and out[2].endswith("]]")
+    assert "A. " not in "\n".join(out)
 
 
 def test_show_a_user_task(tmp_path, capsys):
     path = tmp_path / "mine.jsonl"
     path.write_text(json.dumps({"prompt": "Two plus two?", "answer": "four"}) + "\n")
     assert main(["show", "mine", "--data", str(path), "--test-fraction", "0"]) == 0
-    assert capsys.readouterr().out == "=== mine/1 (train) ===\nTwo plus two?\nAnswer: four\n\n"
+    assert capsys.readouterr().out == "=== mine/1 (train) ===\nTwo plus two?\nAnswer: [[four]]\n\n"
 
 
 def test_unknown_task_exits_2_with_a_message(capsys):

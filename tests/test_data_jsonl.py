@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from rlora.data import DataError, Example, read_jsonl_tasks
+from rlora.data import DataError, Example, read_jsonl_tasks, render_pairs
 
 
 def _write(tmp_path, name: str, lines: list) -> str:
@@ -30,6 +30,14 @@ def test_reads_free_form_and_multiple_choice_with_defaults(tmp_path):
             Example.multiple_choice("capitals", "Is Rome a capital?", ["yes", "no"], 0, "capitals/4", ["yes", "no"]),
         ]
     }
+
+
+def test_a_line_may_choose_its_formulation(tmp_path):
+    path = _write(
+        tmp_path, "f.jsonl", [{"prompt": "Capital of Peru?", "choices": ["Lima", "Quito"], "gold": 0, "format": "rc"}]
+    )
+    (example,) = read_jsonl_tasks([path])["f"]
+    assert example.format == "rc" and render_pairs(example)[0] == ("Capital of Peru?\nAnswer:", "Lima")
 
 
 def test_a_task_field_splits_one_file_into_tasks(tmp_path):
@@ -61,6 +69,11 @@ def test_a_task_field_splits_one_file_into_tasks(tmp_path):
             "data.jsonl:2: field 'labels': expected a list of at least 2",
         ),
         ({"prompt": "p", "answer": "a", "label": 1}, "data.jsonl:2: unknown field 'label'"),
+        (
+            {"prompt": "p", "choices": ["a", "b"], "gold": 0, "format": "cloze"},
+            "data.jsonl:2: field 'format': expected one of 'rc', 'mc', got \"cloze\"",
+        ),
+        ({"prompt": "p", "answer": "a", "format": "rc"}, "data.jsonl:2: field 'format': only allowed with 'choices'"),
     ],
 )
 def test_bad_lines_name_file_line_and_field(tmp_path, line, message):

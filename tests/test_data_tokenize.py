@@ -1,7 +1,19 @@
+import dataclasses
+
 import pytest
 import torch
 
-from rlora.data import IGNORE_INDEX, CausalLMCollator, Example, encode_example, encode_pair, encode_prompt, pad_ids
+from rlora.data import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    Example,
+    Spans,
+    encode_example,
+    encode_prompt,
+    encode_spans,
+    pad_ids,
+    render_pairs,
+)
 
 # tiny_tokenizer ids: <pad> 0, <eos> 1, What 3, is 4, two 5, plus 6, four 7, ? 8, Answer 9, : 10, A 11, B 12,
 # . 15, format 18, / 19, user 20, assistant 21, red 22, blue 23, sky 24
@@ -31,7 +43,33 @@ def test_multiple_choice_target_is_the_label_and_any_label_can_be_scored(tiny_to
     # What is blue ? A . sky B . red Answer format : A / B . Answer :
     prompt = [3, 4, 23, 8, 11, 15, 24, 12, 15, 22, 9, 18, 10, 11, 19, 12, 15, 9, 10]
     assert feature["input_ids"] == prompt + [11, 1]
-    assert encode_pair(tiny_tokenizer, ex, "B", False, 64)["labels"] == [IGNORE_INDEX] * len(prompt) + [12, 1]
+    context, label = render_pairs(ex)[1]
+    assert encode_spans(tiny_tokenizer, context, label, False, 64) == Spans(prompt, [12], [1])
+
+
+def test_cloze_target_is_the_gold_choice_text_after_answer(tiny_tokenizer):
+    ex = Example.multiple_choice("rc", "What is blue ?", ["red", "sky"], 1, "rc/0", format="rc")
+    feature = encode_example(tiny_tokenizer, ex, use_chat_template=False, max_length=64)
+    prompt = [3, 4, 23, 8, 9, 10]  # What is blue ? Answer :   (the options are not listed)
+    assert feature["input_ids"] == prompt + [24, 1]
+    assert feature["labels"] == [IGNORE_INDEX] * len(prompt) + [24, 1]
+    assert encode_spans(tiny_tokenizer, *render_pairs(ex)[0], False, 64) == Spans(prompt, [22], [1])
+
+
+def test_chat_mode_spans_split_the_answer_from_the_end_of_turn(tiny_tokenizer):
+    ex = Example.multiple_choice("rc", "What is blue ?", ["red", "the sky"], 1, "rc/0", format="rc")
+    spans = encode_spans(tiny_tokenizer, *render_pairs(ex)[1], True, 64)
+    assert spans.prompt == [20, 10, 3, 4, 23, 8, 9, 10, 1, 21, 10]  # user : ... Answer : <eos> assistant :
+    assert spans.answer == [25, 24] and spans.end == [1]  # "the sky", then the end of turn
+    assert encode_example(tiny_tokenizer, ex, True, 64)["input_ids"] == spans.input_ids
+
+
+def test_per_choice_contexts_are_used_as_given(tiny_tokenizer):
+    cloze = (("the sky is red", "?"), ("the sky is blue", "?"))
+    ex = Example.multiple_choice("wino", "the sky is _ ?", ["red", "blue"], 1, "w/0", cloze=cloze, format="rc")
+    assert render_pairs(ex) == list(cloze)
+    assert encode_example(tiny_tokenizer, ex, False, 64)["input_ids"] == [25, 24, 4, 23, 8, 1]
+    assert render_pairs(dataclasses.replace(ex, format="mc"))[1][1] == "B"  # MC ignores the cloze pairs
 
 
 def test_truncation_drops_the_start_of_the_prompt_never_the_answer(tiny_tokenizer):

@@ -1,7 +1,9 @@
 """The main job on a tiny model and tiny JSONL tasks: train, evaluate, resume, fail well, distribute."""
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,8 +18,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlora.cli import main
-from rlora.data import encode_pair, read_jsonl_tasks
-from rlora.evaluate import normalize_answer, predict
+from rlora.data import read_jsonl_tasks, render_pairs
+from rlora.evaluate import Prediction, normalize_answer, predict
 from rlora.runconfig import dump_run_config, load_run_config
 from rlora.train import TrainingError, complete_checkpoints, train
 
@@ -62,29 +64,41 @@ def test_train_writes_a_complete_run_folder_and_the_adapter_reloads(workspace, t
         train(cfg)
 
 
-def naive_choice_scores(model, tokenizer, example, max_length=64):
-    """log P(label tokens | prompt) with one unpadded forward pass per choice, end token excluded."""
+def naive_choice_scores(model, tokenizer, example):
+    """log P(continuation | context) per choice, one unpadded forward pass each, tokenized here directly."""
     scores = []
-    for label in example.labels:
-        enc = encode_pair(tokenizer, example, label, False, max_length)
-        ids = torch.tensor([enc["input_ids"]])
-        answer = [i for i, lab in enumerate(enc["labels"]) if lab != -100][:-1]  # drop EOS
-        logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1)
-        scores.append(sum(logprobs[i - 1, ids[0, i]].item() for i in answer))
+    for context, continuation in render_pairs(example):
+        prompt = tokenizer(context)["input_ids"]
+        answer = tokenizer(" " + continuation, add_special_tokens=False)["input_ids"]
+        logprobs = model(input_ids=torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+        scores.append(sum(logprobs[len(prompt) - 1 + t, a].item() for t, a in enumerate(answer)))
     return scores
 
 
+@pytest.mark.parametrize("fmt", ["rc", "mc"])
 @pytest.mark.parametrize("generate", [True, False])
-def test_batched_choice_scores_equal_unpadded_one_at_a_time_scoring(workspace, generate):
-    model = AutoModelForCausalLM.from_pretrained(workspace / "model").eval()
+def test_batched_choice_scores_equal_unpadded_one_at_a_time_scoring(workspace, generate, fmt):
+    """Padding, batching and the one-pass shortcut change nothing: the same sums in float64."""
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float64).eval()
     tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
     tasks = read_jsonl_tasks([workspace / "colors.jsonl", workspace / "letters.jsonl"])
-    examples = tasks["colors"][:5] + tasks["letters"][:5]  # prompts of different lengths: left padding matters
+    examples = [dataclasses.replace(e, format=fmt) for e in tasks["colors"][:5] + tasks["letters"][:5]]
     predictions = predict(model, tokenizer, examples, max_length=64, batch_size=4, generate=generate)
     with torch.no_grad():
         for p, e in zip(predictions, examples, strict=True):
-            torch.testing.assert_close(torch.tensor(p.scores), torch.tensor(naive_choice_scores(model, tokenizer, e)))
-            assert (p.text is not None) == generate
+            naive = naive_choice_scores(model, tokenizer, e)
+            # float64 algebra, except where MC scores come from generate(): transformers returns its logits in
+            # float32, so there the bound is float32's rounding (eps 1.2e-7) of scores of magnitude ~10.
+            tol = 1e-5 if generate and fmt == "mc" else 1e-10
+            torch.testing.assert_close(torch.tensor(p.scores), torch.tensor(naive), atol=tol, rtol=tol)
+            assert p.chars == [len(c) for _, c in render_pairs(e)]
+            assert (p.text is not None) == (generate and fmt == "mc")  # RC is scored, never generated
+
+
+def test_acc_norm_divides_by_characters_and_ties_go_to_the_first_choice():
+    p = Prediction(scores=[-6.0, -9.0, -6.0], chars=[2, 6, 3], text=None)
+    assert p.choice() == 0  # -6 ties -6: the first, as numpy's argmax (lm-eval)
+    assert p.choice(normalized=True) == 1  # -3, -1.5, -2 per character
 
 
 def test_normalize_answer_keeps_the_first_line_without_case_or_punctuation():
@@ -103,8 +117,9 @@ def test_eval_command_prints_and_writes_a_table_for_a_run_and_for_the_base(works
     assert results["tasks"]["colors"]["n"] == 6
     mean = (results["tasks"]["colors"]["acc_ll"] + results["tasks"]["letters"]["acc_ll"]) / 2
     assert results["average"]["acc_ll"] == pytest.approx(mean)
+    assert results["tasks"]["colors"]["format"] == "rc" and results["tasks"]["colors"]["acc_gen"] is None
     table = (tmp_path / "run" / "eval.md").read_text().splitlines()
-    assert table[0] == "| task | n | rlora acc log-lik | rlora acc generated |"
+    assert table[0] == "| task | n | rlora acc | rlora acc_norm |"
     assert table[-1].startswith("| **average** |")
     assert main(["eval", str(config), f"output_dir={tmp_path / 'base'}"]) == 0
     assert json.loads((tmp_path / "base" / "eval_base.json").read_text())["adapter"] is None
@@ -114,7 +129,8 @@ def test_free_form_tasks_get_generated_exact_match_only(workspace, tmp_path):
     config = write_config(workspace, tmp_path / "run")
     assert main(["eval", str(config), f"data.jsonl=[{workspace / 'free.jsonl'}]", "data.max_eval_per_task=3"]) == 0
     result = json.loads((tmp_path / "run" / "eval_base.json").read_text())["tasks"]["free"]
-    assert result["acc_ll"] is None and result["acc_gen"] is not None
+    assert result["format"] == "free" and result["acc_ll"] is None and result["acc_norm"] is None
+    assert result["acc_gen"] is not None
 
 
 @pytest.mark.parametrize(
@@ -126,7 +142,7 @@ def test_free_form_tasks_get_generated_exact_match_only(workspace, tmp_path):
         (["method=dora"], "method: expected one of rlora, hydralora"),
     ],
 )
-def test_bad_input_is_rejected_before_any_model_loads(workspace, tmp_path, overrides, message, monkeypatch):
+def test_bad_input_is_rejected_before_any_model_loads(workspace, tmp_path, overrides, message, monkeypatch, capsys):
     import rlora.models
 
     def refuse(*args, **kwargs):
@@ -136,6 +152,7 @@ def test_bad_input_is_rejected_before_any_model_loads(workspace, tmp_path, overr
     config = write_config(workspace, tmp_path / "run")
     code = main(["train", str(config), *overrides])
     assert code == 2
+    assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
 
 

@@ -7,20 +7,22 @@ Add a subcommand with an `_add_<name>(subparsers)` function that registers its p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 
 from .data import (
     DEFAULT_TEST_FRACTION,
+    FORMATS,
     DataError,
     Example,
     check_task_name,
     encode_example,
+    gold_pair,
     list_tasks,
     load_task,
     read_jsonl_tasks,
-    render_prompt,
     split_examples,
 )
 from .models import DEFAULT_MODEL
@@ -76,7 +78,10 @@ def _show(args: argparse.Namespace) -> int:
     user = _user_tasks(args)
     examples = user[args.task] if args.task in user else load_task(check_task_name(args.task))
     train, test = split_examples(examples, args.test_fraction)
-    chosen = (train if args.split == "train" else test)[: args.n]
+    chosen = [
+        dataclasses.replace(e, format=args.format) if e.is_multiple_choice and e.format is None else e
+        for e in (train if args.split == "train" else test)[: args.n]
+    ]
     tokenizer = None
     if args.model or args.chat_template:
         from transformers import AutoTokenizer
@@ -88,7 +93,8 @@ def _show(args: argparse.Namespace) -> int:
     for example in chosen:
         print(f"=== {example.uid} ({args.split}) ===")
         if tokenizer is None:
-            print(f"{render_prompt(example)} {example.answer}\n")
+            context, continuation = gold_pair(example)
+            print(f"{context} [[{continuation}]]\n")
             continue
         feature = encode_example(tokenizer, example, args.chat_template, args.max_length)
         start = next(i for i, label in enumerate(feature["labels"]) if label >= 0)
@@ -104,6 +110,12 @@ def _add_show(subparsers) -> None:
     parser.add_argument("-n", type=positive_int, default=3, help="how many examples (default: %(default)s)")
     parser.add_argument("--split", choices=("train", "test"), default="train")
     parser.add_argument("--chat-template", action="store_true", help="wrap in the model's chat template")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="rc",
+        help="multiple choice as cloze (rc: the choice's text) or lettered/word labels (mc) (default: %(default)s)",
+    )
     parser.add_argument(
         "--model", help=f"show the tokenized sequence for this model (default with --chat-template: {DEFAULT_MODEL})"
     )

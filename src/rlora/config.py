@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,6 +11,11 @@ from peft import PeftConfig
 from ._registry import RLORA_PEFT_TYPE
 
 HEAD_INITS = ("random", "zeros")
+ROUTER_INITS = ("zeros", "random")
+RANDOM_START_WARNING = (
+    "RLoraConfig: head_init='random' with router_init='random' (the R-LoRA authors' code): the offset that cancels "
+    "the random heads assumes uniform gates, so the adapted model does NOT start at the pretrained function"
+)
 
 
 @dataclass
@@ -18,14 +24,15 @@ class RLoraConfig(PeftConfig):
 
     Every variant of the R-LoRA paper's ablation is one config away:
 
-    | variant             | `head_init` | `head_dropout` |
-    |---------------------|-------------|----------------|
-    | HydraLoRA           | `"zeros"`   | `False`        |
-    | + Multi-Head Dropout| `"zeros"`   | `True`         |
-    | + Random Init       | `"random"`  | `False`        |
-    | R-LoRA (default)    | `"random"`  | `True`         |
+    | variant             | `head_init` | `head_dropout` | `router_init` |
+    |---------------------|-------------|----------------|---------------|
+    | HydraLoRA           | `"zeros"`   | `False`        | `"random"`    |
+    | + Multi-Head Dropout| `"zeros"`   | `True`         | `"random"`    |
+    | + Random Init       | `"random"`  | `False`        | `"zeros"`     |
+    | R-LoRA (default)    | `"random"`  | `True`         | `"zeros"`     |
 
-    Plain LoRA is PEFT's own `LoraConfig`.
+    Plain LoRA is PEFT's own `LoraConfig`. Zero heads with a zero router are a saddle: every head gets the same
+    gradient and the router none, so the K heads stay one head; HydraLoRA's code starts its router random.
     """
 
     r: int = field(default=4, metadata={"help": "Rank of the shared down-projection A and of every head B_k."})
@@ -49,6 +56,16 @@ class RLoraConfig(PeftConfig):
         metadata={
             "help": "True: an independent dropout mask per head on the r-dim A·x (R-LoRA). "
             "False: one mask on the layer input x shared by all heads (the paper's HydraLoRA baseline)."
+        },
+    )
+    router_init: Literal["zeros", "random"] = field(
+        default="zeros",
+        metadata={
+            "help": "'zeros': uniform gates at the start (needed for R-LoRA's exact start with random heads). "
+            "'random': kaiming-uniform, as a default nn.Linear (HydraLoRA's code). With zero heads the start is "
+            "exact either way; with random heads AND a random router the start is NOT the pretrained function "
+            "(the offset assumes uniform gates), as in the R-LoRA authors' code. Never use zero heads with a zero "
+            "router: the heads then receive identical gradients and stay identical forever."
         },
     )
     init_gamma: float = field(
@@ -98,9 +115,12 @@ class RLoraConfig(PeftConfig):
         check(_is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "a number > 0")
         check(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)")
         check(self.head_init in HEAD_INITS, "head_init", f"one of {', '.join(map(repr, HEAD_INITS))}")
+        check(self.router_init in ROUTER_INITS, "router_init", f"one of {', '.join(map(repr, ROUTER_INITS))}")
         check(isinstance(self.head_dropout, bool), "head_dropout", "True or False")
         check(_is_number(self.init_gamma) and self.init_gamma > 0, "init_gamma", "a number > 0")
         check(isinstance(self.use_rslora, bool), "use_rslora", "True or False")
+        if self.head_init == "random" and self.router_init == "random":
+            warnings.warn(RANDOM_START_WARNING, stacklevel=3)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("RLoraConfig.layers_pattern: only meaningful together with layers_to_transform")
 

@@ -7,6 +7,7 @@ unknown tasks and bad files fail fast.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class DataPlan:
         used = {t: {"train_used": self.counts[t], "test_evaluated": len(self.test[t])} for t in self.sizes}
         return {
             "split": split | {"test_fraction": d.test_fraction},
+            "format": d.format,
             "mixture": mixture | {"total_train": d.total_train, "seed": self.cfg.seed},
             "tasks": {t: self.sizes[t] | used[t] for t in self.sizes},
             "train_examples": len(self.train),
@@ -58,11 +60,16 @@ class DataPlan:
 
 
 def load_tasks(cfg: RunConfig) -> dict[str, list[Example]]:
-    """Built-in tasks (suites expanded) and the JSONL files' tasks; names must not clash."""
+    """Built-in tasks (suites expanded) and the JSONL files' tasks; names must not clash. Multiple-choice
+    examples that do not name their formulation get the run's (`data.format`)."""
     names = expand_task_names(cfg.data.tasks)
     tasks = {name: load_task(name) for name in names}
     tasks.update(read_jsonl_tasks(cfg.data.jsonl, reserved=names))
-    return tasks
+    fmt = cfg.data.format
+    return {
+        name: [dataclasses.replace(e, format=fmt) if e.is_multiple_choice and e.format is None else e for e in examples]
+        for name, examples in tasks.items()
+    }
 
 
 def plan_data(cfg: RunConfig) -> DataPlan:

@@ -1,15 +1,19 @@
 """Per-task evaluation on the held-out split.
 
-Two accuracies per multiple-choice task:
-- log-likelihood: the choice whose answer label (as the model would write it, through the same encoding as
-  training) has the highest log-probability of its answer tokens, end-of-answer token excluded;
-- generated exact match: greedy decoding from the prompt, first line, compared to the gold label after
-  stripping spaces, case and trailing punctuation.
-Free-form tasks get the generated exact match only. The average is the unweighted mean over tasks.
+Multiple-choice tasks, in either formulation (see `data/example.py`):
+- `acc_ll`: the choice whose continuation (RC: the choice's text; MC: its label) has the highest summed
+  log-probability after its context, through exactly the encoding used in training, end-of-answer token
+  excluded (lm-eval-harness's and OLMES's `acc`);
+- `acc_norm` (RC only): the same with each sum divided by the number of characters of the choice's
+  continuation, as lm-eval-harness and OLMES normalise (`acc_norm`);
+- `acc_gen` (MC and free-form, when generating): exact match of the greedy generation's first line with the
+  gold label or answer, ignoring spaces, case and trailing punctuation.
+The average is the unweighted mean over tasks of each metric that every averaged task has.
 
-When every choice label is a single token (the usual case: "A"/"B"/..., "yes"/"no"), both come from one pass
-over the prompt: the log-probabilities of the first generated position. Otherwise every choice is scored with
-its own forward pass.
+Scoring is pure: `predict` takes a model, a tokenizer and examples and returns scores; `evaluate_run`
+loads a run and writes its reports. When an MC example's labels are single tokens after one shared prompt
+(the usual "A"/"B"/..., "yes"/"no"), all its choices come from one pass over the prompt; every other
+continuation is scored in right-padded batches.
 """
 
 from __future__ import annotations
@@ -22,14 +26,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import IGNORE_INDEX, Example, choice_labels, encode_example, encode_pair, pad_ids
+from .data import Example, Spans, encode_spans, pad_ids, render_pairs
+
+METRICS = ("acc_ll", "acc_norm", "acc_gen")
 
 
 @dataclasses.dataclass
 class TaskResult:
     n: int
+    format: str  # rc | mc | free | mixed
     acc_ll: float | None  # None for free-form tasks
-    acc_gen: float | None  # None when generation was skipped
+    acc_norm: float | None  # None unless every example is RC
+    acc_gen: float | None  # None when generation was skipped (or every example is RC)
 
 
 def normalize_answer(text: str) -> str:
@@ -37,50 +45,48 @@ def normalize_answer(text: str) -> str:
     return first_line.strip().rstrip(string.punctuation + " ").casefold()
 
 
-@dataclasses.dataclass
-class _Encoded:
-    prompt: list[int]
-    choices: list[list[int]]  # answer tokens of every choice, end token excluded
-
-
-def _encode(tokenizer, example: Example, chat: bool, max_length: int) -> _Encoded:
-    """The prompt ids, and for multiple choice every choice label's answer ids, as training encodes them."""
-    if not example.choices:
-        enc = encode_example(tokenizer, example, chat, max_length)
-        return _Encoded(enc["input_ids"][: enc["labels"].count(IGNORE_INDEX)], [])
-    prompts, answers = [], []
-    for label in choice_labels(example):
-        enc = encode_pair(tokenizer, example, label, chat, max_length)
-        n_prompt = enc["labels"].count(IGNORE_INDEX)
-        prompts.append(enc["input_ids"][:n_prompt])
-        answers.append(enc["input_ids"][n_prompt:])
-    return _Encoded(min(prompts, key=len), _strip_common_suffix(answers))
-
-
-def _strip_common_suffix(answers: list[list[int]]) -> list[list[int]]:
-    """Drops the end-of-answer tokens (EOS, end of turn) that every choice's encoding ends with."""
-    while all(len(a) > 1 for a in answers) and len({a[-1] for a in answers}) == 1:
-        answers = [a[:-1] for a in answers]
-    return answers
-
-
-@torch.no_grad()
-def _continuation_logprob(model, prompt: list[int], answers: list[list[int]], pad_id: int) -> list[float]:
-    """Sum of log P(answer tokens | prompt) for each answer, one right-padded batch."""
-    ids, mask = pad_ids([prompt + a for a in answers], pad_id)
-    device = next(model.parameters()).device
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
-    scores = []
-    for i, a in enumerate(answers):
-        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(a), device=device)
-        scores.append(logits[i, positions, torch.tensor(a, device=device)].sum().item())
-    return scores
+def example_format(example: Example) -> str:
+    if not example.is_multiple_choice:
+        return "free"
+    return example.format or "mc"
 
 
 @dataclasses.dataclass
 class Prediction:
-    scores: list[float] | None  # log-likelihood of each choice label (multiple choice only)
+    scores: list[float] | None  # summed log-likelihood of each choice's continuation (multiple choice only)
+    chars: list[int] | None  # characters of each choice's continuation (the acc_norm denominator)
     text: str | None  # the greedy generation (when generating)
+
+    def choice(self, normalized: bool = False) -> int:
+        values = [s / max(1, c) for s, c in zip(self.scores, self.chars, strict=True)] if normalized else self.scores
+        return max(range(len(values)), key=values.__getitem__)  # the first of equal maxima, as numpy's argmax
+
+
+@torch.no_grad()
+def score_continuations(model, spans: Sequence[Spans], pad_id: int, batch_size: int) -> list[float]:
+    """Sum of log P(answer tokens | prompt) for each `Spans`, in right-padded batches (end tokens excluded)."""
+    device = next(model.parameters()).device
+    scores = [0.0] * len(spans)
+    order = sorted(range(len(spans)), key=lambda i: -len(spans[i].prompt) - len(spans[i].answer))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, mask = pad_ids([spans[i].prompt + spans[i].answer for i in chunk], pad_id)
+        logprobs = _log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits)
+        for row, i in enumerate(chunk):
+            n_prompt, answer = len(spans[i].prompt), spans[i].answer
+            positions = torch.arange(n_prompt - 1, n_prompt - 1 + len(answer), device=device)
+            scores[i] = logprobs[row, positions, torch.tensor(answer, device=device)].sum().item()
+    return scores
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """In float32 at least (bf16/fp16 logits are upcast; float64 stays float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+
+
+def _one_pass(spans: list[Spans]) -> bool:
+    """Every choice is one token after the same prompt: one forward pass over the prompt scores them all."""
+    return all(len(s.answer) == 1 and s.prompt == spans[0].prompt for s in spans)
 
 
 @torch.no_grad()
@@ -96,63 +102,78 @@ def predict(
     max_new_tokens: int = 8,
     desc: str = "eval",
 ) -> list[Prediction]:
-    """Choice scores and generations for every example, in batches of left-padded prompts."""
+    """Choice scores (multiple choice) and greedy generations (MC and free-form, with `generate`) per example."""
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     predictions = []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, unit="batch"):
         batch = examples[start : start + batch_size]
-        encoded = [_encode(tokenizer, e, chat_template, max_length) for e in batch]
-        single = all(len(a) == 1 for enc in encoded for a in enc.choices)
-        ids, mask = pad_ids([enc.prompt for enc in encoded], pad_id, left=True)
-        ids, mask = ids.to(device), mask.to(device)
-        first_logprobs, texts = None, [None] * len(batch)
-        if generate:
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            first_logprobs = out.logits[0].float().log_softmax(-1)
-            texts = tokenizer.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True)
-        if single and first_logprobs is None and any(e.choices for e in batch):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-            first_logprobs = logits.float().log_softmax(-1)
-        for i, (enc, text) in enumerate(zip(encoded, texts, strict=True)):
-            scores = None
-            if enc.choices and single:
-                scores = [first_logprobs[i, a[0]].item() for a in enc.choices]
-            elif enc.choices:
-                scores = _continuation_logprob(model, enc.prompt, enc.choices, pad_id)
-            predictions.append(Prediction(scores, text))
+        pairs = [render_pairs(e) for e in batch]
+        spans = [
+            [encode_spans(tokenizer, c, a, chat_template, max_length, e.uid) for c, a in p]
+            for e, p in zip(batch, pairs, strict=True)
+        ]
+        one_pass = [e.is_multiple_choice and _one_pass(s) for e, s in zip(batch, spans, strict=True)]
+        to_generate = [generate and example_format(e) != "rc" for e in batch]
+        needs_prompt = [i for i in range(len(batch)) if to_generate[i] or one_pass[i]]
+        first_logprobs, texts = {}, {}
+        if needs_prompt:
+            ids, mask = pad_ids([spans[i][0].prompt for i in needs_prompt], pad_id, left=True)
+            ids, mask = ids.to(device), mask.to(device)
+            if any(to_generate[i] for i in needs_prompt):
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad_id,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
+                logits = out.logits[0]
+                decoded = tokenizer.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True)
+                texts = {i: t for i, t in zip(needs_prompt, decoded, strict=True) if to_generate[i]}
+            else:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+            first = _log_softmax(logits)
+            first_logprobs = {i: first[row] for row, i in enumerate(needs_prompt) if one_pass[i]}
+        rest = [
+            (i, j)
+            for i, e in enumerate(batch)
+            if e.is_multiple_choice and not one_pass[i]
+            for j in range(len(spans[i]))
+        ]
+        scored = score_continuations(model, [spans[i][j] for i, j in rest], pad_id, batch_size)
+        rest_scores = dict(zip(rest, scored, strict=True))
+        for i, e in enumerate(batch):
+            scores = chars = None
+            if e.is_multiple_choice:
+                if one_pass[i]:
+                    scores = [first_logprobs[i][s.answer[0]].item() for s in spans[i]]
+                else:
+                    scores = [rest_scores[i, j] for j in range(len(spans[i]))]
+                chars = [len(continuation) for _, continuation in pairs[i]]
+            predictions.append(Prediction(scores, chars, texts.get(i)))
     return predictions
 
 
 def evaluate_examples(model, tokenizer, examples: Sequence[Example], *, generate: bool = True, **kwargs) -> TaskResult:
-    """Accuracies of one task: log-likelihood choice (multiple choice) and generated exact match."""
+    """The metrics of one task (see the module docstring)."""
     predictions = predict(model, tokenizer, examples, generate=generate, **kwargs)
     n = len(examples)
-    is_mc = n > 0 and all(e.choices for e in examples)
-    correct_ll = sum(
-        max(range(len(p.scores)), key=p.scores.__getitem__) == e.gold
-        for p, e in zip(predictions, examples, strict=True)
-        if p.scores is not None
-    )
-    correct_gen = sum(
-        normalize_answer(p.text) == normalize_answer(e.answer)
-        for p, e in zip(predictions, examples, strict=True)
-        if p.text is not None
-    )
+    formats = {example_format(e) for e in examples}
+    fmt = formats.pop() if len(formats) == 1 else "mixed"
+    pairs = list(zip(predictions, examples, strict=True))
+    is_mc = n > 0 and all(e.is_multiple_choice for e in examples)
+    generated = [normalize_answer(p.text) == normalize_answer(e.answer) for p, e in pairs if p.text is not None]
     return TaskResult(
         n=n,
-        acc_ll=correct_ll / n if is_mc else None,
-        acc_gen=correct_gen / n if generate and n else None,
+        format=fmt,
+        acc_ll=sum(p.choice() == e.gold for p, e in pairs) / n if is_mc else None,
+        acc_norm=sum(p.choice(normalized=True) == e.gold for p, e in pairs) / n if is_mc and fmt == "rc" else None,
+        acc_gen=sum(generated) / n if generated and len(generated) == n else None,
     )
 
 
@@ -167,9 +188,9 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, Sequence[Example]], **kwar
 def _average(results: Iterable[TaskResult]) -> dict[str, float | None]:
     results = list(results)
     out: dict[str, float | None] = {}
-    for key in ("acc_ll", "acc_gen"):
-        values = [getattr(r, key) for r in results if getattr(r, key) is not None]
-        out[key] = sum(values) / len(values) if values else None
+    for key in METRICS:
+        values = [getattr(r, key) for r in results]
+        out[key] = sum(values) / len(values) if values and None not in values else None
     return out
 
 
@@ -177,9 +198,17 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def results_table(columns: dict[str, dict], metric_names: Sequence[str] = ("acc_ll", "acc_gen")) -> str:
-    """A Markdown table: one row a task, for each results column (e.g. base, tuned) its accuracies in %."""
-    titles = {"acc_ll": "acc log-lik", "acc_gen": "acc generated"}
+METRIC_TITLES = {"acc_ll": "acc", "acc_norm": "acc_norm", "acc_gen": "acc generated"}
+
+
+def results_table(columns: dict[str, dict], metric_names: Sequence[str] | None = None) -> str:
+    """A Markdown table: one row a task, for each results column (e.g. base, tuned) its accuracies in %
+    (by default every metric that some task of some column has)."""
+    if metric_names is None:
+        metric_names = [
+            m for m in METRICS if any(r[m] is not None for col in columns.values() for r in col["tasks"].values())
+        ]
+    titles = METRIC_TITLES
     header = ["task", "n"] + [f"{col} {titles[m]}" for col in columns for m in metric_names]
     first = next(iter(columns.values()))
     rows = []

@@ -5,8 +5,9 @@ For a frozen linear layer W0 (d_out x d_in) and input x, with K heads of rank r:
     g(x) = softmax(W_r x)                                   # (K,) per token, in float32
     h    = W0 x + s * sum_k g_k(x) * B_k @ drop_k(A x)  -  s * mean_k(B_k^0) @ A^0 x
 
-A (r x d_in) is shared, B_k (d_out x r) are the heads, W_r (K x d_in) the router, zero at init so the gates
-start uniform. s = alpha/sqrt(r) (rsLoRA) or alpha/r.
+A (r x d_in) is shared, B_k (d_out x r) are the heads, W_r (K x d_in) the router. s = alpha/sqrt(r) (rsLoRA)
+or alpha/r. The router starts at zero (uniform gates; R-LoRA) or kaiming-uniform like a default nn.Linear
+(router_init="random"; HydraLoRA, whose zero heads would otherwise sit on a saddle where all heads stay equal).
 
 Fused forward: A x is computed once (together with the offset's A^0 x, in one matmul), the K dropout masks
 are drawn on the r-dim result, the gates (times s) are folded in, and one matmul with the concatenated heads
@@ -88,6 +89,9 @@ class RLoraLayer(BaseTunerLayer):
         self.rlora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, k * r))
         self.rlora_router[adapter_name] = nn.Parameter(torch.zeros(k, self.in_features))
         self._init_heads(adapter_name, config)
+        if config.router_init == "random":
+            with torch.no_grad():  # nn.Linear's default init: U(-1/sqrt(d_in), 1/sqrt(d_in))
+                nn.init.kaiming_uniform_(self.rlora_router[adapter_name], a=math.sqrt(5))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         if config.head_init == "random":
             self._store_offset(adapter_name)
@@ -107,15 +111,17 @@ class RLoraLayer(BaseTunerLayer):
     @torch.no_grad()
     def _store_offset(self, adapter_name: str) -> None:
         """Freeze the initial update s * mean_k(B_k) @ A as two rank-r buffers, from the weights as stored."""
-        A, B = self.rlora_A[adapter_name].float(), self.rlora_B[adapter_name].float()
+        dtype = torch.promote_types(self.rlora_A[adapter_name].dtype, torch.float32)  # float64 stays float64
+        A, B = self.rlora_A[adapter_name].to(dtype), self.rlora_B[adapter_name].to(dtype)
         r, k = self.r[adapter_name], self.num_heads[adapter_name]
         mean_head = B.view(self.out_features, k, r).mean(dim=1)  # (d_out, r)
         self.rlora_offset_A[adapter_name] = A.clone()
         self.rlora_offset_B[adapter_name] = self.scaling[adapter_name] * mean_head
 
     def gates(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """Router probabilities (..., K), in float32."""
-        return torch.softmax(F.linear(x.float(), self.rlora_router[adapter_name].float()), dim=-1)
+        """Router probabilities (..., K), in float32 (float64 for float64 inputs)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return torch.softmax(F.linear(x.to(dtype), self.rlora_router[adapter_name].to(dtype)), dim=-1)
 
     def head_weights(self, adapter_name: str) -> torch.Tensor:
         """The heads as a (K, d_out, r) tensor (a view of the trained parameter)."""

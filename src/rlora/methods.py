@@ -1,12 +1,15 @@
 """The methods compared in the R-LoRA paper's ablation, each as a PEFT config.
 
-| method              | heads | head init            | dropout               |
-|---------------------|-------|----------------------|-----------------------|
-| `lora`              | 1     | B = 0                | on x (PEFT's LoRA)    |
-| `hydralora`         | K     | B_k = 0              | one mask on x         |
-| `hydralora+dropout` | K     | B_k = 0              | per head, on A x      |
-| `hydralora+init`    | K     | random, compensated  | one mask on x         |
-| `rlora`             | K     | random, compensated  | per head, on A x      |
+| method              | heads | head init            | router init          | dropout               |
+|---------------------|-------|----------------------|----------------------|-----------------------|
+| `lora`              | 1     | B = 0                | (none)               | on x (PEFT's LoRA)    |
+| `hydralora`         | K     | B_k = 0              | random (kaiming)     | one mask on x         |
+| `hydralora+dropout` | K     | B_k = 0              | random (kaiming)     | per head, on A x      |
+| `hydralora+init`    | K     | random, compensated  | zero (exact start)   | one mask on x         |
+| `rlora`             | K     | random, compensated  | zero (exact start)   | per head, on A x      |
+
+The router inits are what the papers' code does for HydraLoRA (a default nn.Linear) and what R-LoRA's exact
+start needs (uniform gates). Zero heads with a zero router would be a saddle: the heads never differentiate.
 
 Plain LoRA's rank is matched to the multi-head methods' trainable parameter count unless given: per adapted
 linear layer the multi-head adapter trains r*d_in + K*r*d_out + K*d_in parameters and LoRA r'*(d_in + d_out),
@@ -22,10 +25,10 @@ from torch import nn
 from .config import RLoraConfig
 
 MULTI_HEAD = {
-    "rlora": {"head_init": "random", "head_dropout": True},
-    "hydralora": {"head_init": "zeros", "head_dropout": False},
-    "hydralora+dropout": {"head_init": "zeros", "head_dropout": True},
-    "hydralora+init": {"head_init": "random", "head_dropout": False},
+    "rlora": {"head_init": "random", "head_dropout": True, "router_init": "zeros"},
+    "hydralora": {"head_init": "zeros", "head_dropout": False, "router_init": "random"},
+    "hydralora+dropout": {"head_init": "zeros", "head_dropout": True, "router_init": "random"},
+    "hydralora+init": {"head_init": "random", "head_dropout": False, "router_init": "zeros"},
 }
 METHODS = (*MULTI_HEAD, "lora")
 
@@ -41,10 +44,14 @@ def adapter_config(
     init_gamma: float = 64.0,
     use_rslora: bool = True,
     lora_r: int | None = None,
+    router_init: str | None = None,
     model: nn.Module | None = None,
 ) -> PeftConfig:
-    """The PEFT config of `method`; for `lora` without `lora_r`, `model` is needed to match parameter counts."""
+    """The PEFT config of `method`; for `lora` without `lora_r`, `model` is needed to match parameter counts.
+
+    `router_init` overrides the method's own router init (for experiments; the methods' defaults are above)."""
     if method in MULTI_HEAD:
+        settings = MULTI_HEAD[method] | ({"router_init": router_init} if router_init is not None else {})
         return RLoraConfig(
             r=r,
             lora_alpha=lora_alpha,
@@ -53,7 +60,7 @@ def adapter_config(
             target_modules=target_modules,
             init_gamma=init_gamma,
             use_rslora=use_rslora,
-            **MULTI_HEAD[method],
+            **settings,
         )
     if method != "lora":
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")

@@ -37,6 +37,7 @@ class DataSettings:
     test_fraction: float = 0.2
     max_length: int = 384
     chat_template: bool = False
+    format: str = "rc"  # rc: cloze, each choice's text scored after the prompt | mc: lettered/word labels
 
 
 @dataclass
@@ -49,6 +50,7 @@ class AdapterSettings:
     init_gamma: float = 64.0
     use_rslora: bool = True
     lora_r: int | None = None  # rank of plain LoRA; None = matched to the multi-head parameter count
+    router_init: str | None = None  # zeros | random; None = the method's own (see methods.py)
 
 
 @dataclass
@@ -97,9 +99,12 @@ class RunConfig:
 CHOICES = {
     "method": METHODS,
     "data.mixture": ("proportional", "equal", "temperature"),
+    "data.format": ("rc", "mc"),
+    "adapter.router_init": ("zeros", "random"),
     "training.precision": ("auto", "fp32", "bf16", "fp16"),
     "training.scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
 }
+NULLABLE_CHOICES = {"adapter.router_init"}  # null: the method's own
 
 
 PRESETS_DIR = Path(__file__).parent / "configs"
@@ -210,7 +215,7 @@ def _type_name(t: Any) -> str:
 def _validate(cfg: RunConfig, source: str) -> RunConfig:
     for path, allowed in CHOICES.items():
         value = _get(cfg, path)
-        if value not in allowed:
+        if value not in allowed and not (value is None and path in NULLABLE_CHOICES):
             raise ConfigError(f"{source}: {path}: expected one of {', '.join(allowed)}, got {value!r}")
     positive = ["training.batch_size", "training.grad_accum", "training.save_steps", "training.logging_steps"]
     positive += ["eval.batch_size", "eval.max_new_tokens", "data.max_length", "adapter.r", "adapter.num_heads"]

@@ -1,6 +1,14 @@
 """The one example schema and the one place that renders an example into the text the model sees.
 
-Rendering (the R-LoRA paper's style: the prompt ends in an answer format, the target is a short label):
+Two formulations of a multiple-choice example (`Example.format`):
+
+- "rc" (cloze, as OLMES and lm-eval-harness ask small models): each choice is a (context, continuation)
+  pair, by default ("<prompt>\nAnswer:", "<choice text>"); built-in tasks give their own, in the style OLMES
+  uses for them (e.g. WinoGrande: the sentence up to the blank with each option filled in, then the rest of
+  the sentence as the continuation). The target is the gold pair's continuation; each choice is scored by the
+  log-likelihood of its continuation.
+- "mc" (the R-LoRA paper's style): the prompt lists the options and ends in an answer format, the target is
+  a short label:
 
     multiple choice, lettered     multiple choice, word labels      free-form
     ------------------------      ----------------------------      ---------
@@ -9,8 +17,8 @@ Rendering (the R-LoRA paper's style: the prompt ends in an answer format, the ta
     B. <choice 1>
     Answer format: A/B. Answer:
 
-The target is the label of the gold choice ("A", "yes") or the free-form answer. In plain mode the
-model sees the prompt, then " " + target + EOS; with a chat template the prompt is the user turn and the
+The MC target is the label of the gold choice ("A", "yes"), the free-form target the answer. In plain mode the
+model sees the context, then " " + continuation + EOS; with a chat template the prompt is the user turn and the
 target the assistant turn (see `tokenize.py`).
 """
 
@@ -20,6 +28,7 @@ import string
 from dataclasses import dataclass
 
 LETTERS = string.ascii_uppercase
+FORMATS = ("rc", "mc")
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,10 @@ class Example:
     what the model answers for each option (letters by default; the option texts themselves for tasks
     such as yes/no whose options are single words, which are then not listed in the prompt) and
     `answer == labels[gold]`. Free-form examples leave `choices`, `labels` and `gold` as None.
+
+    `cloze` holds the RC rendering, one (context, continuation) pair per choice (None: the default
+    ("<prompt>\nAnswer:", choice)). `format` says which formulation to use ("rc" or "mc"; None: the run's
+    default, "mc" where there is no run). Neither enters the train/test split's hash.
     """
 
     task: str
@@ -39,17 +52,29 @@ class Example:
     gold: int | None = None
     uid: str = ""
     labels: tuple[str, ...] | None = None
+    cloze: tuple[tuple[str, str], ...] | None = None
+    format: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.choices is None) != (self.gold is None) or (self.choices is None and self.labels is not None):
-            raise ValueError(f"{self.uid}: choices and gold (and labels) go together")
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"{self.uid}: format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if (self.choices is None) != (self.gold is None) or (
+            self.choices is None and (self.labels is not None or self.cloze is not None)
+        ):
+            raise ValueError(f"{self.uid}: choices and gold (and labels, cloze) go together")
         if self.choices is None:
             return
         if len(self.choices) < 2:
             raise ValueError(f"{self.uid}: a multiple-choice example needs at least 2 choices")
         if not 0 <= self.gold < len(self.choices):
             raise ValueError(f"{self.uid}: gold {self.gold} is not an index into {len(self.choices)} choices")
+        if len(self.choices) > len(LETTERS) and self.labels is None:
+            raise ValueError(_too_many_choices(self.uid, len(self.choices)))
         labels = self.labels if self.labels is not None else tuple(LETTERS[: len(self.choices)])
+        if self.cloze is not None and (
+            len(self.cloze) != len(self.choices) or not all(len(pair) == 2 for pair in self.cloze)
+        ):
+            raise ValueError(f"{self.uid}: cloze must hold one (context, continuation) pair per choice")
         if len(labels) != len(self.choices) or len(set(labels)) != len(labels):
             raise ValueError(f"{self.uid}: labels {labels} must be distinct, one per choice")
         if self.answer != labels[self.gold]:
@@ -65,16 +90,25 @@ class Example:
         gold: int,
         uid: str,
         labels: tuple[str, ...] | list[str] | None = None,
+        cloze: tuple[tuple[str, str], ...] | list | None = None,
+        format: str | None = None,
     ) -> Example:
         """A multiple-choice example whose answer is the gold label (a letter unless `labels` is given)."""
         choices = tuple(choices)
+        if labels is None and len(choices) > len(LETTERS):
+            raise ValueError(_too_many_choices(uid, len(choices)))
         labels = tuple(labels) if labels is not None else tuple(LETTERS[: len(choices)])
         answer = labels[gold] if 0 <= gold < len(labels) else ""
-        return cls(task, prompt, answer, choices, gold, uid, labels)
+        cloze = tuple(tuple(pair) for pair in cloze) if cloze is not None else None
+        return cls(task, prompt, answer, choices, gold, uid, labels, cloze, format)
 
     @property
     def is_multiple_choice(self) -> bool:
         return self.choices is not None
+
+
+def _too_many_choices(uid: str, n: int) -> str:
+    return f"{uid}: {n} choices but only {len(LETTERS)} letters to label them; give labels, one per choice"
 
 
 def choice_labels(example: Example) -> tuple[str, ...]:
@@ -82,8 +116,28 @@ def choice_labels(example: Example) -> tuple[str, ...]:
     return example.labels or ()
 
 
+def render_pairs(example: Example) -> list[tuple[str, str]]:
+    """What the model reads and what it answers, per choice: (context, continuation) pairs, the continuation
+    following the context after one space (plain mode) or as the assistant turn (chat template).
+
+    Free-form examples have one pair, (prompt, answer)."""
+    if not example.is_multiple_choice:
+        return [(render_prompt(example), example.answer)]
+    if example.format == "rc":
+        return list(example.cloze or ((f"{example.prompt}\nAnswer:", c) for c in example.choices))
+    prompt = render_prompt(example)
+    return [(prompt, label) for label in example.labels]
+
+
+def gold_pair(example: Example) -> tuple[str, str]:
+    """The (context, continuation) the model is trained on: the gold choice's (or the free-form answer)."""
+    pairs = render_pairs(example)
+    return pairs[example.gold] if example.is_multiple_choice else pairs[0]
+
+
 def render_prompt(example: Example) -> str:
-    """The exact text the model sees before the answer (the user turn with a chat template)."""
+    """The MC / free-form prompt: the text the model sees before its label or answer (the user turn with a
+    chat template). RC examples are rendered by `render_pairs`."""
     if not example.is_multiple_choice:
         return f"{example.prompt}\nAnswer:"
     lines = [example.prompt]

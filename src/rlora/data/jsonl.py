@@ -6,7 +6,9 @@ One JSON object per line (blank lines are ignored):
     {"prompt": "...", "choices": ["...", "..."], "gold": 1}             multiple choice, answered by letter
     {"prompt": "...", "choices": ["yes", "no"], "gold": 0, "labels": ["yes", "no"]}   answered by word
 
-Optional fields: "task" (default: the file name without its extension, so one file is one task; a file
+Optional fields: "format" ("rc": cloze, the choice's text is scored after "<prompt>\nAnswer:"; "mc": the
+options are listed and answered by label; default: the run's `data.format`),
+"task" (default: the file name without its extension, so one file is one task; a file
 may hold several tasks by naming them per line) and "id" (default: "<task>/<line number>"). Every
 problem is an error naming the file, the line and the field, never a silent skip.
 """
@@ -19,9 +21,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import DataError
-from .example import Example
+from .example import FORMATS, Example
 
-KNOWN_FIELDS = {"task", "id", "prompt", "answer", "choices", "gold", "labels"}
+KNOWN_FIELDS = {"task", "id", "prompt", "answer", "choices", "gold", "labels", "format"}
 
 
 def read_jsonl_tasks(paths: Iterable[str | os.PathLike], reserved: Iterable[str] = ()) -> dict[str, list[Example]]:
@@ -86,7 +88,7 @@ def _parse_line(line: str, where: str, default_task: str, number: int) -> Exampl
     uid = str(record.get("id", f"{task}/{number}"))
     prompt = text("prompt")
     if "choices" not in record:
-        for field in ("gold", "labels"):
+        for field in ("gold", "labels", "format"):
             if field in record:
                 raise DataError(f"{where}: field {field!r}: only allowed with 'choices'")
         return Example(task, prompt, text("answer"), uid=uid)
@@ -102,4 +104,9 @@ def _parse_line(line: str, where: str, default_task: str, number: int) -> Exampl
     labels = texts("labels") if "labels" in record else None
     if labels is not None and (len(labels) != len(choices) or len(set(labels)) != len(labels)):
         raise DataError(f"{where}: field 'labels': expected {len(choices)} distinct labels, one per choice")
-    return Example.multiple_choice(task, prompt, choices, gold, uid, labels)
+    fmt = record.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(
+            f"{where}: field 'format': expected one of {', '.join(map(repr, FORMATS))}, got {json.dumps(fmt)}"
+        )
+    return Example.multiple_choice(task, prompt, choices, gold, uid, labels, format=fmt)

@@ -1,9 +1,13 @@
 """Tokenizing examples for causal LMs (loss on the answer only) and collating with dynamic padding.
 
-Plain mode: `render_prompt(example)` then " " + answer + EOS. Chat mode: the tokenizer's chat template
-with the rendered prompt as the user turn and the answer as the assistant turn; the answer span is what
-the full conversation adds after the prompt rendered with `add_generation_prompt=True`, up to and
-including the end-of-turn token. Too-long examples lose the start of the prompt, never the answer.
+Every example is a (context, continuation) pair (`render_pairs` / `gold_pair` in `example.py`). Plain mode:
+the context with the tokenizer's special tokens, then " " + continuation + EOS. Chat mode: the tokenizer's chat
+template with the context as the user turn and the continuation as the assistant turn; the answer span is what
+the full conversation adds after the context rendered with `add_generation_prompt=True`, up to and including
+the end-of-turn token. Too-long examples lose the start of the prompt, never the answer.
+
+The encoder returns the three spans it knows (`Spans`): the prompt, the answer's own tokens (what evaluation
+scores) and the end tokens (EOS / end of turn: trained, not scored), so nothing downstream has to guess them.
 """
 
 from __future__ import annotations
@@ -13,65 +17,86 @@ from dataclasses import dataclass
 
 import torch
 
-from .example import Example, render_prompt
+from .example import Example, gold_pair, render_prompt
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and HF models) skip
 
 
-def encode_prompt(tokenizer, example: Example, use_chat_template: bool) -> list[int]:
+@dataclass(frozen=True)
+class Spans:
+    prompt: list[int]  # what the model reads before the answer (cut from the start to fit max_length)
+    answer: list[int]  # the continuation's own tokens: what evaluation scores
+    end: list[int]  # EOS / end-of-turn after the answer: trained, not scored
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt + self.answer + self.end
+
+
+def encode_context(tokenizer, context: str, use_chat_template: bool) -> list[int]:
     """The token ids the model sees before its answer (also the input for generation)."""
-    text = render_prompt(example)
     if not use_chat_template:
-        return tokenizer(text, add_special_tokens=True)["input_ids"]
+        return tokenizer(context, add_special_tokens=True)["input_ids"]
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": context}], tokenize=False, add_generation_prompt=True
     )
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
-def encode_answer(tokenizer, example: Example, answer: str, use_chat_template: bool) -> list[int]:
-    """The answer's token ids as they follow `encode_prompt`, ending with EOS / the end-of-turn token."""
+def encode_prompt(tokenizer, example: Example, use_chat_template: bool) -> list[int]:
+    """The MC / free-form prompt's ids: the input for generating an answer."""
+    return encode_context(tokenizer, render_prompt(example), use_chat_template)
+
+
+def _answer_and_end(
+    tokenizer, context: str, continuation: str, prompt: list[int], use_chat_template: bool, uid: str
+) -> tuple[list[int], list[int]]:
     if not use_chat_template:
-        return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    prompt = encode_prompt(tokenizer, example, True)
-    messages = [{"role": "user", "content": render_prompt(example)}, {"role": "assistant", "content": answer}]
+        return tokenizer(" " + continuation, add_special_tokens=False)["input_ids"], [tokenizer.eos_token_id]
+    messages = [{"role": "user", "content": context}, {"role": "assistant", "content": continuation}]
     full = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
     if full[: len(prompt)] != prompt:
         raise ValueError(
-            f"{example.uid}: the chat template renders the prompt differently with and without the answer, "
+            f"{uid}: the chat template renders the prompt differently with and without the answer, "
             "so the answer tokens cannot be found; use plain mode (no chat template)"
         )
     span = full[len(prompt) :]
-    if tokenizer.eos_token_id in span:  # drop what the template adds after the end of turn (a newline)
-        span = span[: span.index(tokenizer.eos_token_id) + 1]
-    return span
+    if tokenizer.eos_token_id not in span:
+        return span, []
+    cut = span.index(tokenizer.eos_token_id)  # what the template adds after the end of turn (a newline) is dropped
+    return span[:cut], [tokenizer.eos_token_id]
 
 
-def encode_pair(tokenizer, example: Example, answer: str, use_chat_template: bool, max_length: int) -> dict:
-    """`input_ids`, `attention_mask`, `labels` (IGNORE_INDEX on the prompt) and `length` for one answer.
-
-    Evaluators score each choice label by calling this with that label as `answer`.
-    """
-    prompt = encode_prompt(tokenizer, example, use_chat_template)
-    target = encode_answer(tokenizer, example, answer, use_chat_template)
-    room = max_length - len(target)
+def encode_spans(
+    tokenizer, context: str, continuation: str, use_chat_template: bool, max_length: int, uid: str = ""
+) -> Spans:
+    """The prompt, answer and end token spans of one (context, continuation) pair, at most `max_length` in all."""
+    prompt = encode_context(tokenizer, context, use_chat_template)
+    answer, end = _answer_and_end(tokenizer, context, continuation, prompt, use_chat_template, uid)
+    room = max_length - len(answer) - len(end)
     if room < 1:
-        raise ValueError(f"{example.uid}: the answer alone is {len(target)} tokens, max_length is {max_length}")
+        raise ValueError(f"{uid}: the answer alone is {len(answer) + len(end)} tokens, max_length is {max_length}")
     if len(prompt) > room:  # cut the start of the prompt, but keep a leading BOS token
         keep = 1 if tokenizer.bos_token_id is not None and prompt[0] == tokenizer.bos_token_id and room > 1 else 0
         prompt = prompt[:keep] + prompt[len(prompt) - (room - keep) :]
-    input_ids = prompt + target
+    return Spans(prompt, answer, end)
+
+
+def training_feature(spans: Spans) -> dict:
+    """`input_ids`, `attention_mask`, `labels` (IGNORE_INDEX on the prompt) and `length`."""
+    input_ids = spans.input_ids
     return {
         "input_ids": input_ids,
         "attention_mask": [1] * len(input_ids),
-        "labels": [IGNORE_INDEX] * len(prompt) + target,
+        "labels": [IGNORE_INDEX] * len(spans.prompt) + spans.answer + spans.end,
         "length": len(input_ids),  # read by Trainer's group_by_length (length_column_name="length")
     }
 
 
 def encode_example(tokenizer, example: Example, use_chat_template: bool, max_length: int) -> dict:
-    """`encode_pair` with the example's gold answer: a training feature."""
-    return encode_pair(tokenizer, example, example.answer, use_chat_template, max_length)
+    """The training feature of an example: its gold (context, continuation) pair."""
+    context, continuation = gold_pair(example)
+    return training_feature(encode_spans(tokenizer, context, continuation, use_chat_template, max_length, example.uid))
 
 
 def encode_examples(tokenizer, examples: Sequence[Example], use_chat_template: bool, max_length: int) -> list[dict]:
