@@ -1,5 +1,6 @@
 """Tiny models built from a config, shared by the unit tests."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,3 +87,73 @@ eval:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+# Tolerance for two float64 computations that are equal in exact arithmetic (fused vs per-head loop, save -> load,
+# ...): float64 rounding is ~1e-16 relative, the values here are at most ~1e2 and the longest sums ~1e2 terms, so
+# any BLAS and any summation order agree to ~1e-12; a real error in the algebra is orders of magnitude above 1e-10.
+F64 = {"atol": 1e-10, "rtol": 1e-10}
+
+
+def update_magnitude(layer, x: torch.Tensor, name: str = "default") -> torch.Tensor:
+    """Per output element, the sum of |every product| the adapter's update of `layer` adds up for input x (its heads
+    times their gates, and the subtracted offset), in float64 (..., d_out): what the update's rounding scales with."""
+    ax = x.detach().double().abs()
+    gates = layer.gates(x.detach(), name).detach().double()  # (..., K)
+    z = ax @ layer.rlora_A[name].detach().double().abs().T  # (..., r)
+    heads = layer.head_weights(name).detach().double().abs()  # (K, d_out, r)
+    magnitude = layer.scaling[name] * torch.einsum("...k,...r,kor->...o", gates, z, heads)
+    if name in layer.rlora_offset_A:
+        z0 = ax @ layer.rlora_offset_A[name].double().abs().T
+        magnitude = magnitude + z0 @ layer.rlora_offset_B[name].double().abs().T
+    return magnitude
+
+
+def start_bound(layer, x: torch.Tensor, base_out: torch.Tensor, name: str = "default") -> torch.Tensor:
+    """How far `layer(x)` may be from `base_out` = its base layer's output at initialisation, element by element.
+
+    In exact arithmetic the update is zero there (B = 0, or random heads minus their offset under uniform gates), so
+    what is left is rounding, bounded as in Higham's analysis of sums (|error| <= gamma_n * sum of |terms|,
+    gamma_n <= n * eps): n counts the roundings one product can go through in the adapter's accumulation dtype
+    (float32 at least; d_in for A x, K + 3 for the softmax or for the offset's mean over K heads, (K+1)*r + 1 for
+    the heads' and offset's sum onto the base output), plus 6 roundings to the adapter's own dtype (A x, gates * s,
+    their product, the cast offset, the update, the cast update), plus one rounding of the sum in the output dtype.
+    """
+    d_in, r, k = layer.in_features, layer.r[name], layer.num_heads[name]
+    adapter = layer.rlora_A[name].dtype
+    eps_acc = torch.finfo(torch.promote_types(adapter, torch.float32)).eps
+    n = d_in + (k + 3) + (k + 1) * r + 1
+    magnitude = update_magnitude(layer, x, name)
+    return (n * eps_acc + 6 * torch.finfo(adapter).eps) * magnitude + torch.finfo(base_out.dtype).eps * (
+        base_out.double().abs()
+    )
+
+
+@contextmanager
+def adapted_layer_calls(model: torch.nn.Module):
+    """Records (layer, input, output) for every forward call of an R-LoRA layer in `model`."""
+    from rlora import RLoraLinear
+
+    calls: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: calls.append((mod, args[0].detach(), out.detach())))
+        for m in model.modules()
+        if isinstance(m, RLoraLinear)
+    ]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def fixed_gate_weight_bound(layer, gates: torch.Tensor, dtype: torch.dtype, name: str = "default") -> torch.Tensor:
+    """How far `layer.get_delta_weight(name, gates)`, computed in `dtype`, may be from the exact fixed-gate update,
+    entry by entry: gamma_n * sum of |terms| as in `start_bound`, n the roundings one product goes through (K in
+    the head mixture, r in the product with A, r in the offset's product, a few multiplications and subtractions)."""
+    k, r, s = layer.num_heads[name], layer.r[name], layer.scaling[name]
+    A, heads = layer.rlora_A[name].detach().double().abs(), layer.head_weights(name).detach().double().abs()
+    magnitude = s * torch.einsum("k,kor->or", gates.double(), heads) @ A
+    if name in layer.rlora_offset_A:
+        magnitude = magnitude + layer.rlora_offset_B[name].double().abs() @ layer.rlora_offset_A[name].double().abs()
+    return (k + 2 * r + 4) * torch.finfo(dtype).eps * magnitude
