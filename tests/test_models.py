@@ -86,4 +86,5 @@ def test_embedded_model_trains_on_a_real_mixture(model_cache_dir):
     assert batch["input_ids"].shape[1] % 8 == 0 and batch["input_ids"].shape[1] <= 256
     with torch.no_grad():
         loss = model(**batch).loss
-    assert math.isfinite(loss.item()) and 0 < loss.item() < 20
+    # a uniform guess over the vocabulary scores ln(V) = 10.8; the pretrained weights must do far better (~3.5)
+    assert math.isfinite(loss.item()) and 0 < loss.item() < math.log(len(tokenizer)) / 2

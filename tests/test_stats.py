@@ -41,8 +41,10 @@ def test_paired_difference_uses_per_seed_differences():
 
 
 def run(acc_a, acc_b):
-    tasks = {"a": {"n": 10, "acc_ll": acc_a, "acc_gen": None}, "b": {"n": 10, "acc_ll": acc_b, "acc_gen": None}}
-    return {"tasks": tasks, "average": {"acc_ll": (acc_a + acc_b) / 2, "acc_gen": None}}
+    """An eval.json's results, as `evaluate` writes them: metrics not measured are None."""
+    unmeasured = {"acc_norm": None, "acc_gen": None}
+    tasks = {"a": {"n": 10, "acc_ll": acc_a, **unmeasured}, "b": {"n": 10, "acc_ll": acc_b, **unmeasured}}
+    return {"tasks": tasks, "average": {"acc_ll": (acc_a + acc_b) / 2, **unmeasured}}
 
 
 def test_summary_has_means_cis_and_differences_to_the_first_method():
@@ -51,7 +53,7 @@ def test_summary_has_means_cis_and_differences_to_the_first_method():
         "rlora": {0: run(0.6, 0.6), 1: run(0.9, 0.7)},
     }
     summary = summarize(runs, ["hydralora", "rlora"], [0, 1])
-    assert list(summary["metrics"]) == ["acc_ll"]  # no generation metric was measured
+    assert list(summary["metrics"]) == ["acc_ll"]  # acc_norm and acc_gen were not measured
     hydra = summary["metrics"]["acc_ll"]["per_method"]["hydralora"]
     assert hydra["a"]["mean"] == pytest.approx(0.6)
     assert hydra["a"]["ci95"] == pytest.approx(12.7062 * math.sqrt(0.02) / math.sqrt(2))
