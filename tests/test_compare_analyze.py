@@ -79,6 +79,10 @@ def test_demo_trains_evaluates_base_and_tuned_and_prints_both(workspace, tmp_pat
     ]
     assert main(["demo", *overrides]) == 0
     printed = capsys.readouterr().out
-    assert "| task | n | base acc log-lik | base acc generated | rlora acc log-lik | rlora acc generated |" in printed
+    assert "| task | n | base acc | base acc_norm | rlora acc | rlora acc_norm |" in printed
+    base = json.loads((tmp_path / "demo" / "eval_base.json").read_text())["average"]
+    tuned = json.loads((tmp_path / "demo" / "eval.json").read_text())["average"]
+    gain = 100 * (tuned["acc_ll"] - base["acc_ll"])
+    assert f"acc {100 * base['acc_ll']:.1f} -> {100 * tuned['acc_ll']:.1f} ({gain:+.1f} points)" in printed
     assert (tmp_path / "demo" / "demo.md").read_text().strip() in printed
     assert main(["demo", *overrides, "data.max_eval_per_task=2"]) == 2  # not the saved run's settings

@@ -24,7 +24,11 @@ from .runconfig import RunConfig, check_same_config
 from .stats import format_ci, mean_ci, paired_difference
 
 logger = logging.getLogger(__name__)
-METRIC_TITLES = {"acc_ll": "accuracy by log-likelihood (%)", "acc_gen": "accuracy by generated exact match (%)"}
+METRIC_TITLES = {
+    "acc_ll": "accuracy by log-likelihood (%)",
+    "acc_norm": "accuracy by log-likelihood per character (%)",
+    "acc_gen": "accuracy by generated exact match (%)",
+}
 
 
 def parse_methods(text: str) -> list[str]:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ._io import atomic_write_text
-from .evaluate import evaluate_run, results_table
+from .evaluate import METRIC_TITLES, METRICS, evaluate_run, results_table
 from .runconfig import check_same_config, load_run_config
 from .train import ensure_trained
 
@@ -23,6 +23,17 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), cache_dir: str | None 
         saved = run_dir / f"{stem}.json"
         fresh = not saved.is_file()
         results[column] = evaluate_run(run_dir, cache_dir, base=base) if fresh else json.loads(saved.read_text())
-    table = results_table(results)
+    table = results_table(results) + "\n\n" + gain_line(results["base"], results[cfg.method], cfg.method)
     atomic_write_text(run_dir / "demo.md", table + "\n")
     return table
+
+
+def gain_line(base: dict, tuned: dict, name: str) -> str:
+    """One sentence: the tuned model's average against the base model's, per metric both have."""
+    parts = [
+        f"{METRIC_TITLES[metric]} {100 * base['average'][metric]:.1f} -> {100 * tuned['average'][metric]:.1f} "
+        f"({100 * (tuned['average'][metric] - base['average'][metric]):+.1f} points)"
+        for metric in METRICS
+        if base["average"].get(metric) is not None and tuned["average"].get(metric) is not None
+    ]
+    return f"Average over the tasks, base -> {name}: " + "; ".join(parts) + "."
