@@ -3,7 +3,7 @@
 Cloze scoring: for a context and choices c_i, score_i = sum of log p(token) over the tokens of " " + c_i
 given the context; "acc" picks argmax score_i, "acc_norm" picks argmax score_i / len(c_i) (characters, as
 lm-eval). The docs are 12 examples each of the built-in ARC-Easy and PIQA validation sets (the shortest of
-the first 100), with the context "Question: {question or goal}\\nAnswer:".
+the first 100), in rlora's own cloze rendering ("Question: {question}\\nAnswer:", "Goal: {goal}\\nAnswer:").
 
 Three scorers, kept as separate functions so another can be added side by side:
   * `lm_eval_choices` (tests/_lm_eval.py): lm-eval's HFLM (`--model hf`, float32, CPU, batch 8), read back
@@ -11,8 +11,7 @@ Three scorers, kept as separate functions so another can be added side by side:
   * `naive_choice_logliks` (here): one unpadded forward pass per choice, float64 log-softmax of the float32
     logits, summed over the continuation tokens; tokenised as rlora's scorer does (prompt with
     add_special_tokens=True, " " + choice without special tokens);
-  * rlora's own RC scorer (rlora.evaluate): to be added next to the naive one, checked the same way with
-    `assert_scores_agree(docs, lm_eval_lls, rlora_lls, "rlora vs lm-eval")`.
+  * rlora's own RC scorer (`rlora.evaluate.predict` / `evaluate_examples`, what `rlora eval` runs).
 
 Runs in ~70 s on 2 busy cores (both lm-eval runs are subprocesses; see tests/_lm_eval.py for what lm-eval
 does about BOS and the context/continuation token split).
@@ -20,12 +19,15 @@ does about BOS and the context/continuation token split).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from _lm_eval import lm_eval_choices
 
 import rlora
-from rlora.data import load_task
+from rlora.data import Example, load_task, render_pairs
+from rlora.evaluate import evaluate_examples, predict
 from rlora.models import resolve_model
 
 pytestmark = pytest.mark.slow
@@ -43,19 +45,22 @@ N_PER_TASK = 12
 LL_TOL = 2e-3
 
 
-def cloze_docs(task: str, n: int, pool: int = 100) -> list[dict]:
-    """{"context", "choices", "gold"} for the n shortest of the first `pool` examples of a built-in task, in order.
+def cloze_examples(task: str, n: int, pool: int = 100) -> list[Example]:
+    """The n shortest of the first `pool` examples of a built-in task, in order, in rlora's cloze rendering.
 
     The shortest, to keep the test fast on 2 CPU cores (it runs the model on every choice twice).
     """
-    docs = []
-    for example in load_task(task)[:pool]:
-        question = example.prompt.removeprefix("Goal: ")  # PIQA's prompt is "Goal: {goal}"
-        context = f"Question: {question}\nAnswer:"
-        docs.append({"context": context, "choices": list(example.choices), "gold": example.gold})
-    size = {id(d): len(d["context"]) + sum(map(len, d["choices"])) for d in docs}
-    shortest = {id(d) for d in sorted(docs, key=lambda d: size[id(d)])[:n]}
-    return [d for d in docs if id(d) in shortest]
+    examples = [dataclasses.replace(e, format="rc") for e in load_task(task)[:pool]]
+    size = {e.uid: sum(len(c) + len(a) for c, a in render_pairs(e)) for e in examples}
+    shortest = {e.uid for e in sorted(examples, key=lambda e: size[e.uid])[:n]}
+    return [e for e in examples if e.uid in shortest]
+
+
+def as_doc(example: Example) -> dict:
+    """{"context", "choices", "gold"}: the lm-eval doc of an example whose choices share one context."""
+    pairs = render_pairs(example)
+    (context,) = {c for c, _ in pairs}
+    return {"context": context, "choices": [a for _, a in pairs], "gold": example.gold}
 
 
 def rlora_style_tokens(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
@@ -131,8 +136,18 @@ def model_and_tokenizer(model_dir):
 
 
 @pytest.fixture(scope="module")
-def docs() -> list[dict]:
-    return cloze_docs("arc_easy", N_PER_TASK) + cloze_docs("piqa", N_PER_TASK)
+def examples() -> list[Example]:
+    return cloze_examples("arc_easy", N_PER_TASK) + cloze_examples("piqa", N_PER_TASK)
+
+
+@pytest.fixture(scope="module")
+def docs(examples) -> list[dict]:
+    return [as_doc(e) for e in examples]
+
+
+@pytest.fixture(scope="module")
+def lm_eval_base(model_dir, docs, tmp_path_factory) -> list[dict]:
+    return lm_eval_choices(model_dir, docs, tmp_path_factory.mktemp("lm_eval_base"))
 
 
 def test_rlora_and_lm_eval_split_context_and_choice_into_the_same_tokens(model_and_tokenizer, docs):
@@ -144,9 +159,9 @@ def test_rlora_and_lm_eval_split_context_and_choice_into_the_same_tokens(model_a
             assert lm_eval_style_tokens(tokenizer, doc["context"], choice) == rlora_split, (doc["context"], choice)
 
 
-def test_lm_eval_agrees_with_naive_scoring_per_example(model_dir, model_and_tokenizer, docs, tmp_path):
+def test_lm_eval_agrees_with_naive_scoring_per_example(model_and_tokenizer, docs, lm_eval_base):
     model, tokenizer = model_and_tokenizer
-    lm_eval = lm_eval_choices(model_dir, docs, tmp_path)
+    lm_eval = lm_eval_base
     naive = [naive_choice_logliks(model, tokenizer, d["context"], d["choices"]) for d in docs]
 
     assert_scores_agree(docs, [r["lls"] for r in lm_eval], naive, "naive vs lm-eval")
@@ -157,12 +172,27 @@ def test_lm_eval_agrees_with_naive_scoring_per_example(model_dir, model_and_toke
     print(f"max |naive - lm-eval| = {max_abs_difference(naive, [r['lls'] for r in lm_eval]):.2e} nats")
 
 
-def test_lm_eval_scores_an_rlora_adapter_as_the_model_it_was_saved_from(model_dir, model_and_tokenizer, docs, tmp_path):
+def test_rlora_eval_makes_lm_evals_choice_on_every_example(model_and_tokenizer, examples, docs, lm_eval_base):
+    """rlora's RC scorer (batched, padded, as `rlora eval` runs it) against lm-eval-harness: the same
+    log-likelihoods within LL_TOL, the same acc and acc_norm choice per example, the same accuracies."""
+    model, tokenizer = model_and_tokenizer
+    predictions = predict(model, tokenizer, examples, generate=False, batch_size=8, max_length=384)
+    assert_scores_agree(docs, [r["lls"] for r in lm_eval_base], [p.scores for p in predictions], "rlora vs lm-eval")
+    result = evaluate_examples(model, tokenizer, examples, generate=False, batch_size=8, max_length=384)
+    assert result.acc_ll == pytest.approx(sum(r["acc"] for r in lm_eval_base) / len(docs), abs=1e-12)
+    assert result.acc_norm == pytest.approx(sum(r["acc_norm"] for r in lm_eval_base) / len(docs), abs=1e-12)
+    print(f"rlora acc {result.acc_ll:.3f} acc_norm {result.acc_norm:.3f} on {len(docs)} docs, same as lm-eval")
+
+
+def test_lm_eval_scores_an_rlora_adapter_as_the_model_it_was_saved_from(
+    model_dir, model_and_tokenizer, examples, docs, tmp_path
+):
     """lm-eval's `peft=ADAPTER_DIR` loads an rlora adapter (rlora imported first) and scores the adapted model."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     base_model, tokenizer = model_and_tokenizer
+    examples = examples[:4] + examples[N_PER_TASK : N_PER_TASK + 2]
     docs = docs[:4] + docs[N_PER_TASK : N_PER_TASK + 2]
     torch.manual_seed(0)  # the adapter's random init
     adapted = get_peft_model(
@@ -183,5 +213,7 @@ def test_lm_eval_scores_an_rlora_adapter_as_the_model_it_was_saved_from(model_di
 
     assert max_abs_difference(naive, base) > 100 * LL_TOL  # the adapter changes the scores
     assert_scores_agree(docs, [r["lls"] for r in lm_eval], naive, "adapter: naive vs lm-eval")
+    rlora_scores = [p.scores for p in predict(adapted, tokenizer, examples, generate=False, batch_size=8)]
+    assert_scores_agree(docs, [r["lls"] for r in lm_eval], rlora_scores, "adapter: rlora vs lm-eval")
     print(f"adapter: max |naive - lm-eval| = {max_abs_difference(naive, [r['lls'] for r in lm_eval]):.2e} nats, "
           f"max |adapted - base| = {max_abs_difference(naive, base):.2f} nats")  # fmt: skip

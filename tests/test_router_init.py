@@ -180,3 +180,25 @@ def test_a_bad_router_init_is_rejected_naming_the_field():
         ValueError, match=r"^RLoraConfig.router_init: expected one of 'zeros', 'random', got 'uniform'$"
     ):
         RLoraConfig(router_init="uniform")
+
+
+@pytest.mark.parametrize("scale", [1.0, 50.0])
+def test_router_lr_scale_gives_the_routers_their_own_optimizer_group(tmp_path, scale):
+    from _tiny import MLP, tiny_llama
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    from rlora.train import _FiniteLossTrainer
+
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP))
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to=[], use_cpu=True)
+    optimizer = _FiniteLossTrainer(model=model, args=args, router_lr_scale=scale).create_optimizer()
+    routers = {id(p) for n, p in model.named_parameters() if "rlora_router" in n}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    grouped = [{id(p) for p in g["params"]} for g in optimizer.param_groups]
+    assert set().union(*grouped) == trainable and sum(map(len, grouped)) == len(trainable)  # each once
+    if scale == 1.0:
+        assert all(g["lr"] == 1e-3 for g in optimizer.param_groups)
+    else:
+        assert [g["lr"] for g, ids in zip(optimizer.param_groups, grouped, strict=True) if ids == routers] == [5e-2]
+        assert all(g["lr"] == 1e-3 for g, ids in zip(optimizer.param_groups, grouped, strict=True) if ids != routers)

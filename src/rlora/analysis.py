@@ -2,7 +2,8 @@
 
 - Head similarity (the R-LoRA paper's diagnostic): for every adapted layer, the mean cosine similarity over
   all pairs of its K heads B_k (each flattened to a d_out*r vector).
-- Router usage: on held-out prompts of each task, the router's gates g(x) averaged over every real token
+- Router usage: on held-out examples of each task (the gold context and answer, as in training), the
+  router's gates g(x) averaged over every real token
   and every adapted layer give a mean gate per head per task; the entropy of g(x) (in nats, at most ln K)
   says how concentrated the routing is.
 - Head map: the heads of one module type (e.g. every layer's up_proj), projected on their first two
@@ -203,7 +204,7 @@ def analyze_run(run_dir, cache_dir: str | None = None, max_prompts_per_task: int
     from safetensors.torch import load_file
 
     from ._io import atomic_write_json, atomic_write_text
-    from .data import encode_prompt
+    from .data import encode_spans, gold_pair
     from .data_plan import plan_data
     from .models import load_model_and_tokenizer
     from .runconfig import load_run_config
@@ -227,10 +228,12 @@ def analyze_run(run_dir, cache_dir: str | None = None, max_prompts_per_task: int
         set_peft_model_state_dict(model, load_file(str(init_weights)))
         init = head_similarity(model)
         model.load_state_dict(trained_state, strict=False)
-    prompts = {
-        task: [encode_prompt(tokenizer, e, cfg.data.chat_template)[-cfg.data.max_length :] for e in examples]
+    d = cfg.data
+    sequences = {  # what the model reads in training: the gold context and answer (RC or MC, as configured)
+        task: [encode_spans(tokenizer, *gold_pair(e), d.chat_template, d.max_length, e.uid) for e in examples]
         for task, examples in plan.test.items()
     }
+    prompts = {task: [s.prompt + s.answer for s in spans] for task, spans in sequences.items()}
     usage = router_usage(
         model, {t: p[:max_prompts_per_task] for t, p in prompts.items()}, batch_size=cfg.eval.batch_size
     )

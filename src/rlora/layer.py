@@ -185,14 +185,16 @@ class RLoraLinear(nn.Module, RLoraLayer):
     def get_delta_weight(self, adapter_name: str, gates: torch.Tensor | None = None) -> torch.Tensor:
         """Update W (d_out x d_in) for a FIXED head mixture `gates` (K,), default uniform; an approximation."""
         k = self.num_heads[adapter_name]
-        A = self.rlora_A[adapter_name].float()
-        heads = self.head_weights(adapter_name).float()  # (K, d_out, r)
-        g = torch.full((k,), 1.0 / k, device=A.device) if gates is None else gates.to(A.device).float()
-        if g.shape != (k,) or (g < 0).any() or not torch.isclose(g.sum(), torch.tensor(1.0, device=g.device)):
+        dtype = torch.promote_types(self.rlora_A[adapter_name].dtype, torch.float32)  # float64 stays float64
+        A = self.rlora_A[adapter_name].to(dtype)
+        heads = self.head_weights(adapter_name).to(dtype)  # (K, d_out, r)
+        g = torch.full((k,), 1.0 / k, device=A.device, dtype=dtype) if gates is None else gates.to(A.device, dtype)
+        one = torch.tensor(1.0, device=g.device, dtype=dtype)
+        if g.shape != (k,) or (g < 0).any() or not torch.isclose(g.sum(), one):
             raise ValueError(f"gates: expected {k} non-negative weights summing to 1, got {gates}")
         weight = self.scaling[adapter_name] * torch.einsum("k,kor->or", g, heads) @ A
         if adapter_name in self.rlora_offset_A:
-            weight = weight - self.rlora_offset_B[adapter_name].float() @ self.rlora_offset_A[adapter_name].float()
+            weight = weight - self.rlora_offset_B[adapter_name].to(dtype) @ self.rlora_offset_A[adapter_name].to(dtype)
         return weight
 
     def __repr__(self) -> str:

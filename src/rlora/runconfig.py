@@ -60,6 +60,7 @@ class TrainingSettings:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
+    router_lr_scale: float = 1.0  # the routers train at lr x this (1: like every other adapter weight)
     scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -223,7 +224,7 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
     for path in positive:
         if _get(cfg, path) < 1:
             raise ConfigError(f"{source}: {path}: expected an integer >= 1, got {_get(cfg, path)!r}")
-    for path in ("training.lr", "training.epochs", "training.max_grad_norm"):
+    for path in ("training.lr", "training.epochs", "training.max_grad_norm", "training.router_lr_scale"):
         if not 0 < _get(cfg, path) < math.inf:
             raise ConfigError(f"{source}: {path}: expected a finite number > 0, got {_get(cfg, path)!r}")
     if not 0 <= cfg.training.weight_decay < math.inf:

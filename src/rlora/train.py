@@ -82,7 +82,27 @@ class _MarkComplete(TrainerCallback):
 
 
 class _FiniteLossTrainer(Trainer):
-    """Stops at the first NaN or infinite loss, naming the step; the last good checkpoint stays on disk."""
+    """Stops at the first NaN or infinite loss, naming the step; the last good checkpoint stays on disk.
+
+    With `router_lr_scale` != 1 the routers' weights train at that multiple of the learning rate (their own
+    optimizer group, following the same schedule)."""
+
+    def __init__(self, *args, router_lr_scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.router_lr_scale = router_lr_scale
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.router_lr_scale != 1.0:
+            routers = {id(p) for n, p in self.model.named_parameters() if "rlora_router" in n and p.requires_grad}
+            moved = []
+            for group in optimizer.param_groups:
+                moved += [p for p in group["params"] if id(p) in routers]
+                group["params"] = [p for p in group["params"] if id(p) not in routers]
+            if moved:
+                lr = optimizer.param_groups[0]["lr"] * self.router_lr_scale
+                optimizer.add_param_group({"params": moved, "lr": lr, "weight_decay": 0.0})
+        return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -188,6 +208,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
         data_collator=plan.collator(tokenizer),
         processing_class=tokenizer,
         callbacks=[_MarkComplete()],
+        router_lr_scale=cfg.training.router_lr_scale,
     )
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     trainer.save_model(str(staging))  # on every process: gathers ZeRO-3/FSDP shards; the main process writes
