@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from rlora import models
+from rlora._io import COMPLETE_MARKER
 from rlora.data import CausalLMCollator, build_mixture, encode_examples, load_task, split_examples
-from rlora.models import COMPLETE_MARKER, EmbeddedModelMissing, load_model_and_tokenizer, resolve_model
+from rlora.models import EmbeddedModelMissing, load_model_and_tokenizer, resolve_model
 
 
 def test_local_folders_and_hub_ids_pass_through(tmp_path):

@@ -1,4 +1,14 @@
-"""Writing files and folders so that a crash never leaves a half-written one behind."""
+"""Writing files and folders so that a crash never leaves a half-written one behind: the one protocol rlora uses.
+
+- A file is written to a temporary name beside it, flushed to disk and renamed over it (`atomic_write_*`).
+- A folder is built under a temporary name beside it and renamed into place in one step (`atomic_dir`, or
+  `publish_dir` for a folder that several processes wrote together): a reader sees the old folder or the new one,
+  never a mix.
+- A folder that is shared by processes that may race to build it (the converted model cache) is also marked
+  complete (`COMPLETE_MARKER`) before it moves into place; the first complete one stays.
+- A folder that another library writes in place (the Trainer's checkpoints) is marked complete once it is fully
+  written (`mark_complete`); readers trust only the marked ones (`is_complete`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+COMPLETE_MARKER = ".rlora-complete"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -38,25 +50,49 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def mark_complete(folder: str | Path, note: str = "") -> None:
+    atomic_write_text(Path(folder) / COMPLETE_MARKER, note)
+
+
+def is_complete(folder: str | Path) -> bool:
+    return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary folder beside `path`; on success it replaces `path` in one rename, on error it is removed."""
+def atomic_dir(path: str | Path, *, shared: bool = False) -> Iterator[Path]:
+    """Yields a new temporary folder beside `path`; on success it replaces `path` in one rename, on error it is
+    removed. With `shared`, the folder is marked complete first, and a complete folder that another process put at
+    `path` meanwhile is kept (ours is dropped)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it a normal folder's mode
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if shared:
+            mark_complete(tmp)
+        publish_dir(tmp, path, keep_complete=shared)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+
+
+def publish_dir(tmp: str | Path, path: str | Path, *, keep_complete: bool = False) -> None:
+    """Moves the finished folder `tmp` to `path` in one rename; a folder already at `path` is replaced, unless it
+    is complete and `keep_complete` is set (then `tmp` is left for the caller to remove)."""
+    tmp, path = Path(tmp), Path(path)
+    if keep_complete and is_complete(path):
+        return
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if not (keep_complete and is_complete(path)):  # another process finished first: keep theirs
+            raise
 
 
 def _umask() -> int:

@@ -24,6 +24,7 @@ from .data import (
     split_examples,
 )
 from .data.split import SPLIT_SALT
+from .errors import DataError
 from .runconfig import RunConfig
 
 
@@ -79,7 +80,7 @@ def plan_data(cfg: RunConfig) -> DataPlan:
     for task, (train, test) in splits.items():
         if not train or not test:
             side = "training" if not train else "test"
-            raise ValueError(
+            raise DataError(
                 f"task {task!r}: its {sizes[task]['total']} examples leave the {side} split empty "
                 f"(test_fraction={d.test_fraction}); give it more examples"
             )

@@ -6,30 +6,31 @@ safetensors folder (model + tokenizer) in a user cache directory:
 
     $RLORA_CACHE_DIR/models/<name>      (RLORA_CACHE_DIR defaults to $XDG_CACHE_HOME/rlora or ~/.cache/rlora)
 
-The folder is built in a temporary sibling directory and moved into place with one `os.replace`, after
-a completion marker is written, so a crash never leaves a folder that looks usable and concurrent
-conversions never mix their files.
+The folder is written with `_io.atomic_dir(shared=True)`: built under a temporary name, marked complete and
+renamed into place, so a crash never leaves a folder that looks usable and concurrent conversions never mix their
+files (the first one to finish stays).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from ._io import atomic_dir, is_complete
+from .errors import MissingPackage, ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_ENV_VAR = "RLORA_CACHE_DIR"
-COMPLETE_MARKER = ".rlora-complete"
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 
-class EmbeddedModelMissing(ImportError):
+class EmbeddedModelMissing(MissingPackage):
     """The package that ships an embedded model is not installed."""
 
 
@@ -79,10 +80,6 @@ def resolve_model(name_or_path: str = DEFAULT_MODEL, cache_dir: str | os.PathLik
     return name_or_path
 
 
-def is_complete(folder: Path) -> bool:
-    return (folder / COMPLETE_MARKER).is_file()
-
-
 def embedded_gguf_path(name: str) -> Path:
     spec = EMBEDDED_MODELS[name]
     found = importlib.util.find_spec(spec.package)  # not imported: its __init__ needs packages we skip
@@ -99,21 +96,15 @@ def embedded_gguf_path(name: str) -> Path:
 
 def _convert_embedded(name: str, target: Path) -> None:
     gguf = embedded_gguf_path(name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))  # unique per process
-    try:
-        logger.info("Converting the embedded model %s (%s) to %s, once (about 20-40 s)", name, gguf.name, target)
-        start = time.perf_counter()
+    logger.info("Converting the embedded model %s (%s) to %s, once (about 20-40 s)", name, gguf.name, target)
+    start = time.perf_counter()
+    with atomic_dir(target, shared=True) as tmp:
         _gguf_to_safetensors(gguf, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cached model is not
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"model": name, "source": gguf.name}) + "\n")
-        _move_into_place(tmp, target)
-        logger.info("Converted %s in %.0f s", name, time.perf_counter() - start)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Converted %s in %.0f s", name, time.perf_counter() - start)
 
 
 def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("Dequantising %s", gguf)
@@ -135,32 +126,36 @@ def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
-    if target.exists() and not is_complete(target):
-        # Writers only ever os.replace complete folders into place, so this is a leftover of something else.
-        logger.warning("Removing incomplete model folder %s", target)
-        shutil.rmtree(target, ignore_errors=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not is_complete(target):  # another process finished first: keep theirs
-            raise
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL, cache_dir: str | os.PathLike | None = None):
+    """The model's tokenizer, padding on the right, with a pad token (EOS where the model has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer, name_or_path, cache_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 def load_model_and_tokenizer(
     name_or_path: str = DEFAULT_MODEL,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
 ):
-    """(model, tokenizer) ready for training: the tokenizer pads on the right and has a pad token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) ready for training (float32 unless `dtype` says otherwise); see `load_tokenizer`."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    path = resolve_model(name_or_path, cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = load_tokenizer(name_or_path, cache_dir)
+    model = _load(AutoModelForCausalLM, name_or_path, cache_dir, dtype=dtype or torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _load(auto_class, name_or_path: str, cache_dir: str | os.PathLike | None, **kwargs):
+    path = resolve_model(name_or_path, cache_dir)
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except OSError as error:  # transformers' error for a path or Hub id it cannot find or read
+        raise ModelError(f"model {name_or_path!r}: {error}") from error

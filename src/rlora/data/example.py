@@ -27,6 +27,8 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
+from ..errors import DataError
+
 LETTERS = string.ascii_uppercase
 FORMATS = ("rc", "mc")
 
@@ -57,28 +59,28 @@ class Example:
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:
-            raise ValueError(f"{self.uid}: format {self.format!r} is not one of {', '.join(FORMATS)}")
+            raise DataError(f"{self.uid}: format {self.format!r} is not one of {', '.join(FORMATS)}")
         if (self.choices is None) != (self.gold is None) or (
             self.choices is None and (self.labels is not None or self.cloze is not None)
         ):
-            raise ValueError(f"{self.uid}: choices and gold (and labels, cloze) go together")
+            raise DataError(f"{self.uid}: choices and gold (and labels, cloze) go together")
         if self.choices is None:
             return
         if len(self.choices) < 2:
-            raise ValueError(f"{self.uid}: a multiple-choice example needs at least 2 choices")
+            raise DataError(f"{self.uid}: a multiple-choice example needs at least 2 choices")
         if not 0 <= self.gold < len(self.choices):
-            raise ValueError(f"{self.uid}: gold {self.gold} is not an index into {len(self.choices)} choices")
+            raise DataError(f"{self.uid}: gold {self.gold} is not an index into {len(self.choices)} choices")
         if len(self.choices) > len(LETTERS) and self.labels is None:
-            raise ValueError(_too_many_choices(self.uid, len(self.choices)))
+            raise DataError(_too_many_choices(self.uid, len(self.choices)))
         labels = self.labels if self.labels is not None else tuple(LETTERS[: len(self.choices)])
         if self.cloze is not None and (
             len(self.cloze) != len(self.choices) or not all(len(pair) == 2 for pair in self.cloze)
         ):
-            raise ValueError(f"{self.uid}: cloze must hold one (context, continuation) pair per choice")
+            raise DataError(f"{self.uid}: cloze must hold one (context, continuation) pair per choice")
         if len(labels) != len(self.choices) or len(set(labels)) != len(labels):
-            raise ValueError(f"{self.uid}: labels {labels} must be distinct, one per choice")
+            raise DataError(f"{self.uid}: labels {labels} must be distinct, one per choice")
         if self.answer != labels[self.gold]:
-            raise ValueError(f"{self.uid}: answer {self.answer!r} is not the gold label {labels[self.gold]!r}")
+            raise DataError(f"{self.uid}: answer {self.answer!r} is not the gold label {labels[self.gold]!r}")
         object.__setattr__(self, "labels", labels)
 
     @classmethod
@@ -96,7 +98,7 @@ class Example:
         """A multiple-choice example whose answer is the gold label (a letter unless `labels` is given)."""
         choices = tuple(choices)
         if labels is None and len(choices) > len(LETTERS):
-            raise ValueError(_too_many_choices(uid, len(choices)))
+            raise DataError(_too_many_choices(uid, len(choices)))
         labels = tuple(labels) if labels is not None else tuple(LETTERS[: len(choices)])
         answer = labels[gold] if 0 <= gold < len(labels) else ""
         cloze = tuple(tuple(pair) for pair in cloze) if cloze is not None else None

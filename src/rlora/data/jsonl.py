@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 from .example import FORMATS, Example
 
 KNOWN_FIELDS = {"task", "id", "prompt", "answer", "choices", "gold", "labels", "format"}

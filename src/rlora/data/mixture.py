@@ -14,6 +14,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 
+from ..errors import DataError
 from .example import Example
 
 STRATEGIES = ("proportional", "equal", "temperature")
@@ -28,13 +29,13 @@ def mixture_counts(
 ) -> dict[str, int]:
     """How many examples to draw from each task (in the order of `sizes`)."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown mixing strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise DataError(f"unknown mixing strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if strategy == "temperature" and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise DataError(f"temperature must be > 0, got {temperature}")
     if max_per_task is not None and max_per_task < 1:
-        raise ValueError(f"max_per_task must be >= 1, got {max_per_task}")
+        raise DataError(f"max_per_task must be >= 1, got {max_per_task}")
     if any(n < 0 for n in sizes.values()):
-        raise ValueError(f"task sizes must be >= 0, got {dict(sizes)}")
+        raise DataError(f"task sizes must be >= 0, got {dict(sizes)}")
     available = {t: n if max_per_task is None else min(n, max_per_task) for t, n in sizes.items()}
     if strategy == "proportional":
         weights = {t: float(a) for t, a in available.items()}
@@ -45,7 +46,7 @@ def mixture_counts(
     if total is None:
         total = _largest_total(available, weights)
     elif total < 0 or total > sum(available.values()):
-        raise ValueError(
+        raise DataError(
             f"total={total} examples asked for, but the tasks offer {sum(available.values())} "
             f"(after max_per_task={max_per_task})"
         )

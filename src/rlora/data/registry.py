@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 
+from ..errors import DataError
 from .builtin import BUILTIN_TASKS, load_mmlu, mmlu_subjects
 from .example import Example
 
@@ -34,19 +35,19 @@ def list_tasks(include_mmlu: bool = True) -> list[str]:
 
 
 def load_task(name: str) -> list[Example]:
-    """The examples of one built-in task; unknown names raise ValueError listing the close matches."""
+    """The examples of one built-in task; unknown names raise DataError listing the close matches."""
     return list(_load_cached(check_task_name(name)))
 
 
 def check_task_name(name: str) -> str:
-    """`name` if it is a built-in task, else a ValueError with suggestions."""
+    """`name` if it is a built-in task, else a DataError with suggestions."""
     valid = list_tasks()
     if name in valid:
         return name
     close = difflib.get_close_matches(name, valid + list(SUITES), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     builtin = ", ".join(sorted(BUILTIN_TASKS))
-    raise ValueError(
+    raise DataError(
         f"unknown task {name!r}; {hint}built-in tasks: {builtin}, mmlu_<subject> "
         f"({len(valid) - len(BUILTIN_TASKS)} subjects; `rlora tasks` lists them); suites: {', '.join(SUITES)}"
     )

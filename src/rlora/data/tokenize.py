@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import DataError
 from .example import Example, gold_pair, render_prompt
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and HF models) skip
@@ -56,7 +57,7 @@ def _answer_and_end(
     messages = [{"role": "user", "content": context}, {"role": "assistant", "content": continuation}]
     full = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
     if full[: len(prompt)] != prompt:
-        raise ValueError(
+        raise DataError(
             f"{uid}: the chat template renders the prompt differently with and without the answer, "
             "so the answer tokens cannot be found; use plain mode (no chat template)"
         )
@@ -75,7 +76,7 @@ def encode_spans(
     answer, end = _answer_and_end(tokenizer, context, continuation, prompt, use_chat_template, uid)
     room = max_length - len(answer) - len(end)
     if room < 1:
-        raise ValueError(f"{uid}: the answer alone is {len(answer) + len(end)} tokens, max_length is {max_length}")
+        raise DataError(f"{uid}: the answer alone is {len(answer) + len(end)} tokens, max_length is {max_length}")
     if len(prompt) > room:  # cut the start of the prompt, but keep a leading BOS token
         keep = 1 if tokenizer.bos_token_id is not None and prompt[0] == tokenizer.bos_token_id and room > 1 else 0
         prompt = prompt[:keep] + prompt[len(prompt) - (room - keep) :]

@@ -1,0 +1,35 @@
+"""The errors rlora raises for what its user can fix. They all derive from `RloraError`.
+
+The command line prints one of these as a single line (exit code 2; 1 when training stopped); any other exception
+is a bug in rlora or below it and keeps its traceback. Each type also derives from the built-in exception a library
+caller would expect (`ValueError` for bad settings or data, `ImportError` for a missing package, ...).
+"""
+
+
+class RloraError(Exception):
+    """Something the user can fix; the message says what and where."""
+
+
+class ConfigError(RloraError, ValueError):
+    """A configuration that cannot be used; the message names the file or field and what was expected."""
+
+
+class DataError(RloraError, ValueError):
+    """Task data or data settings that cannot be used: the message names the file, the line and the field, or the
+    task and what was expected."""
+
+
+class RunFolderError(RloraError):
+    """A folder that is not a run, or not one that this command can use (not finished, or of another method)."""
+
+
+class MissingPackage(RloraError, ImportError):
+    """A package that ships the embedded model or data is not installed; the message gives the install command."""
+
+
+class ModelError(RloraError, OSError):
+    """A model path or Hub id that cannot be loaded."""
+
+
+class TrainingError(RloraError, RuntimeError):
+    """Training stopped or cannot start; the message says why and what was kept."""
