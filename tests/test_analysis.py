@@ -8,17 +8,9 @@ from _tiny import F64, MLP, tiny_llama
 from peft import get_peft_model
 
 from rlora import RLoraConfig
-from rlora.analysis import (
-    describe,
-    head_projection,
-    head_similarity,
-    mean_pairwise_cosine,
-    plot_head_projection,
-    plot_router_usage,
-    plot_similarity,
-    router_usage,
-    similarity_table,
-)
+from rlora.analysis import describe, head_projection, head_similarity, mean_pairwise_cosine, router_usage
+from rlora.plots import plot_head_projection, plot_router_usage, plot_similarity
+from rlora.reports import similarity_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

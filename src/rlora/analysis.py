@@ -8,19 +8,21 @@
   says how concentrated the routing is.
 - Head map: the heads of one module type (e.g. every layer's up_proj), projected on their first two
   principal components, coloured by head index.
+
+Each function takes a model (and token ids) and returns numbers; `run.analyze_run` loads a run and writes them,
+`reports.py` and `plots.py` render them.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-from ._plot import pyplot, save_png
 from .data import pad_ids
 from .layer import RLoraLinear
 
@@ -131,135 +133,3 @@ def head_projection(model: torch.nn.Module, adapter_name: str = "default") -> di
             "layer": [index for index, heads in items for _ in range(heads.shape[0])],
         }
     return out
-
-
-def similarity_table(init_rows: Iterable[dict] | None, trained_rows: Iterable[dict]) -> str:
-    trained = list(trained_rows)
-    init = {(r["layer"], r["module"]): r["mean_cosine"] for r in init_rows or []}
-    lines = ["| layer | module | cosine at init | cosine trained |", "|---|---|---|---|"]
-    for r in trained:
-        before = init.get((r["layer"], r["module"]))
-        lines.append(f"| {r['layer']} | {r['module']} | {_cell(before)} | {_cell(r['mean_cosine'])} |")
-    return "\n".join(lines)
-
-
-def _cell(value: float | None) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
-
-
-def plot_similarity(init_rows: list[dict] | None, trained_rows: list[dict], path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, rows, style in (("init", init_rows or [], "--"), ("trained", trained_rows, "-")):
-        for module in sorted({r["module"] for r in rows}):
-            pts = sorted((r["layer"], r["mean_cosine"]) for r in rows if r["module"] == module)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=f"{module} ({label})")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean pairwise cosine of heads")
-    ax.set_title("Head similarity per layer")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.legend(fontsize=7, ncol=2)
-    save_png(fig, path)
-
-
-def plot_router_usage(usage: dict[str, dict], path) -> None:
-    plt = pyplot()
-    tasks = list(usage)
-    gates = torch.tensor([usage[t]["mean_gate"] for t in tasks])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * gates.shape[1], 1.2 + 0.5 * len(tasks)))
-    im = ax.imshow(gates, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(gates.shape[1]), [f"head {k}" for k in range(gates.shape[1])])
-    ax.set_yticks(range(len(tasks)), [f"{t} (H={usage[t]['entropy']:.2f})" for t in tasks])
-    for i in range(len(tasks)):
-        for k in range(gates.shape[1]):
-            ax.text(k, i, f"{gates[i, k]:.2f}", ha="center", va="center", color="white", fontsize=7)
-    ax.set_title(f"Mean router gate per task (entropy H in nats, max ln K = {math.log(gates.shape[1]):.2f})")
-    fig.colorbar(im, ax=ax)
-    save_png(fig, path)
-
-
-def plot_head_projection(projection: dict[str, dict], path) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(projection), figsize=(4.6 * len(projection), 4.2), squeeze=False)
-    colours = plt.get_cmap("tab10")
-    for ax, (module, data) in zip(axes[0], projection.items(), strict=True):
-        xy = torch.tensor(data["xy"])
-        heads = torch.tensor(data["head"])
-        for k in sorted(set(data["head"])):
-            ax.scatter(xy[heads == k, 0], xy[heads == k, 1], s=14, color=colours(k % 10), label=f"head {k}")
-        ax.set_title(f"{module}, all layers")
-        ax.set_xlabel("PC 1")
-        ax.set_ylabel("PC 2")
-    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle("Heads projected on their first two principal components, coloured by head")
-    save_png(fig, path)
-
-
-def analyze_run(run_dir, cache_dir: str | None = None, max_prompts_per_task: int = 64) -> dict:
-    """Writes RUN_DIR/analysis/: head similarity (init and trained) as table, JSON and line plot; router
-    usage per task on held-out prompts as JSON and heatmap; the heads' PCA map. Returns the JSON data."""
-    from pathlib import Path
-
-    from peft import PeftModel, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from ._io import atomic_write_json, atomic_write_text
-    from .data import encode_spans, gold_pair
-    from .data_plan import plan_data
-    from .models import load_model_and_tokenizer
-    from .runconfig import load_run_config
-
-    run_dir = Path(run_dir)
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: no trained adapter (adapter/adapter_config.json); train the run first")
-    cfg = load_run_config(run_dir / "config.yaml")
-    if cfg.method == "lora":
-        raise ValueError(f"{run_dir}: a plain LoRA run has one head and no router; analyze a multi-head run")
-    plan = plan_data(cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cache_dir=cache_dir)
-    model = PeftModel.from_pretrained(model, str(adapter)).eval()
-
-    trained = head_similarity(model)
-    init = None
-    init_weights = run_dir / "adapter_init" / "adapter_model.safetensors"
-    if init_weights.is_file():
-        trained_state = {k: v.clone() for k, v in model.state_dict().items() if "rlora_" in k}
-        set_peft_model_state_dict(model, load_file(str(init_weights)))
-        init = head_similarity(model)
-        model.load_state_dict(trained_state, strict=False)
-    d = cfg.data
-    sequences = {  # what the model reads in training: the gold context and answer (RC or MC, as configured)
-        task: [encode_spans(tokenizer, *gold_pair(e), d.chat_template, d.max_length, e.uid) for e in examples]
-        for task, examples in plan.test.items()
-    }
-    prompts = {task: [s.prompt + s.answer for s in spans] for task, spans in sequences.items()}
-    usage = router_usage(
-        model, {t: p[:max_prompts_per_task] for t, p in prompts.items()}, batch_size=cfg.eval.batch_size
-    )
-    projection = head_projection(model)
-
-    out = run_dir / "analysis"
-    data = {"head_similarity": {"init": init, "trained": trained}, "router_usage": usage, "head_projection": projection}
-    atomic_write_json(out / "analysis.json", data)
-    atomic_write_text(out / "head_similarity.md", similarity_table(init, trained) + "\n")
-    plot_similarity(init, trained, out / "head_similarity.png")
-    plot_router_usage(usage, out / "router_usage.png")
-    plot_head_projection(projection, out / "heads_pca.png")
-    return data
-
-
-def summary_lines(data: dict) -> list[str]:
-    """A short text summary of `analyze_run`'s data for the terminal."""
-    lines = []
-    for when in ("init", "trained"):
-        values = [r["mean_cosine"] for r in data["head_similarity"][when] or [] if not math.isnan(r["mean_cosine"])]
-        if values:
-            mean = sum(values) / len(values)
-            lines.append(f"mean pairwise cosine of heads, {when}: {mean:.3f} over {len(values)} layers")
-        elif data["head_similarity"][when]:
-            lines.append(f"mean pairwise cosine of heads, {when}: undefined (all-zero heads)")
-    for task, u in data["router_usage"].items():
-        gates = " ".join(f"{g:.2f}" for g in u["mean_gate"])
-        lines.append(f"router {task}: mean gates [{gates}], entropy {u['entropy']:.3f} nats")
-    return lines

@@ -2,6 +2,10 @@
 
 Add a subcommand with an `_add_<name>(subparsers)` function that registers its parser and sets `func`
 (a function of the parsed arguments returning the exit code), and list it in `SUBCOMMANDS`.
+
+It starts fast: what is imported here at the top loads neither torch nor PEFT nor transformers (a test pins it);
+a subcommand imports what it needs when it runs. Errors a user can fix (`errors.RloraError`) print one line and
+exit 2 (1 when training stopped); any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from collections.abc import Sequence
 from .data import (
     DEFAULT_TEST_FRACTION,
     FORMATS,
-    DataError,
     Example,
     check_task_name,
     encode_example,
@@ -25,6 +28,9 @@ from .data import (
     read_jsonl_tasks,
     split_examples,
 )
+from .data.split import bad_test_fraction
+from .errors import ConfigError, RloraError, TrainingError
+from .methods import METHODS
 from .models import DEFAULT_MODEL
 
 
@@ -38,6 +44,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def held_out_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    interval = bad_test_fraction(value)
+    if interval is not None:
+        raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {value}")
+    return value
+
+
 def _user_tasks(args: argparse.Namespace) -> dict[str, list[Example]]:
     return read_jsonl_tasks(args.data, reserved=list_tasks())
 
@@ -48,7 +65,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--test-fraction",
-        type=float,
+        type=held_out_fraction,
         default=DEFAULT_TEST_FRACTION,
         help="share of each task held out for testing (default: %(default)s)",
     )
@@ -84,11 +101,9 @@ def _show(args: argparse.Namespace) -> int:
     ]
     tokenizer = None
     if args.model or args.chat_template:
-        from transformers import AutoTokenizer
+        from .models import load_tokenizer
 
-        from .models import resolve_model
-
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model or DEFAULT_MODEL, args.cache_dir))
+        tokenizer = load_tokenizer(args.model or DEFAULT_MODEL, args.cache_dir)
         print("Token sequences as the model sees them; the loss is on the part between [[ and ]].\n")
     for example in chosen:
         print(f"=== {example.uid} ({args.split}) ===")
@@ -137,11 +152,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .run import RunFolder
     from .runconfig import load_run_config
     from .train import train
 
     run_dir = train(load_run_config(args.config, args.overrides), resume=args.resume, cache_dir=args.cache_dir)
-    print(f"adapter written to {run_dir / 'adapter'}; evaluate it with: rlora eval {run_dir}")
+    print(f"adapter written to {RunFolder(run_dir).adapter}; evaluate it with: rlora eval {run_dir}")
     return 0
 
 
@@ -156,22 +172,22 @@ def _add_train(subparsers) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ._io import atomic_write_text
-    from .evaluate import evaluate_run, results_table
-    from .runconfig import check_same_config, dump_run_config, load_run_config
+    from .reports import results_table
+    from .run import RunFolder, evaluate_run
+    from .runconfig import load_run_config
 
-    target = Path(args.target)
-    if not target.is_dir():  # a config: evaluate its base model alone, into its output_dir
+    folder = RunFolder(args.target)
+    if not Path(args.target).is_dir():  # a config: evaluate its base model alone, into its output_dir
         cfg = load_run_config(args.target, args.overrides)
-        target = Path(cfg.output_dir)
-        check_same_config(cfg, target)
-        atomic_write_text(target / "config.yaml", dump_run_config(cfg))
+        folder = RunFolder(cfg.output_dir)
+        folder.check_config(cfg)
+        folder.write_config(cfg)
         args.base = True
     elif args.overrides:
-        raise ValueError("overrides apply to a config file; a run folder is evaluated with its own config")
-    results = evaluate_run(target, args.cache_dir, base=args.base)
+        raise ConfigError("overrides apply to a config file; a run folder is evaluated with its own config")
+    results = evaluate_run(folder.root, args.cache_dir, base=args.base)
     print(results_table({"base" if args.base else results["method"]: results}))
-    print(f"written to {target / ('eval_base' if args.base else 'eval')}.json and .md")
+    print(f"written to {folder.results(args.base)} and {folder.results(args.base, '.md')}")
     return 0
 
 
@@ -201,7 +217,8 @@ def _add_demo(subparsers) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare, comparison_markdown, parse_methods
+    from .compare import compare, parse_methods
+    from .reports import comparison_markdown
     from .runconfig import load_run_config
 
     methods = parse_methods(args.methods)
@@ -213,8 +230,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _add_compare(subparsers) -> None:
-    from .methods import METHODS
-
     parser = subparsers.add_parser("compare", help="train and evaluate several methods over seeds, with 95%% CIs")
     parser.add_argument("config", help="a run config YAML file or preset: data, budget and adapter settings")
     parser.add_argument(
@@ -230,11 +245,12 @@ def _add_compare(subparsers) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .analysis import analyze_run, summary_lines
+    from .reports import analysis_summary
+    from .run import RunFolder, analyze_run
 
     data = analyze_run(args.run_dir, args.cache_dir, max_prompts_per_task=args.max_prompts)
-    print("\n".join(summary_lines(data)))
-    print(f"tables and plots written to {args.run_dir}/analysis/")
+    print("\n".join(analysis_summary(data)))
+    print(f"tables and plots written to {RunFolder(args.run_dir).analysis}/")
     return 0
 
 
@@ -269,16 +285,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("rlora").setLevel(logging.INFO)
-    from .train import TrainingError
-
     try:
         return args.func(args)
-    except (DataError, ValueError, ImportError, OSError) as error:  # bad input, missing package or file
-        print(f"rlora: error: {error}", file=sys.stderr)
-        return 2
     except TrainingError as error:
         print(f"rlora: training stopped: {error}", file=sys.stderr)
         return 1
+    except RloraError as error:  # bad input, a missing package or file: what the user can fix
+        print(f"rlora: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         hint = "; `rlora train CONFIG --resume` continues from the last checkpoint" if args.command == "train" else ""
         print(f"rlora: interrupted{hint}", file=sys.stderr)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from peft import PeftConfig
 
 from ._registry import RLORA_PEFT_TYPE
+from .errors import ConfigError
 
 HEAD_INITS = ("random", "zeros")
 ROUTER_INITS = ("zeros", "random")
@@ -106,23 +108,14 @@ class RLoraConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
-        def check(ok: bool, name: str, expected: str) -> None:
-            if not ok:
-                raise ValueError(f"RLoraConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
-
-        check(_is_int(self.r) and self.r >= 1, "r", "an integer >= 1")
-        check(_is_int(self.num_heads) and self.num_heads >= 1, "num_heads", "an integer >= 1")
-        check(_is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "a number > 0")
-        check(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)")
-        check(self.head_init in HEAD_INITS, "head_init", f"one of {', '.join(map(repr, HEAD_INITS))}")
-        check(self.router_init in ROUTER_INITS, "router_init", f"one of {', '.join(map(repr, ROUTER_INITS))}")
-        check(isinstance(self.head_dropout, bool), "head_dropout", "True or False")
-        check(_is_number(self.init_gamma) and self.init_gamma > 0, "init_gamma", "a number > 0")
-        check(isinstance(self.use_rslora, bool), "use_rslora", "True or False")
+        for name in FIELD_RULES:
+            expected = field_error(name, getattr(self, name))
+            if expected is not None:
+                raise ConfigError(f"RLoraConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
         if self.head_init == "random" and self.router_init == "random":
             warnings.warn(RANDOM_START_WARNING, stacklevel=3)
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("RLoraConfig.layers_pattern: only meaningful together with layers_to_transform")
+            raise ConfigError("RLoraConfig.layers_pattern: only meaningful together with layers_to_transform")
 
     @property
     def scaling(self) -> float:
@@ -135,3 +128,23 @@ def _is_int(v: object) -> bool:
 
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# The rule of each checked field: (test, what is expected). The run config checks its adapter section with these.
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "num_heads": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "head_init": (lambda v: v in HEAD_INITS, f"one of {', '.join(map(repr, HEAD_INITS))}"),
+    "router_init": (lambda v: v in ROUTER_INITS, f"one of {', '.join(map(repr, ROUTER_INITS))}"),
+    "head_dropout": (lambda v: isinstance(v, bool), "True or False"),
+    "init_gamma": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "use_rslora": (lambda v: isinstance(v, bool), "True or False"),
+}
+
+
+def field_error(name: str, value: Any) -> str | None:
+    """None if `value` is valid for the field `name` of `FIELD_RULES`, else what the field expects."""
+    ok, expected = FIELD_RULES[name]
+    return None if ok(value) else expected

@@ -10,8 +10,8 @@ Multiple-choice tasks, in either formulation (see `data/example.py`):
   gold label or answer, ignoring spaces, case and trailing punctuation.
 The average is the unweighted mean over tasks of each metric that every averaged task has.
 
-Scoring is pure: `predict` takes a model, a tokenizer and examples and returns scores; `evaluate_run`
-loads a run and writes its reports. When an MC example's labels are single tokens after one shared prompt
+Scoring is pure: examples and a model in, scores out; nothing here loads a model or writes a file (`run.py` does,
+and `reports.py` renders the tables). When an MC example's labels are single tokens after one shared prompt
 (the usual "A"/"B"/..., "yes"/"no"), all its choices come from one pass over the prompt; every other
 continuation is scored in right-padded batches.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import string
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -194,35 +193,8 @@ def _average(results: Iterable[TaskResult]) -> dict[str, float | None]:
     return out
 
 
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
-
-
-METRIC_TITLES = {"acc_ll": "acc", "acc_norm": "acc_norm", "acc_gen": "acc generated"}
-
-
-def results_table(columns: dict[str, dict], metric_names: Sequence[str] | None = None) -> str:
-    """A Markdown table: one row a task, for each results column (e.g. base, tuned) its accuracies in %
-    (by default every metric that some task of some column has)."""
-    if metric_names is None:
-        metric_names = [
-            m for m in METRICS if any(r[m] is not None for col in columns.values() for r in col["tasks"].values())
-        ]
-    titles = METRIC_TITLES
-    header = ["task", "n"] + [f"{col} {titles[m]}" for col in columns for m in metric_names]
-    first = next(iter(columns.values()))
-    rows = []
-    for task, r in first["tasks"].items():
-        cells = [task, str(r["n"])]
-        cells += [_pct(columns[c]["tasks"][task][m]) for c in columns for m in metric_names]
-        rows.append(cells)
-    rows.append(["**average**", ""] + [_pct(columns[c]["average"][m]) for c in columns for m in metric_names])
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def evaluate_model_on_plan(model, tokenizer, cfg, plan) -> dict:
+def evaluate_plan(model, tokenizer, cfg, plan) -> dict:
+    """`evaluate_tasks` on a run's test sets (`plan.test`) with the run's encoding and evaluation settings."""
     e, d = cfg.eval, cfg.data
     return evaluate_tasks(
         model,
@@ -234,40 +206,3 @@ def evaluate_model_on_plan(model, tokenizer, cfg, plan) -> dict:
         generate=e.generate,
         max_new_tokens=e.max_new_tokens,
     )
-
-
-def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, base: bool = False) -> dict:
-    """Evaluates a trained run (or, with `base`, its base model alone) on its held-out split; writes
-    RUN_DIR/eval.json and eval.md (eval_base.* for the base model) and returns the results."""
-    from peft import PeftModel
-
-    from .data_plan import plan_data
-    from .models import load_model_and_tokenizer
-    from .runconfig import load_run_config
-
-    run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml); train one with `rlora train`")
-    if not base and not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: the run has no adapter yet; finish it with `rlora train ... --resume`")
-    cfg = load_run_config(config_file)
-    plan = plan_data(cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cache_dir=cache_dir)
-    if not base:
-        model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
-    results = evaluate_model_on_plan(model, tokenizer, cfg, plan)
-    results = {
-        "model": cfg.model,
-        "adapter": None if base else str(run_dir / "adapter"),
-        "method": cfg.method,
-    } | results
-    write_results(results, run_dir / ("eval_base" if base else "eval"), "base" if base else cfg.method)
-    return results
-
-
-def write_results(results: dict, stem: Path, column: str) -> None:
-    from ._io import atomic_write_json, atomic_write_text
-
-    atomic_write_json(stem.with_suffix(".json"), results)
-    atomic_write_text(stem.with_suffix(".md"), results_table({column: results}) + "\n")

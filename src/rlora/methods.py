@@ -18,11 +18,13 @@ so r' = round(sum over layers of the former / sum of (d_in + d_out)), at least 1
 
 from __future__ import annotations
 
-from peft import LoraConfig, PeftConfig
-from peft.tuners.tuners_utils import check_target_module_exists
-from torch import nn
+from typing import TYPE_CHECKING
 
-from .config import RLoraConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # PEFT and torch load when a config is built, not when the method names are read
+    from peft import PeftConfig
+    from torch import nn
 
 MULTI_HEAD = {
     "rlora": {"head_init": "random", "head_dropout": True, "router_init": "zeros"},
@@ -50,6 +52,10 @@ def adapter_config(
     """The PEFT config of `method`; for `lora` without `lora_r`, `model` is needed to match parameter counts.
 
     `router_init` overrides the method's own router init (for experiments; the methods' defaults are above)."""
+    from peft import LoraConfig
+
+    from .config import RLoraConfig
+
     if method in MULTI_HEAD:
         settings = MULTI_HEAD[method] | ({"router_init": router_init} if router_init is not None else {})
         return RLoraConfig(
@@ -78,6 +84,10 @@ def adapter_config(
 
 
 def matched_lora_rank(model: nn.Module, target_modules: list[str] | str, r: int, num_heads: int) -> int:
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from torch import nn
+
     probe = LoraConfig(target_modules=target_modules)
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     multi_head, per_rank = 0, 0
@@ -89,5 +99,5 @@ def matched_lora_rank(model: nn.Module, target_modules: list[str] | str, r: int,
             multi_head += r * d_in + num_heads * r * d_out + num_heads * d_in
             per_rank += d_in + d_out
     if per_rank == 0:
-        raise ValueError(f"target_modules {target_modules!r} match no linear layer of {type(model).__name__}")
+        raise ConfigError(f"target_modules {target_modules!r} match no linear layer of {type(model).__name__}")
     return max(1, round(multi_head / per_rank))

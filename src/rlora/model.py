@@ -1,15 +1,26 @@
-"""`RLoraModel`: the PEFT tuner that finds the target linear layers and swaps in `RLoraLinear`."""
+"""`RLoraModel`: the PEFT tuner that finds the target linear layers and swaps in `RLoraLinear`.
+
+What this relies on from PEFT 0.21 beyond its public functions, and what a PEFT upgrade could break:
+- `BaseTuner`'s tuner contract (`prefix`, `tuner_layer_cls`, `target_module_mapping`, `_create_and_replace`), as
+  every PEFT method uses it; a change there breaks `get_peft_model` outright (every test of
+  tests/test_peft_integration.py fails).
+- `inject_adapter` raising `peft.NoMatchingPeftModuleError` when no module matches `target_modules`; if PEFT raised
+  something else, users would get PEFT's own message instead of ours naming the model's linear modules
+  (test_target_modules_matching_nothing_lists_the_linear_modules fails).
+"""
 
 from __future__ import annotations
 
 import itertools
 
 import torch
+from peft import NoMatchingPeftModuleError
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .config import RLoraConfig
+from .errors import ConfigError
 from .layer import MERGE_ERROR, RLoraLayer, RLoraLinear
 
 
@@ -34,13 +45,12 @@ class RLoraModel(BaseTuner):
         new_module = RLoraLinear(target, adapter_name, config)
         if adapter_name != self.active_adapter:
             new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self._swap_in(parent, target_name, new_module)
 
-    def _replace_module(self, parent, child_name, new_module, child) -> None:
-        """As PEFT's, but a module whose buffers (the offset) are still on the meta device is not moved either,
-        so `low_cpu_mem_usage=True` loading works for random-init adapters."""
-        if not isinstance(new_module, RLoraLinear):  # unloading puts the base layer back
-            return super()._replace_module(parent, child_name, new_module, child)
+    def _swap_in(self, parent: nn.Module, child_name: str, new_module: RLoraLinear) -> None:
+        """Puts `new_module` in place and its adapter on the base layer's device, except adapter parts whose
+        tensors (the offset buffers too) are still on the meta device: `low_cpu_mem_usage=True` loading fills
+        those later. (PEFT's own `BaseTuner._replace_module` looks at parameters only; it still unloads.)"""
         setattr(parent, child_name, new_module)
         device = new_module.get_base_layer().weight.device
         for name, module in new_module.named_modules():
@@ -51,13 +61,14 @@ class RLoraModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except ValueError as err:
-            if "not found in the base model" not in str(err):
+        except NoMatchingPeftModuleError:
+            config = self.peft_config[adapter_name]
+            if config.exclude_modules or not config.target_modules:  # PEFT's message says what happened
                 raise
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            targets = self.peft_config[adapter_name].target_modules
+            targets = config.target_modules
             targets = sorted(targets) if isinstance(targets, set) else targets
-            raise ValueError(
+            raise ConfigError(
                 f"RLoraConfig.target_modules: {targets!r} matches no linear layer of "
                 f"{type(model).__name__}; its linear modules are named: {', '.join(names)}"
             ) from None

@@ -18,11 +18,13 @@ from typing import Any
 
 import yaml
 
+from .config import FIELD_RULES, field_error
+from .data.example import FORMATS
+from .data.mixture import STRATEGIES
+from .data.split import bad_test_fraction
+from .errors import ConfigError
 from .methods import METHODS
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot be used; the message names the file and the key."""
+from .models import DEFAULT_MODEL
 
 
 @dataclass
@@ -42,6 +44,8 @@ class DataSettings:
 
 @dataclass
 class AdapterSettings:
+    """The adapter's settings; each field that `RLoraConfig` also has is checked by its rule (`FIELD_RULES`)."""
+
     r: int = 4
     lora_alpha: float = 32
     num_heads: int = 5
@@ -84,7 +88,7 @@ class EvalSettings:
 
 @dataclass
 class RunConfig:
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     output_dir: str = "runs/run"
     seed: int = 0
     method: str = "rlora"
@@ -99,13 +103,11 @@ class RunConfig:
 
 CHOICES = {
     "method": METHODS,
-    "data.mixture": ("proportional", "equal", "temperature"),
-    "data.format": ("rc", "mc"),
-    "adapter.router_init": ("zeros", "random"),
+    "data.mixture": STRATEGIES,
+    "data.format": FORMATS,
     "training.precision": ("auto", "fp32", "bf16", "fp16"),
     "training.scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
 }
-NULLABLE_CHOICES = {"adapter.router_init"}  # null: the method's own
 
 
 PRESETS_DIR = Path(__file__).parent / "configs"
@@ -216,11 +218,14 @@ def _type_name(t: Any) -> str:
 def _validate(cfg: RunConfig, source: str) -> RunConfig:
     for path, allowed in CHOICES.items():
         value = _get(cfg, path)
-        if value not in allowed and not (value is None and path in NULLABLE_CHOICES):
+        if value not in allowed:
             raise ConfigError(f"{source}: {path}: expected one of {', '.join(allowed)}, got {value!r}")
+    for name, value in dataclasses.asdict(cfg.adapter).items():
+        expected = field_error(name, value) if name in FIELD_RULES and value is not None else None
+        if expected is not None:
+            raise ConfigError(f"{source}: adapter.{name}: expected {expected}, got {value!r}")
     positive = ["training.batch_size", "training.grad_accum", "training.save_steps", "training.logging_steps"]
-    positive += ["eval.batch_size", "eval.max_new_tokens", "data.max_length", "adapter.r", "adapter.num_heads"]
-    positive += ["training.save_total_limit"]
+    positive += ["eval.batch_size", "eval.max_new_tokens", "data.max_length", "training.save_total_limit"]
     for path in positive:
         if _get(cfg, path) < 1:
             raise ConfigError(f"{source}: {path}: expected an integer >= 1, got {_get(cfg, path)!r}")
@@ -235,11 +240,10 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
         raise ConfigError(
             f"{source}: training.warmup_ratio: expected a number in [0, 1), got {cfg.training.warmup_ratio}"
         )
-    if not 0 < cfg.data.test_fraction < 1:
-        raise ConfigError(f"{source}: data.test_fraction: expected a number in (0, 1), got {cfg.data.test_fraction}")
-    if not 0 <= cfg.adapter.lora_dropout < 1:
+    interval = bad_test_fraction(cfg.data.test_fraction, both_sides=True)
+    if interval is not None:  # a run trains and tests: both sides of the split must be non-empty
         raise ConfigError(
-            f"{source}: adapter.lora_dropout: expected a number in [0, 1), got {cfg.adapter.lora_dropout}"
+            f"{source}: data.test_fraction: expected a number in {interval}, got {cfg.data.test_fraction}"
         )
     if not cfg.data.tasks and not cfg.data.jsonl:
         raise ConfigError(f"{source}: data: no tasks: give data.tasks (built-in names) or data.jsonl (files)")
@@ -264,13 +268,3 @@ def _get(cfg: RunConfig, path: str) -> Any:
 
 def dump_run_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def check_same_config(cfg: RunConfig, run_dir: str | Path) -> None:
-    """Refuses to continue, reuse or overwrite a run folder that was made with another config."""
-    saved = Path(run_dir) / "config.yaml"
-    if saved.is_file() and saved.read_text() != dump_run_config(cfg):
-        raise ConfigError(
-            f"{run_dir} was made with a different config ({saved}); use the same config and overrides, "
-            "or another output_dir"
-        )

@@ -1,14 +1,4 @@
-"""Training on a multi-task mixture with the Hugging Face Trainer.
-
-The run folder holds everything about a run:
-
-    RUN_DIR/config.yaml          the resolved run config (every default filled in)
-    RUN_DIR/data_manifest.json   tasks, split, per-task counts of the training mixture and of the test sets
-    RUN_DIR/checkpoints/         Trainer checkpoints (each marked complete once fully written)
-    RUN_DIR/adapter/             the final adapter (PEFT format), written atomically
-    RUN_DIR/adapter_init/        the adapter as initialised (step 0), for the head-similarity analysis
-    RUN_DIR/train_log.jsonl      the Trainer's log history, one record a line
-    RUN_DIR/train_metrics.json   final training metrics
+"""Training on a multi-task mixture with the Hugging Face Trainer, into a run folder (its layout: `run.py`).
 
 Single process, `torchrun --nproc_per_node=N`, `accelerate launch`, DeepSpeed and FSDP all go through the
 same code: the Trainer does the distribution, every process builds the same data deterministically, and only
@@ -23,49 +13,21 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from ._io import atomic_dir, atomic_write_json, atomic_write_text
+from . import models
+from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir
 from .data_plan import plan_data
+from .errors import TrainingError
 from .methods import adapter_config
-from .runconfig import RunConfig, check_same_config, dump_run_config
+from .run import RunFolder, complete_checkpoints
+from .runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
-COMPLETE_MARKER = "checkpoint_complete"
-
-
-class TrainingError(RuntimeError):
-    """Training stopped; the message says why and what was kept."""
-
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / "adapter"
-
-    @property
-    def adapter_init(self) -> Path:
-        return self.root / "adapter_init"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints that were fully written, oldest first."""
-    if not folder.is_dir():
-        return []
-    done = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
 class _MarkComplete(TrainerCallback):
@@ -77,7 +39,7 @@ class _MarkComplete(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                atomic_write_text(folder / COMPLETE_MARKER, f"{state.global_step}\n")
+                mark_complete(folder, f"{state.global_step}\n")
         return control
 
 
@@ -134,10 +96,10 @@ def build_peft_model(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
     return get_peft_model(model, peft_config)
 
 
-def training_arguments(cfg: RunConfig, paths: RunPaths) -> TrainingArguments:
+def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
     t = cfg.training
     return TrainingArguments(
-        output_dir=str(paths.checkpoints),
+        output_dir=str(folder.checkpoints),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
@@ -168,37 +130,33 @@ def training_arguments(cfg: RunConfig, paths: RunPaths) -> TrainingArguments:
 
 def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) -> Path:
     """Trains `cfg` into `cfg.output_dir` and returns the run folder. Bad input fails before the model loads."""
-    paths = RunPaths(Path(cfg.output_dir))
-    if paths.adapter.exists():
-        raise TrainingError(f"{paths.root} already holds a finished run ({paths.adapter}); choose another output_dir")
-    checkpoints = complete_checkpoints(paths.checkpoints)
+    folder = RunFolder(cfg.output_dir)
+    if folder.is_finished():
+        raise TrainingError(f"{folder.root} already holds a finished run ({folder.adapter}); choose another output_dir")
+    checkpoints = folder.complete_checkpoints()
     if checkpoints and not resume:
         raise TrainingError(
-            f"{paths.root} holds checkpoints of an unfinished run; pass --resume to continue it, "
+            f"{folder.root} holds checkpoints of an unfinished run; pass --resume to continue it, "
             "or choose another output_dir"
         )
-    check_same_config(cfg, paths.root)
+    folder.check_config(cfg)
     plan = plan_data(cfg)  # validates tasks and files, before any model is loaded
     logger.info("training mixture:\n%s", plan.counts_table())
 
-    from .models import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cache_dir=cache_dir)
+    model, tokenizer = models.load_model_and_tokenizer(cfg.model, cache_dir=cache_dir)
     model = build_peft_model(cfg, model)
-    args = training_arguments(cfg, paths)
+    args = training_arguments(cfg, folder)
     if args.process_index == 0:
         model.print_trainable_parameters()
-        paths.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(paths.root / "config.yaml", dump_run_config(cfg))
-        atomic_write_json(paths.root / "data_manifest.json", plan.manifest())
-        if not paths.adapter_init.exists():  # the heads at step 0, for `rlora analyze`
-            with atomic_dir(paths.adapter_init) as tmp:
+        folder.write_config(cfg)
+        atomic_write_json(folder.manifest, plan.manifest())
+        if not folder.adapter_init.exists():  # the heads at step 0, for `rlora analyze`
+            with atomic_dir(folder.adapter_init) as tmp:
                 model.save_pretrained(tmp)
     if resume:
-        _drop_incomplete_checkpoints(paths.checkpoints, args.process_index)
-    staging = paths.root / ".adapter.staging"
+        _drop_incomplete_checkpoints(folder.checkpoints, args.process_index)
     if args.process_index == 0:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(folder.adapter_staging, ignore_errors=True)
     last = checkpoints[-1] if resume and checkpoints else None
 
     trainer = _FiniteLossTrainer(
@@ -211,24 +169,24 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
         router_lr_scale=cfg.training.router_lr_scale,
     )
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-    trainer.save_model(str(staging))  # on every process: gathers ZeRO-3/FSDP shards; the main process writes
+    trainer.save_model(str(folder.adapter_staging))  # on every process: gathers ZeRO-3/FSDP shards; main writes
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
-        os.replace(staging, paths.adapter)  # the adapter appears whole or not at all
+        publish_dir(folder.adapter_staging, folder.adapter)  # the adapter appears whole or not at all
         log = "".join(json.dumps(record) + "\n" for record in trainer.state.log_history)
-        atomic_write_text(paths.root / "train_log.jsonl", log)
+        atomic_write_text(folder.train_log, log)
         metrics = dict(result.metrics) | {"global_step": trainer.state.global_step}
         metrics["final_loss"] = _last_logged_loss(trainer.state.log_history)
-        atomic_write_json(paths.root / "train_metrics.json", metrics)
-    return paths.root
+        atomic_write_json(folder.train_metrics, metrics)
+    return folder.root
 
 
 def ensure_trained(cfg: RunConfig, cache_dir: str | None = None) -> Path:
     """The run folder of `cfg`, trained: a finished run is reused, an interrupted one resumed."""
-    paths = RunPaths(Path(cfg.output_dir))
-    if not paths.adapter.is_dir():
-        train(cfg, resume=bool(complete_checkpoints(paths.checkpoints)), cache_dir=cache_dir)
-    return paths.root
+    folder = RunFolder(cfg.output_dir)
+    if not folder.is_finished():
+        train(cfg, resume=bool(folder.complete_checkpoints()), cache_dir=cache_dir)
+    return folder.root
 
 
 def _last_logged_loss(history: list[dict]) -> float | None:

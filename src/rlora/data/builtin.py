@@ -18,8 +18,6 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow as pa
-
 from ..errors import MissingPackage
 from .example import Example
 
@@ -39,6 +37,8 @@ def _datasets_root() -> Path:
 
 def _rows(relative: str) -> list[dict]:
     """The rows of every .arrow file under one save_to_disk folder."""
+    import pyarrow as pa  # here, not at the top: `rlora --help` does not need it
+
     folder = _datasets_root() / relative
     files = sorted(folder.glob("*.arrow"))
     if not files:

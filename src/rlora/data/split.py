@@ -28,12 +28,21 @@ def is_test(example: Example, test_fraction: float = DEFAULT_TEST_FRACTION) -> b
     return split_key(example) < test_fraction
 
 
+def bad_test_fraction(test_fraction: float, both_sides: bool = False) -> str | None:
+    """None if `test_fraction` is a valid test share, else the interval it must be in: [0, 1] for a split (0: every
+    example trains, 1: every example tests), (0, 1) with `both_sides` (a run, which both trains and tests)."""
+    if both_sides:
+        return None if 0 < test_fraction < 1 else "(0, 1)"
+    return None if 0 <= test_fraction <= 1 else "[0, 1]"
+
+
 def split_examples(
     examples: Iterable[Example], test_fraction: float = DEFAULT_TEST_FRACTION
 ) -> tuple[list[Example], list[Example]]:
     """(train, test), each in the input order; about `test_fraction` of the examples go to test."""
-    if not 0.0 <= test_fraction <= 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
+    interval = bad_test_fraction(test_fraction)
+    if interval is not None:
+        raise ValueError(f"test_fraction must be in {interval}, got {test_fraction}")
     train: list[Example] = []
     test: list[Example] = []
     for example in examples:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import DataError
 from .example import Example, gold_pair, render_prompt
+
+if TYPE_CHECKING:  # torch loads when a batch is made, so listing and showing tasks does not wait for it
+    import torch
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and HF models) skip
 
@@ -106,6 +108,8 @@ def encode_examples(tokenizer, examples: Sequence[Example], use_chat_template: b
 
 def pad_ids(seqs: Sequence[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of token id lists padded to the longest, on the right or (to generate) the left."""
+    import torch
+
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -124,6 +128,8 @@ class CausalLMCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        import torch
+
         longest = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of

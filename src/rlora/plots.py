@@ -1,0 +1,95 @@
+"""Every figure rlora draws, from results already computed, saved atomically as PNG.
+
+Figures are built with matplotlib's object API (`matplotlib.figure.Figure`), never through pyplot: drawing one
+neither switches the caller's backend nor leaves a figure open in a notebook.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from ._io import atomic_write_bytes
+from .reports import METRIC_TITLES
+
+
+def save_png(fig: Figure, path: str | Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_similarity(init_rows: list[dict] | None, trained_rows: list[dict], path: str | Path) -> None:
+    """The mean pairwise cosine of the heads per layer, one line per module, at init (dashed) and trained."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for label, rows, style in (("init", init_rows or [], "--"), ("trained", trained_rows, "-")):
+        for module in sorted({r["module"] for r in rows}):
+            pts = sorted((r["layer"], r["mean_cosine"]) for r in rows if r["module"] == module)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=f"{module} ({label})")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean pairwise cosine of heads")
+    ax.set_title("Head similarity per layer")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.legend(fontsize=7, ncol=2)
+    save_png(fig, path)
+
+
+def plot_router_usage(usage: dict[str, dict], path: str | Path) -> None:
+    """A heatmap of the mean gate per task (rows) and head (columns), the gate entropy beside each task."""
+    tasks = list(usage)
+    gates = np.array([usage[t]["mean_gate"] for t in tasks])
+    fig = Figure(figsize=(1.2 + 0.9 * gates.shape[1], 1.2 + 0.5 * len(tasks)))
+    ax = fig.subplots()
+    im = ax.imshow(gates, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(gates.shape[1]), [f"head {k}" for k in range(gates.shape[1])])
+    ax.set_yticks(range(len(tasks)), [f"{t} (H={usage[t]['entropy']:.2f})" for t in tasks])
+    for i in range(len(tasks)):
+        for k in range(gates.shape[1]):
+            ax.text(k, i, f"{gates[i, k]:.2f}", ha="center", va="center", color="white", fontsize=7)
+    ax.set_title(f"Mean router gate per task (entropy H in nats, max ln K = {math.log(gates.shape[1]):.2f})")
+    fig.colorbar(im, ax=ax)
+    save_png(fig, path)
+
+
+def plot_head_projection(projection: dict[str, dict], path: str | Path) -> None:
+    """One panel per module type: every (layer, head) at its first two principal components, coloured by head."""
+    fig = Figure(figsize=(4.6 * len(projection), 4.2))
+    axes = fig.subplots(1, len(projection), squeeze=False)
+    colours = colormaps["tab10"]
+    for ax, (module, data) in zip(axes[0], projection.items(), strict=True):
+        xy, heads = np.array(data["xy"]), np.array(data["head"])
+        for k in sorted(set(data["head"])):
+            ax.scatter(xy[heads == k, 0], xy[heads == k, 1], s=14, color=colours(k % 10), label=f"head {k}")
+        ax.set_title(f"{module}, all layers")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("Heads projected on their first two principal components, coloured by head")
+    save_png(fig, path)
+
+
+def plot_comparison(summary: dict, path: str | Path) -> None:
+    """`compare.summarize`'s summary: per metric, mean accuracy per task and method with 95% CI error bars."""
+    metrics = list(summary["metrics"])
+    tasks = [*summary["tasks"], "average"]
+    fig = Figure(figsize=(1.6 + 1.3 * len(tasks), 3.2 * len(metrics)))
+    axes = fig.subplots(len(metrics), 1, squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics, strict=True):
+        per_method = summary["metrics"][metric]["per_method"]
+        width = 0.8 / len(per_method)
+        for j, (method, data) in enumerate(per_method.items()):
+            means = [100 * data[t]["mean"] for t in tasks]
+            errs = [0 if data[t]["ci95"] is None else 100 * data[t]["ci95"] for t in tasks]
+            xs = [i + (j - (len(per_method) - 1) / 2) * width for i in range(len(tasks))]
+            ax.bar(xs, means, width, yerr=errs, capsize=2, label=method)
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylabel(METRIC_TITLES[metric])
+        ax.set_title(f"mean ± 95% CI over {len(summary['seeds'])} seeds")
+        ax.legend(fontsize=7, ncol=min(5, len(per_method)))
+    save_png(fig, path)

@@ -1,0 +1,119 @@
+"""Reports: every Markdown table and text summary rlora prints or writes, rendered from results already computed.
+
+Nothing here computes a metric or touches a file; the numbers come from `evaluate.py`, `analysis.py` and
+`compare.py`, and `run.py` / `compare.py` write the text where it belongs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from .evaluate import METRICS
+from .stats import format_ci
+
+METRIC_LABELS = {"acc_ll": "acc", "acc_norm": "acc_norm", "acc_gen": "acc generated"}  # table columns
+METRIC_TITLES = {  # headings and plot axes
+    "acc_ll": "accuracy by log-likelihood (%)",
+    "acc_norm": "accuracy by log-likelihood per character (%)",
+    "acc_gen": "accuracy by generated exact match (%)",
+}
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def results_table(columns: dict[str, dict], metric_names: Sequence[str] | None = None) -> str:
+    """One row a task, for each results column (e.g. base, tuned) its accuracies in % (by default every metric
+    that some task of some column has)."""
+    if metric_names is None:
+        metric_names = [
+            m for m in METRICS if any(r[m] is not None for col in columns.values() for r in col["tasks"].values())
+        ]
+    header = ["task", "n"] + [f"{col} {METRIC_LABELS[m]}" for col in columns for m in metric_names]
+    first = next(iter(columns.values()))
+    rows = [
+        [task, str(r["n"])] + [percent(columns[c]["tasks"][task][m]) for c in columns for m in metric_names]
+        for task, r in first["tasks"].items()
+    ]
+    rows.append(["**average**", ""] + [percent(columns[c]["average"][m]) for c in columns for m in metric_names])
+    return markdown_table(header, rows)
+
+
+def gain_line(base: dict, tuned: dict, name: str) -> str:
+    """One sentence: the tuned model's average against the base model's, per metric both have."""
+    parts = [
+        f"{METRIC_LABELS[metric]} {100 * base['average'][metric]:.1f} -> {100 * tuned['average'][metric]:.1f} "
+        f"({100 * (tuned['average'][metric] - base['average'][metric]):+.1f} points)"
+        for metric in METRICS
+        if base["average"].get(metric) is not None and tuned["average"].get(metric) is not None
+    ]
+    return f"Average over the tasks, base -> {name}: " + "; ".join(parts) + "."
+
+
+def similarity_table(init_rows: Iterable[dict] | None, trained_rows: Iterable[dict]) -> str:
+    init = {(r["layer"], r["module"]): r["mean_cosine"] for r in init_rows or []}
+    rows = [
+        [str(r["layer"]), r["module"], _cosine(init.get((r["layer"], r["module"]))), _cosine(r["mean_cosine"])]
+        for r in trained_rows
+    ]
+    return markdown_table(["layer", "module", "cosine at init", "cosine trained"], rows)
+
+
+def _cosine(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def analysis_summary(data: dict) -> list[str]:
+    """A short text summary of `run.analyze_run`'s data for the terminal."""
+    lines = []
+    for when in ("init", "trained"):
+        values = [r["mean_cosine"] for r in data["head_similarity"][when] or [] if not math.isnan(r["mean_cosine"])]
+        if values:
+            mean = sum(values) / len(values)
+            lines.append(f"mean pairwise cosine of heads, {when}: {mean:.3f} over {len(values)} layers")
+        elif data["head_similarity"][when]:
+            lines.append(f"mean pairwise cosine of heads, {when}: undefined (all-zero heads)")
+    for task, u in data["router_usage"].items():
+        gates = " ".join(f"{g:.2f}" for g in u["mean_gate"])
+        lines.append(f"router {task}: mean gates [{gates}], entropy {u['entropy']:.3f} nats")
+    return lines
+
+
+def comparison_markdown(summary: dict) -> str:
+    """`compare.summarize`'s summary: per metric, mean ± 95% CI per task and method, and the paired differences."""
+    seeds, tasks = summary["seeds"], [*summary["tasks"], "average"]
+    names = [f"**{t}**" if t == "average" else t for t in tasks]
+    parts = []
+    for metric, data in summary["metrics"].items():
+        per_method, diffs = data["per_method"], data["differences"]
+        parts += [
+            f"### {METRIC_TITLES[metric]}: mean ± 95% CI over {len(seeds)} seeds ({', '.join(map(str, seeds))})",
+            "",
+            markdown_table(["task", *per_method], _ci_rows(names, tasks, per_method.values())),
+        ]
+        if diffs:
+            ref = data["difference_to"]
+            parts += [
+                "",
+                f"Paired difference to {ref} (same seed), points, mean ± 95% CI:",
+                "",
+                markdown_table(["task", *(f"{m} − {ref}" for m in diffs)], _ci_rows(names, tasks, diffs.values())),
+            ]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _ci_rows(names: list[str], tasks: list[str], columns: Iterable[dict]) -> list[list[str]]:
+    columns = list(columns)
+    return [
+        [name] + [format_ci(col[task]["mean"], col[task]["ci95"]) for col in columns]
+        for name, task in zip(names, tasks, strict=True)
+    ]
