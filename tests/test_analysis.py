@@ -103,3 +103,16 @@ def test_plots_are_written_as_non_empty_pngs(tmp_path):
     table = similarity_table(rows, rows).splitlines()
     assert table[0] == "| layer | module | cosine at init | cosine trained |"
     assert len(table) == 2 + 6
+
+
+def test_drawing_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a caller's choice, e.g. a notebook's inline backend
+    try:
+        plot_similarity(None, [{"layer": 0, "module": "up_proj", "mean_cosine": 0.5}], tmp_path / "s.png")
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "s.png").read_bytes().startswith(PNG_MAGIC)
+    finally:
+        matplotlib.use(before)

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from rlora._io import atomic_dir, atomic_write_text
+from rlora._io import COMPLETE_MARKER, atomic_dir, atomic_write_text, is_complete, mark_complete
 
 
 def test_atomic_writes_leave_one_whole_file_with_a_normal_mode(tmp_path):
@@ -19,3 +19,30 @@ def test_atomic_writes_leave_one_whole_file_with_a_normal_mode(tmp_path):
         (tmp / "half.bin").write_bytes(b"x")
         raise RuntimeError("crash while writing")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # no folder, no temporary left
+
+
+def test_an_atomic_folder_replaces_the_old_one_whole(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "old.txt").write_text("old")
+    with atomic_dir(tmp_path / "folder") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]
+
+
+def test_a_shared_folder_is_marked_complete_and_the_first_complete_one_stays(tmp_path):
+    with atomic_dir(tmp_path / "cache", shared=True) as tmp:
+        (tmp / "weights").write_text("first")
+    assert is_complete(tmp_path / "cache")
+    with atomic_dir(tmp_path / "cache", shared=True) as tmp:  # a second process that finished later
+        (tmp / "weights").write_text("second")
+    assert (tmp_path / "cache" / "weights").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+def test_a_folder_written_in_place_is_complete_only_once_marked(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    assert not is_complete(tmp_path / "checkpoint-2")
+    mark_complete(tmp_path / "checkpoint-2", "2\n")
+    assert is_complete(tmp_path / "checkpoint-2")
+    assert (tmp_path / "checkpoint-2" / COMPLETE_MARKER).read_text() == "2\n"

@@ -13,11 +13,19 @@ import textwrap
 import pytest
 import torch
 from _tiny import F64, MLP, adapted_layer_calls, fixed_gate_weight_bound, perturb_adapter, start_bound, tiny_llama
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    NoMatchingPeftModuleError,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+)
 from peft.tuners.lora import LoraLayer
 from peft.utils import PeftType
 
 from rlora import RLoraConfig, RLoraLinear
+from rlora.errors import ConfigError
 
 TOKENS = torch.tensor([[5, 17, 3, 44, 8, 91, 2], [60, 1, 1, 33, 9, 12, 70]])
 
@@ -32,6 +40,36 @@ def test_import_registers_a_peft_type_that_behaves_like_a_builtin():
     assert "RLORA" in list(PeftType) and PeftType.RLORA == "RLORA"
     assert RLoraConfig().peft_type is PeftType.RLORA
     assert isinstance(PeftConfig.from_peft_type(peft_type="RLORA", r=2), RLoraConfig)
+
+
+@pytest.mark.parametrize(
+    "first_import",
+    [
+        "import rlora",  # PEFT is imported afterwards, by the check below
+        "import peft; import rlora",
+        "from rlora import RLoraModel",
+        "from rlora.config import RLoraConfig",
+        "from rlora.layer import RLoraLinear",
+        "import rlora.cli; import rlora.runconfig",
+    ],
+)
+def test_registration_holds_whatever_is_imported_first(first_import):
+    """`import rlora` does not load PEFT itself (so the command line starts fast): it registers once PEFT and rlora's
+    core are loaded, in any order, and the classes PEFT holds are the ones rlora exports."""
+    script = textwrap.dedent(
+        f"""
+        {first_import}
+        import sys
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+        from peft.utils import PeftType
+        import rlora
+        assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType("RLORA")] is rlora.RLoraConfig
+        assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType("RLORA")] is rlora.RLoraModel
+        assert not any("Watcher" in type(f).__name__ for f in sys.meta_path)  # done watching
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -168,6 +206,21 @@ def test_target_modules_matching_nothing_lists_the_linear_modules():
         "RLoraConfig.target_modules: ['c_attn'] matches no linear layer of LlamaForCausalLM; its linear modules "
         "are named: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
     )
+
+
+def test_a_config_error_is_rloras_own_and_still_a_value_error():
+    with pytest.raises(ConfigError) as err:
+        RLoraConfig(r=0)
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(ConfigError):
+        get_peft_model(tiny_llama(), RLoraConfig(target_modules=["c_attn"]))
+
+
+def test_targets_all_excluded_keep_pefts_own_error():
+    """Our message is for target names that match nothing; excluded matches are PEFT's to explain."""
+    with pytest.raises(NoMatchingPeftModuleError) as err:
+        get_peft_model(tiny_llama(), RLoraConfig(target_modules=["up_proj"], exclude_modules=["up_proj"]))
+    assert not isinstance(err.value, ConfigError) and "matches no linear layer" not in str(err.value)
 
 
 def test_lora_and_rlora_coexist_in_one_process():

@@ -1,5 +1,7 @@
 """The YAML run config: defaults, overrides, and every rejection with its message."""
 
+import re
+
 import pytest
 from _tiny import MLP, tiny_llama
 from peft import LoraConfig
@@ -52,6 +54,9 @@ def test_the_dumped_config_loads_back_to_the_same_config(tmp_path):
         ("a: [\n", [], r"run.yaml: not valid YAML"),
         ("", ["training.lr"], r"override 'training.lr': expected KEY=VALUE"),
         ("", ["adapter.lora_dropout=1.5"], r"adapter.lora_dropout: expected a number in \[0, 1\), got 1.5"),
+        ("", ["adapter.num_heads=0"], r"adapter.num_heads: expected an integer >= 1, got 0"),
+        ("", ["adapter.lora_alpha=0"], r"adapter.lora_alpha: expected a number > 0, got 0.0"),
+        ("", ["adapter.router_init=uniform"], r"adapter.router_init: expected one of 'zeros', 'random', got 'uniform'"),
         ("", ["data.test_fraction=0"], r"data.test_fraction: expected a number in \(0, 1\), got 0.0"),
         ("", ["training.batch_size=0"], r"training.batch_size: expected an integer >= 1, got 0"),
         ("", ["training.warmup_ratio=1"], r"training.warmup_ratio: expected a number in \[0, 1\), got 1.0"),
@@ -99,3 +104,15 @@ def test_lora_rank_is_matched_to_the_multi_head_parameter_count():
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="method: expected one of rlora, hydralora"):
         adapter_config("dora", r=4, lora_alpha=32, num_heads=5, lora_dropout=0.1, target_modules=MLP)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("r", 0), ("num_heads", 0), ("lora_alpha", 0.0), ("lora_dropout", 1.0), ("init_gamma", -1.0)]
+)
+def test_the_adapter_section_follows_rloraconfigs_own_rules(tmp_path, field, value):
+    """One rule per field: the run config rejects exactly what RLoraConfig rejects, with the same expectation."""
+    with pytest.raises(ValueError, match=rf"RLoraConfig.{field}: expected (.*), got") as direct:
+        RLoraConfig(**{field: value})
+    expected = re.escape(re.search(r"expected (.*), got", str(direct.value)).group(1))
+    with pytest.raises(ConfigError, match=rf"adapter.{field}: expected {expected}, got"):
+        load_run_config(None, [f"adapter.{field}={value}"])

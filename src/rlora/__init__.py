@@ -1,19 +1,28 @@
 """rlora: R-LoRA, HydraLoRA and LoRA for multi-task fine-tuning, the PEFT way.
 
 `import rlora` registers the method with PEFT, after which `get_peft_model`, `PeftModel.from_pretrained`,
-`PeftConfig.from_pretrained` and `save_pretrained` work with `RLoraConfig` as with `LoraConfig`.
+`PeftConfig.from_pretrained` and `save_pretrained` work with `RLoraConfig` as with `LoraConfig`. It does so without
+loading PEFT and torch when they are not loaded yet (`_peft_hook.py`), and the classes below load on first use, so
+that the `rlora` command starts fast.
 """
 
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from peft.utils import register_peft_method
+import importlib
 
-from ._registry import RLORA_PEFT_TYPE
-from .config import RLoraConfig
-from .layer import RLoraLayer, RLoraLinear
-from .model import RLoraModel
-
-if RLORA_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
-    register_peft_method(name="rlora", config_cls=RLoraConfig, model_cls=RLoraModel)
+from . import _peft_hook
 
 __version__ = "0.1.0"
 __all__ = ["RLoraConfig", "RLoraLayer", "RLoraLinear", "RLoraModel", "__version__"]
+_HOMES = {"RLoraConfig": "config", "RLoraLayer": "layer", "RLoraLinear": "layer", "RLoraModel": "model"}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])
+
+
+_peft_hook.install()

@@ -32,3 +32,15 @@ def _add_peft_type(name: str) -> PeftType:
 
 
 RLORA_PEFT_TYPE = _add_peft_type(NAME)
+
+
+def register() -> None:
+    """Registers R-LoRA with PEFT (config class, tuner class, state-dict prefix), once."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    from .config import RLoraConfig
+    from .model import RLoraModel
+
+    if RLORA_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
+        register_peft_method(name="rlora", config_cls=RLoraConfig, model_cls=RLoraModel)

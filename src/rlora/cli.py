@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -297,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "; `rlora train CONFIG --resume` continues from the last checkpoint" if args.command == "train" else ""
         print(f"rlora: interrupted{hint}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left early (`rlora tasks | head`): stop quietly, as other commands do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail
+        return 141
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""The run folder: its layout, its config guard, its results, and what `load_run` refuses before loading a model."""
+
+import json
+
+import pytest
+from _tiny import write_config
+
+import rlora.models
+from rlora.errors import ConfigError, RunFolderError
+from rlora.run import RunFolder, load_run
+from rlora.runconfig import load_run_config
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(rlora.models, "load_model_and_tokenizer", refuse)
+
+
+def test_the_layout_is_spelled_in_one_place(tmp_path):
+    folder = RunFolder(tmp_path)
+    assert folder.config == tmp_path / "config.yaml"
+    assert folder.adapter == tmp_path / "adapter" and folder.adapter_init == tmp_path / "adapter_init"
+    assert folder.checkpoints == tmp_path / "checkpoints"
+    assert folder.results() == tmp_path / "eval.json" and folder.results(base=True, suffix=".md") == (
+        tmp_path / "eval_base.md"
+    )
+    assert not folder.is_finished() and folder.complete_checkpoints() == []
+
+
+def test_a_folder_made_with_another_config_is_refused(workspace, tmp_path):
+    cfg = load_run_config(write_config(workspace, tmp_path / "run"))
+    folder = RunFolder(cfg.output_dir)
+    folder.check_config(cfg)  # nothing written yet: fine
+    folder.write_config(cfg)
+    folder.check_config(cfg)  # the same config: fine
+    other = load_run_config(write_config(workspace, tmp_path / "run"), ["training.lr=5e-4"])
+    with pytest.raises(ConfigError, match="was made with a different config"):
+        folder.check_config(other)
+
+
+def test_results_are_written_as_json_and_markdown_and_read_back(tmp_path):
+    results = {"method": "rlora", "tasks": {"t": {"n": 2, "acc_ll": 0.5, "acc_norm": None, "acc_gen": 1.0}}}
+    results["average"] = {"acc_ll": 0.5, "acc_norm": None, "acc_gen": 1.0}
+    folder = RunFolder(tmp_path)
+    assert folder.read_results() is None
+    folder.write_results(results)
+    assert folder.read_results() == results == json.loads((tmp_path / "eval.json").read_text())
+    assert (tmp_path / "eval.md").read_text().startswith("| task | n | rlora acc | rlora acc generated |")
+    folder.write_results(results, base=True)
+    assert (tmp_path / "eval_base.md").read_text().startswith("| task | n | base acc |")
+
+
+def test_load_run_refuses_what_it_cannot_use_before_any_model_loads(workspace, tmp_path, no_model_loads):
+    with pytest.raises(RunFolderError, match=r"not a run folder \(no config.yaml\)"):
+        load_run(tmp_path)
+    cfg = load_run_config(write_config(workspace, tmp_path / "run"), ["method=lora"])
+    RunFolder(cfg.output_dir).write_config(cfg)
+    with pytest.raises(RunFolderError, match="the run has no adapter yet"):
+        load_run(cfg.output_dir)
+    (tmp_path / "run" / "adapter").mkdir()
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(RunFolderError, match="a plain LoRA run has one head and no router"):
+        load_run(cfg.output_dir, multi_head=True)
