@@ -1,4 +1,4 @@
-"""Shared timing and memory helpers for the benchmarks: one place for how we measure.
+"""Shared helpers for the benchmarks: one command line (`bench_main`) and one place for how we measure.
 
 Timing: every variant is warmed up, then the variants run round-robin (the order rotates every round) so that
 noise on a shared machine hits all of them alike; we report the median of the repeats. On CUDA the clock reads
@@ -14,6 +14,7 @@ excluded. That is the term that scales with tokens and differs between adapter m
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -35,22 +36,43 @@ def default_dtype(dev: torch.device) -> str:
     return "bfloat16" if dev.type == "cuda" else "float32"
 
 
-def add_common_args(parser: argparse.ArgumentParser, repeats: int, warmup: int = 2) -> None:
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (a smoke run, seconds)")
+def bench_main(
+    argv: list[str] | None,
+    doc: str,
+    add_args: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], str],
+    *,
+    repeats: int,
+    warmup: int = 2,
+    torch_options: bool = True,
+) -> str:
+    """Every benchmark's `main`: parses the common options and its own (`add_args`), runs it, prints its table.
+
+    `--quick` (a smoke run, seconds) cuts the repeats and warm-up to one; the benchmark shrinks its own sizes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat (a smoke run, seconds)")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls per variant before timing")
-    parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default=None, help="default: float32 on CPU, bfloat16 on CUDA"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's); 1 is steadier on a busy host"
-    )
-
-
-def apply_threads(args: argparse.Namespace) -> None:
-    if args.threads:
+    if torch_options:
+        parser.add_argument(
+            "--dtype", choices=["float32", "bfloat16"], default=None, help="default: float32 on CPU, bfloat16 on CUDA"
+        )
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="torch CPU threads (default: torch's; 1 is steadier on a busy host)",
+        )
+    add_args(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup = min(args.repeats, 1), min(args.warmup, 1)
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    table = run(args)
+    print(table)
+    return table
 
 
 def interleaved_median_times(
@@ -106,7 +128,16 @@ def machine_line(dev: torch.device) -> str:
         what = torch.cuda.get_device_name(dev)
     else:
         what = f"{_cpu_model()}, {torch.get_num_threads()} threads"
-    return f"{what}; torch {torch.__version__}; {platform.python_implementation()} {platform.python_version()}"
+    return f"{what}; torch {torch.__version__}; {python_line()}"
+
+
+def host_line() -> str:
+    """The CPU and Python, for benchmarks that do not run torch."""
+    return f"{_cpu_model()}, {os.cpu_count()} cores; {python_line()}"
+
+
+def python_line() -> str:
+    return f"{platform.python_implementation()} {platform.python_version()}"
 
 
 def _cpu_model() -> str:
@@ -118,12 +149,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "CPU"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def mib(n: int) -> str:

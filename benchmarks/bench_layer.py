@@ -20,13 +20,11 @@ import sys
 
 import torch
 from _common import (
-    add_common_args,
-    apply_threads,
+    bench_main,
     default_dtype,
     device,
     interleaved_median_times,
     machine_line,
-    markdown_table,
     memory_kind,
     mib,
     peak_memory_bytes,
@@ -35,6 +33,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from rlora import RLoraConfig, RLoraLinear
+from rlora.reports import markdown_table
 
 # (model, d_in, d_out): the MLP projections of SmolLM2-135M and Qwen2.5-0.5B
 SHAPES = [
@@ -110,10 +109,10 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
 
 
 def run(args: argparse.Namespace) -> str:
-    apply_threads(args)
     dev = device()
     dtype = getattr(torch, args.dtype or default_dtype(dev))
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    tokens = args.tokens or ([16] if args.quick else [512, 2048])
     header = ["model", "d_in→d_out", "tokens", "LoRA fwd+bwd ms"]
     header += [f"{v} time" for v in VARIANTS if v != "PEFT LoRA"]
     header += ["LoRA mem MiB"] + [f"{v} mem" for v in VARIANTS if v != "PEFT LoRA"]
@@ -121,7 +120,7 @@ def run(args: argparse.Namespace) -> str:
     rows = []
     for model, d_in, d_out in shapes:
         variants = build_variants(d_in, d_out, args, dtype, dev)
-        for n in args.tokens:
+        for n in tokens:
             torch.manual_seed(args.seed)
             x = torch.randn(n, d_in, device=dev, dtype=dtype, requires_grad=True)
             grad = torch.randn(n, d_out, device=dev, dtype=dtype)
@@ -145,26 +144,16 @@ def run(args: argparse.Namespace) -> str:
     return markdown_table(header, rows) + "\n" + note
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser, repeats=15)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default: 512 2048)")
     parser.add_argument("--r", type=int, default=4)
     parser.add_argument("--heads", type=int, default=5)
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--dropout", type=float, default=0.1)
-    args = parser.parse_args(argv)
-    if args.tokens is None:
-        args.tokens = [16] if args.quick else [512, 2048]
-    if args.quick:
-        args.repeats, args.warmup = min(args.repeats, 1), min(args.warmup, 1)
-    return args
 
 
 def main(argv: list[str] | None = None) -> str:
-    table = run(parse_args(argv))
-    print(table)
-    return table
+    return bench_main(argv, __doc__, add_args, run, repeats=15)
 
 
 if __name__ == "__main__":

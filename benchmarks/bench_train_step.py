@@ -17,13 +17,11 @@ import sys
 
 import torch
 from _common import (
-    add_common_args,
-    apply_threads,
+    bench_main,
     default_dtype,
     device,
     interleaved_median_times,
     machine_line,
-    markdown_table,
     memory_kind,
     mib,
     peak_memory_bytes,
@@ -32,6 +30,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlora import RLoraConfig
+from rlora.reports import markdown_table
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 SMOLLM2_SHAPE = {
@@ -100,7 +99,8 @@ def batch_of(lengths: list[int], pad_to: int, vocab: int, dev: torch.device) -> 
 
 
 def run(args: argparse.Namespace) -> str:
-    apply_threads(args)
+    if args.quick:
+        args.batch, args.seq = min(args.batch, 2), min(args.seq, 16)
     dev = device()
     dtype = getattr(torch, args.dtype or default_dtype(dev))
     models = {m: get_peft_model(base_model(args, dtype, dev), peft_config(m, args)).train() for m in METHODS}
@@ -151,9 +151,7 @@ def run(args: argparse.Namespace) -> str:
     return markdown_table(header, rows) + "\n" + note
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(parser, repeats=10)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=["config", "smollm2-135m"], default="config")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the config-built model")
     parser.add_argument("--batch", type=int, default=8)
@@ -162,17 +160,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=5)
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--dropout", type=float, default=0.1)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.batch, args.seq = min(args.batch, 2), min(args.seq, 16)
-        args.repeats, args.warmup = min(args.repeats, 1), min(args.warmup, 1)
-    return args
 
 
 def main(argv: list[str] | None = None) -> str:
-    table = run(parse_args(argv))
-    print(table)
-    return table
+    return bench_main(argv, __doc__, add_args, run, repeats=10)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,13 @@ def test_train_step_benchmark_compares_the_three_methods_and_the_two_paddings():
     assert body[3][0].startswith("R-LoRA, pad dynamic") and body[4][0].startswith("R-LoRA, pad fixed")
     assert body[0][4] == "1.00" and body[3][4] == "1.00"
     assert all(len(row) == len(header) for row in body)
+
+
+def test_startup_benchmark_times_help_and_tasks_against_a_bare_python():
+    import bench_startup
+
+    rows = table_rows(bench_startup.main(["--quick"]))
+    header, body = rows[0], rows[1:]
+    assert header[:2] == ["command", "median s"]
+    assert [row[0] for row in body] == ["python -c pass", "rlora --help", "rlora tasks"]
+    assert all(float(row[1]) > 0 for row in body)
