@@ -56,31 +56,22 @@ def adapter_config(
 
     from .config import RLoraConfig
 
+    shared = {  # the settings plain LoRA takes too
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "target_modules": target_modules,
+        "use_rslora": use_rslora,
+    }
     if method in MULTI_HEAD:
         settings = MULTI_HEAD[method] | ({"router_init": router_init} if router_init is not None else {})
-        return RLoraConfig(
-            r=r,
-            lora_alpha=lora_alpha,
-            num_heads=num_heads,
-            lora_dropout=lora_dropout,
-            target_modules=target_modules,
-            init_gamma=init_gamma,
-            use_rslora=use_rslora,
-            **settings,
-        )
+        return RLoraConfig(r=r, num_heads=num_heads, init_gamma=init_gamma, **shared, **settings)
     if method != "lora":
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     if lora_r is None:
         if model is None:
             raise ValueError("method 'lora': give lora_r, or the model to match the multi-head parameter count")
         lora_r = matched_lora_rank(model, target_modules, r, num_heads)
-    return LoraConfig(
-        r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=target_modules,
-        use_rslora=use_rslora,
-    )
+    return LoraConfig(r=lora_r, **shared)
 
 
 def matched_lora_rank(model: nn.Module, target_modules: list[str] | str, r: int, num_heads: int) -> int:

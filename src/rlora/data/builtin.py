@@ -12,6 +12,7 @@ with "because"/"therefore" for COPA, and "...\nAnswer:" with the label word for 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import re
@@ -84,24 +85,13 @@ def _arc_like(task: str, relative: str, question_field: str) -> list[Example]:
     ]
 
 
-@_task("arc_easy")
-def arc_easy() -> list[Example]:
-    return _arc_like("arc_easy", "ai2_arc/ARC-Easy/validation", "question")
-
-
-@_task("arc_challenge")
-def arc_challenge() -> list[Example]:
-    return _arc_like("arc_challenge", "ai2_arc/ARC-Challenge/validation", "question")
-
-
-@_task("openbookqa")
-def openbookqa() -> list[Example]:
-    return _arc_like("openbookqa", "openbookqa/main/validation", "question_stem")
-
-
-@_task("commonsense_qa")
-def commonsense_qa() -> list[Example]:
-    return _arc_like("commonsense_qa", "tau/commonsense_qa/none/validation", "question")
+ARC_LIKE = {  # the question-and-lettered-choices sets: task -> (save_to_disk folder, question field)
+    "arc_easy": ("ai2_arc/ARC-Easy/validation", "question"),
+    "arc_challenge": ("ai2_arc/ARC-Challenge/validation", "question"),
+    "openbookqa": ("openbookqa/main/validation", "question_stem"),
+    "commonsense_qa": ("tau/commonsense_qa/none/validation", "question"),
+}
+BUILTIN_TASKS.update({task: functools.partial(_arc_like, task, *where) for task, where in ARC_LIKE.items()})
 
 
 @_task("piqa")
