@@ -75,6 +75,14 @@ def bench_main(
     return table
 
 
+def add_adapter_args(parser: argparse.ArgumentParser) -> None:
+    """The adapter settings every PEFT-method benchmark takes (R-LoRA's defaults)."""
+    parser.add_argument("--r", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=5)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--dropout", type=float, default=0.1)
+
+
 def interleaved_median_times(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int, dev: torch.device
 ) -> dict[str, float]:

@@ -20,6 +20,7 @@ import sys
 
 import torch
 from _common import (
+    add_adapter_args,
     bench_main,
     default_dtype,
     device,
@@ -146,10 +147,7 @@ def run(args: argparse.Namespace) -> str:
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default: 512 2048)")
-    parser.add_argument("--r", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=5)
-    parser.add_argument("--alpha", type=float, default=32.0)
-    parser.add_argument("--dropout", type=float, default=0.1)
+    add_adapter_args(parser)
 
 
 def main(argv: list[str] | None = None) -> str:

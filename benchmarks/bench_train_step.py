@@ -17,6 +17,7 @@ import sys
 
 import torch
 from _common import (
+    add_adapter_args,
     bench_main,
     default_dtype,
     device,
@@ -156,10 +157,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the config-built model")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--r", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=5)
-    parser.add_argument("--alpha", type=float, default=32.0)
-    parser.add_argument("--dropout", type=float, default=0.1)
+    add_adapter_args(parser)
 
 
 def main(argv: list[str] | None = None) -> str:
