@@ -2,7 +2,7 @@
 
     RUN_DIR/config.yaml           the resolved run config (every default filled in)
     RUN_DIR/data_manifest.json    tasks, split, per-task counts of the training mixture and of the test sets
-    RUN_DIR/checkpoints/          Trainer checkpoints, each marked complete once fully written
+    RUN_DIR/checkpoints/          Trainer checkpoints (checkpoint-<step>), each marked complete once fully written
     RUN_DIR/adapter/              the final adapter (PEFT format); the run is finished once it exists
     RUN_DIR/adapter_init/         the adapter as initialised (step 0), for the head-similarity analysis
     RUN_DIR/train_log.jsonl       the Trainer's log history, one record a line
@@ -82,12 +82,23 @@ class RunFolder:
         return json.loads(path.read_text()) if path.is_file() else None
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """The Trainer checkpoints in `folder` that were fully written, oldest first."""
-    if not folder.is_dir():
-        return []
-    done = [p for p in folder.glob("checkpoint-*") if is_complete(p)]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+def checkpoint_dir(checkpoints: Path, step: int) -> Path:
+    """The Trainer's name for the checkpoint of `step`."""
+    return checkpoints / f"checkpoint-{step}"
+
+
+def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """The Trainer checkpoints that were fully written (marked complete), oldest first."""
+    return sorted((p for p in _checkpoints(checkpoints) if is_complete(p)), key=lambda p: int(p.name.split("-")[1]))
+
+
+def incomplete_checkpoints(checkpoints: Path) -> list[Path]:
+    """The checkpoints a killed run left half-written (never marked complete)."""
+    return [p for p in _checkpoints(checkpoints) if not is_complete(p)]
+
+
+def _checkpoints(checkpoints: Path) -> list[Path]:
+    return list(checkpoints.glob("checkpoint-*")) if checkpoints.is_dir() else []
 
 
 @dataclass

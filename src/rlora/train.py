@@ -24,7 +24,7 @@ from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete
 from .data_plan import plan_data
 from .errors import TrainingError
 from .methods import adapter_config
-from .run import RunFolder, complete_checkpoints
+from .run import RunFolder, checkpoint_dir, complete_checkpoints, incomplete_checkpoints
 from .runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class _MarkComplete(TrainerCallback):
         if args.distributed_state is not None:
             args.distributed_state.wait_for_everyone()  # every process has written its part (rng state, shards)
         if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder = checkpoint_dir(Path(args.output_dir), state.global_step)
             if folder.is_dir():
                 mark_complete(folder, f"{state.global_step}\n")
         return control
@@ -195,10 +195,8 @@ def _last_logged_loss(history: list[dict]) -> float | None:
 
 
 def _drop_incomplete_checkpoints(folder: Path, process_index: int) -> None:
-    if process_index != 0 or not folder.is_dir():
+    if process_index != 0:
         return
-    complete = set(complete_checkpoints(folder))
-    for path in folder.glob("checkpoint-*"):
-        if path not in complete:
-            logger.warning("removing incomplete checkpoint %s (the run was interrupted while writing it)", path)
-            shutil.rmtree(path, ignore_errors=True)
+    for path in incomplete_checkpoints(folder):
+        logger.warning("removing incomplete checkpoint %s (the run was interrupted while writing it)", path)
+        shutil.rmtree(path, ignore_errors=True)
