@@ -214,6 +214,8 @@ def test_a_config_error_is_rloras_own_and_still_a_value_error():
     assert isinstance(err.value, ValueError)
     with pytest.raises(ConfigError):
         get_peft_model(tiny_llama(), RLoraConfig(target_modules=["c_attn"]))
+    with pytest.raises(ConfigError, match="'model.embed_tokens' is a Embedding; R-LoRA adapts torch.nn.Linear layers"):
+        get_peft_model(tiny_llama(), RLoraConfig(target_modules=["embed_tokens"]))
 
 
 def test_targets_all_excluded_keep_pefts_own_error():

@@ -39,7 +39,7 @@ class RLoraModel(BaseTuner):
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, nn.Linear):
-            raise TypeError(
+            raise ConfigError(
                 f"target module {current_key!r} is a {type(base).__name__}; R-LoRA adapts torch.nn.Linear layers only"
             )
         new_module = RLoraLinear(target, adapter_name, config)
