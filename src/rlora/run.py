@@ -33,6 +33,8 @@ from .runconfig import RunConfig, dump_run_config, load_run_config
 
 
 class RunFolder:
+    """The paths of one run folder, and the files that several commands read or write."""
+
     def __init__(self, root: str | Path) -> None:
         self.root = root = Path(root)
         self.config = root / "config.yaml"
