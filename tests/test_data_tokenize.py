@@ -78,9 +78,14 @@ def test_truncation_drops_the_start_of_the_prompt_never_the_answer(tiny_tokenize
     assert feature["labels"] == [IGNORE_INDEX] * 3 + [7, 1]
 
 
-def test_an_answer_longer_than_max_length_is_an_error(tiny_tokenizer):
-    with pytest.raises(ValueError, match="qa/0: the answer alone is 2 tokens, max_length is 2"):
-        encode_example(tiny_tokenizer, FREE, use_chat_template=False, max_length=2)
+def test_an_answer_that_fills_max_length_keeps_half_a_window_of_prompt_and_loses_its_end(tiny_tokenizer, caplog):
+    long = Example("qa", "What is two plus two ?", "four four four four four four", uid="qa/1")  # 6 + EOS
+    feature = encode_example(tiny_tokenizer, long, use_chat_template=False, max_length=6)
+    assert feature["input_ids"] == [8, 9, 10, 7, 7, 7]  # "? Answer :" (half of 6) then the answer's start
+    assert feature["labels"] == [IGNORE_INDEX] * 3 + [7, 7, 7]  # no EOS: the answer does not end here
+    assert "qa/1: the answer alone is 7 tokens, max_length is 6: its last 4 tokens are cut" in caplog.text
+    with pytest.raises(ValueError, match="qa/0: the answer alone is 2 tokens, max_length is 1"):
+        encode_example(tiny_tokenizer, FREE, use_chat_template=False, max_length=1)
 
 
 def test_collator_pads_right_to_the_longest():

@@ -4,7 +4,8 @@ Every example is a (context, continuation) pair (`render_pairs` / `gold_pair` in
 the context with the tokenizer's special tokens, then " " + continuation + EOS. Chat mode: the tokenizer's chat
 template with the context as the user turn and the continuation as the assistant turn; the answer span is what
 the full conversation adds after the context rendered with `add_generation_prompt=True`, up to and including
-the end-of-turn token. Too-long examples lose the start of the prompt, never the answer.
+the end-of-turn token. Too-long examples lose the start of the prompt; only an answer that alone fills
+`max_length` is cut too (its end, after half a window of prompt), with a warning naming the example.
 
 The encoder returns the three spans it knows (`Spans`): the prompt, the answer's own tokens (what evaluation
 scores) and the end tokens (EOS / end of turn: trained, not scored), so nothing downstream has to guess them.
@@ -12,12 +13,15 @@ scores) and the end tokens (EOS / end of turn: trained, not scored), so nothing 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import DataError
 from .example import Example, gold_pair, render_prompt
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch loads when a batch is made, so listing and showing tasks does not wait for it
     import torch
@@ -77,8 +81,15 @@ def encode_spans(
     prompt = encode_context(tokenizer, context, use_chat_template)
     answer, end = _answer_and_end(tokenizer, context, continuation, prompt, use_chat_template, uid)
     room = max_length - len(answer) - len(end)
-    if room < 1:
-        raise DataError(f"{uid}: the answer alone is {len(answer) + len(end)} tokens, max_length is {max_length}")
+    if room < 1:  # the answer alone fills the window: keep its start after (up to) half a window of prompt
+        if max_length < 2:
+            raise DataError(f"{uid}: the answer alone is {len(answer) + len(end)} tokens, max_length is {max_length}")
+        room = min(len(prompt), max_length // 2)
+        logger.warning(
+            "%s: the answer alone is %d tokens, max_length is %d: its last %d tokens are cut",
+            uid, len(answer) + len(end), max_length, len(answer) + len(end) - (max_length - room),
+        )  # fmt: skip
+        answer, end = answer[: max_length - room], []
     if len(prompt) > room:  # cut the start of the prompt, but keep a leading BOS token
         keep = 1 if tokenizer.bos_token_id is not None and prompt[0] == tokenizer.bos_token_id and room > 1 else 0
         prompt = prompt[:keep] + prompt[len(prompt) - (room - keep) :]
