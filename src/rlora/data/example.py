@@ -70,8 +70,9 @@ class Example:
             raise DataError(f"{self.uid}: a multiple-choice example needs at least 2 choices")
         if not 0 <= self.gold < len(self.choices):
             raise DataError(f"{self.uid}: gold {self.gold} is not an index into {len(self.choices)} choices")
-        if len(self.choices) > len(LETTERS) and self.labels is None:
-            raise DataError(_too_many_choices(self.uid, len(self.choices)))
+        problem = labelling_problem(len(self.choices), self.labels)
+        if problem is not None:
+            raise DataError(f"{self.uid}: {problem}")
         labels = self.labels if self.labels is not None else tuple(LETTERS[: len(self.choices)])
         if self.cloze is not None and (
             len(self.cloze) != len(self.choices) or not all(len(pair) == 2 for pair in self.cloze)
@@ -97,8 +98,9 @@ class Example:
     ) -> Example:
         """A multiple-choice example whose answer is the gold label (a letter unless `labels` is given)."""
         choices = tuple(choices)
-        if labels is None and len(choices) > len(LETTERS):
-            raise DataError(_too_many_choices(uid, len(choices)))
+        problem = labelling_problem(len(choices), labels)
+        if problem is not None:
+            raise DataError(f"{uid}: {problem}")
         labels = tuple(labels) if labels is not None else tuple(LETTERS[: len(choices)])
         answer = labels[gold] if 0 <= gold < len(labels) else ""
         cloze = tuple(tuple(pair) for pair in cloze) if cloze is not None else None
@@ -109,8 +111,11 @@ class Example:
         return self.choices is not None
 
 
-def _too_many_choices(uid: str, n: int) -> str:
-    return f"{uid}: {n} choices but only {len(LETTERS)} letters to label them; give labels, one per choice"
+def labelling_problem(n_choices: int, labels: tuple[str, ...] | list[str] | None) -> str | None:
+    """None if `n_choices` choices can be labelled (by `labels`, or by letters when None), else what is wrong."""
+    if labels is None and n_choices > len(LETTERS):
+        return f"{n_choices} choices but only {len(LETTERS)} letters to label them; give labels, one per choice"
+    return None
 
 
 def choice_labels(example: Example) -> tuple[str, ...]:
