@@ -9,13 +9,20 @@ safetensors folder (model + tokenizer) in a user cache directory:
 The folder is written with `_io.atomic_dir(shared=True)`: built under a temporary name, marked complete and
 renamed into place, so a crash never leaves a folder that looks usable and concurrent conversions never mix their
 files (the first one to finish stays).
+
+A name that is no embedded model, no model folder and no Hub id (`model_problem`) is refused before anything loads,
+saying what can be given instead. A Hub id that is not in the Hugging Face cache is looked up on the Hub once, with
+a short timeout: no such model, or no network, is an error at once instead of after transformers' retries.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import importlib.util
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +56,14 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 
+HUB_ID = re.compile(r"^\w[\w.-]*/[\w.-]+$")  # org/name, as the Hugging Face Hub spells repository ids
+HUB_TIMEOUT_S = 10
+WHAT_MODELS = (
+    f"give an embedded model ({', '.join(EMBEDDED_MODELS)}: converted once, on first use), a local model folder "
+    "(config.json and weights, as save_pretrained writes them) or a Hugging Face Hub id (org/name)"
+)
+
+
 class EmbeddedModelMissing(MissingPackage):
     """The package that ships an embedded model is not installed."""
 
@@ -78,6 +93,69 @@ def resolve_model(name_or_path: str = DEFAULT_MODEL, cache_dir: str | os.PathLik
     if os.path.isdir(local):
         return local
     return name_or_path
+
+
+def model_problem(name: str) -> str | None:
+    """None if `name` names a model: an embedded one, a model folder, a Hub id (org/name, or a bare name that is in
+    the Hugging Face cache); else what is wrong and what to give instead. Looks at the disk only, never the network."""
+    if name in EMBEDDED_MODELS:
+        return None
+    if not name.strip():
+        return f"expected a model, got {name!r}; {WHAT_MODELS}"
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        return f"{name} is not a model folder (no config.json); {WHAT_MODELS}"
+    if path.is_dir():
+        return None
+    if path.exists():
+        return f"{name} is a file, not a model folder; {WHAT_MODELS}"
+    if name.startswith((".", "~", os.sep)) or not HUB_ID.match(name) and ("/" in name or os.sep in name):
+        return f"no such folder: {name}; {WHAT_MODELS}"
+    if HUB_ID.match(name) or _in_hub_cache(name):
+        return None
+    close = difflib.get_close_matches(name, list(EMBEDDED_MODELS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{name!r} is not an embedded model{hint}, a local folder or a Hub id; {WHAT_MODELS}"
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
+
+
+@functools.cache
+def _hub_options(repo_id: str) -> tuple[tuple[str, bool], ...]:
+    """The `from_pretrained` options for a Hub id: none when the Hub has it, `local_files_only` when the Hub cannot
+    be reached but the cache has it. No such model, or neither network nor cache, is a ModelError at once."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    cached = _in_hub_cache(repo_id)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return ()
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+            return ()
+        except RepositoryNotFoundError:
+            raise ModelError(
+                f"model {repo_id!r}: no such local folder, and no such model on the Hugging Face Hub (a private or "
+                f"gated one needs `hf auth login`); {WHAT_MODELS}"
+            ) from None
+        except Exception as error:  # no answer of any kind: no network, a proxy, a timeout, the Hub down
+            if cached:
+                return (("local_files_only", True),)
+            reason = f"the Hub cannot be reached: {type(error).__name__}"
+    raise ModelError(
+        f"model {repo_id!r}: no such local folder, not in the Hugging Face cache, and {reason}; download it once "
+        f"where there is a network, or {WHAT_MODELS}"
+    )
 
 
 def embedded_gguf_path(name: str) -> Path:
@@ -126,36 +204,60 @@ def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def load_tokenizer(name_or_path: str = DEFAULT_MODEL, cache_dir: str | os.PathLike | None = None):
-    """The model's tokenizer, padding on the right, with a pad token (EOS where the model has none)."""
+def load_tokenizer(
+    name_or_path: str = DEFAULT_MODEL, cache_dir: str | os.PathLike | None = None, chat_template: bool = False
+):
+    """The model's tokenizer, padding on the right, with a pad token (EOS where the model has none); with
+    `chat_template`, one that has a chat template."""
     from transformers import AutoTokenizer
 
     tokenizer = _load(AutoTokenizer, name_or_path, cache_dir)
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            f"model {name_or_path!r}: its tokenizer has no chat template; use plain prompts (data.chat_template: "
+            "false, or no --chat-template)"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
 
 
+def load_model(
+    name_or_path: str, tokenizer, dtype: torch.dtype | None = None, cache_dir: str | os.PathLike | None = None
+):
+    """The model, ready for training (float32 unless `dtype` says otherwise), padding with `tokenizer`'s pad token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = _load(AutoModelForCausalLM, name_or_path, cache_dir, dtype=dtype or torch.float32)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def load_model_and_tokenizer(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
+    chat_template: bool = False,
 ):
-    """(model, tokenizer) ready for training (float32 unless `dtype` says otherwise); see `load_tokenizer`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(name_or_path, cache_dir)
-    model = _load(AutoModelForCausalLM, name_or_path, cache_dir, dtype=dtype or torch.float32)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    """(model, tokenizer): `load_model` and `load_tokenizer`, the tokenizer first (it is quick, and says at once when
+    the model cannot be found)."""
+    tokenizer = load_tokenizer(name_or_path, cache_dir, chat_template)
+    return load_model(name_or_path, tokenizer, dtype, cache_dir), tokenizer
 
 
 def _load(auto_class, name_or_path: str, cache_dir: str | os.PathLike | None, **kwargs):
+    problem = model_problem(name_or_path)
+    if problem is not None:
+        raise ModelError(f"model: {problem}")
     path = resolve_model(name_or_path, cache_dir)
+    if name_or_path not in EMBEDDED_MODELS and not os.path.isdir(path):  # a Hub id
+        kwargs |= dict(_hub_options(name_or_path))
+    from safetensors import SafetensorError
+
     try:
         return auto_class.from_pretrained(path, **kwargs)
-    except OSError as error:  # transformers' error for a path or Hub id it cannot find or read
-        raise ModelError(f"model {name_or_path!r}: {error}") from error
+    except (OSError, ValueError, SafetensorError) as error:  # transformers' errors for files it cannot find or read
+        raise ModelError(f"model {name_or_path!r}: {' '.join(str(error).split())}") from error

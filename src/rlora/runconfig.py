@@ -1,15 +1,18 @@
 """The run configuration: one YAML file (model, data, method, adapter, training, eval), typed and validated.
 
-Every key is a field of a dataclass below, with its default and help text. Unknown keys and wrong types are
-rejected with the file, the key path and the expected type, before any model is loaded. Any key can be
-overridden on the command line as `section.key=value` (the value is parsed as YAML: `data.tasks=[boolq,piqa]`).
+Every key is a field of a dataclass below, with its default and help text. Unknown keys, wrong types, values out
+of their range, paths that do not exist, a key given twice and an empty file are rejected with the file, the key
+path and what was expected, before any model is loaded. Any key can be overridden on the command line as
+`section.key=value` (the value is parsed as YAML: `data.tasks=[boolq,piqa]`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ from .data.mixture import STRATEGIES
 from .data.split import bad_test_fraction
 from .errors import ConfigError
 from .methods import METHODS
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, model_problem
 
 
 @dataclass
@@ -126,6 +129,26 @@ def resolve_config_path(path: str | Path) -> Path:
     return path
 
 
+class _KeyTwice(Exception):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in lines:
+                raise _KeyTwice(key, lines[key], line)
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Reads a YAML run config or preset name (the defaults when `path` is None) and applies `key=value` overrides."""
     raw: dict[str, Any] = {}
@@ -133,28 +156,53 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
     if path is not None:
         path = resolve_config_path(path)
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(
-                f"{path}: cannot read the run config ({err.strerror}); presets: {', '.join(presets())}"
-            ) from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
+        raw = _read_yaml(path)
+    given: list[list[str]] = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.lr=1e-4")
         try:
             parsed = yaml.safe_load(value) if value else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             parsed = value
-        _set_path(raw, key.strip().split("."), parsed, item)
-    return _validate(_build(RunConfig, raw, source, ""), source)
+        keys = key.strip().split(".")
+        twice = next((g for g in given if g[: len(keys)] == keys[: len(g)]), None)
+        if twice is not None:
+            raise ConfigError(f"override {item!r}: {'.'.join(twice)} is already set on the command line")
+        given.append(keys)
+        _set_path(raw, keys, parsed, item)
+    return validate_run_config(_build(RunConfig, raw, source, ""), source)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(
+            f"{path}: cannot read the run config ({err.strerror}); presets: {', '.join(presets())}"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader
+    except _KeyTwice as err:
+        key, first, line = err.args
+        raise ConfigError(
+            f"{path}: line {line}: key {key!r} is given twice in one section (first on line {first}); merge them"
+        ) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    if raw is None or raw == {}:
+        raise ConfigError(
+            f"{path}: no settings (the file is empty or only comments); start from a preset "
+            f"({', '.join(presets())}): name it, or copy it from {PRESETS_DIR}"
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
+    return raw
 
 
 def _set_path(raw: dict, keys: list[str], value: Any, item: str) -> None:
@@ -215,21 +263,47 @@ def _type_name(t: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(t, str(t))
 
 
-def _validate(cfg: RunConfig, source: str) -> RunConfig:
+def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
+    """Checks every key's range (and that its paths exist), naming `source` and the key; paths come back absolute
+    (`data.jsonl`, `training.deepspeed`) or with `~` expanded (`output_dir`)."""
     for path, allowed in CHOICES.items():
         value = _get(cfg, path)
         if value not in allowed:
             raise ConfigError(f"{source}: {path}: expected one of {', '.join(allowed)}, got {value!r}")
+    problem = model_problem(cfg.model)
+    if problem is not None:
+        raise ConfigError(f"{source}: model: {problem}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"{source}: seed: expected an integer in [0, 2**32 - 1], got {cfg.seed}")
     for name, value in dataclasses.asdict(cfg.adapter).items():
         expected = field_error(name, value) if name in FIELD_RULES and value is not None else None
         if expected is not None:
             raise ConfigError(f"{source}: adapter.{name}: expected {expected}, got {value!r}")
+    targets = cfg.adapter.target_modules
+    if not targets or not all(t.strip() for t in ([targets] if isinstance(targets, str) else targets)):
+        raise ConfigError(
+            f"{source}: adapter.target_modules: expected a non-empty list of module names, a regex or 'all-linear', "
+            f"got {targets!r}"
+        )
     positive = ["training.batch_size", "training.grad_accum", "training.save_steps", "training.logging_steps"]
     positive += ["eval.batch_size", "eval.max_new_tokens", "data.max_length", "training.save_total_limit"]
     for path in positive:
         if _get(cfg, path) < 1:
             raise ConfigError(f"{source}: {path}: expected an integer >= 1, got {_get(cfg, path)!r}")
-    for path in ("training.lr", "training.epochs", "training.max_grad_norm", "training.router_lr_scale"):
+    for path in ("data.max_train_per_task", "data.total_train", "data.max_eval_per_task", "adapter.lora_r"):
+        if _get(cfg, path) is not None and _get(cfg, path) < 1:
+            raise ConfigError(f"{source}: {path}: expected an integer >= 1 or null, got {_get(cfg, path)!r}")
+    if cfg.training.max_steps != -1 and cfg.training.max_steps < 1:
+        raise ConfigError(
+            f"{source}: training.max_steps: expected an integer >= 1, or -1 to train for training.epochs, "
+            f"got {cfg.training.max_steps}"
+        )
+    if cfg.training.dataloader_workers < 0:
+        raise ConfigError(
+            f"{source}: training.dataloader_workers: expected an integer >= 0, got {cfg.training.dataloader_workers}"
+        )
+    finite_positive = ["training.lr", "training.epochs", "training.max_grad_norm", "training.router_lr_scale"]
+    for path in [*finite_positive, "data.temperature"]:
         if not 0 < _get(cfg, path) < math.inf:
             raise ConfigError(f"{source}: {path}: expected a finite number > 0, got {_get(cfg, path)!r}")
     if not 0 <= cfg.training.weight_decay < math.inf:
@@ -248,15 +322,48 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
     if not cfg.data.tasks and not cfg.data.jsonl:
         raise ConfigError(f"{source}: data: no tasks: give data.tasks (built-in names) or data.jsonl (files)")
     for i, file in enumerate(cfg.data.jsonl):
-        if not Path(file).is_file():
-            raise ConfigError(f"{source}: data.jsonl[{i}]: no such file: {file}")
-    if cfg.training.deepspeed is not None and not Path(cfg.training.deepspeed).is_file():
-        raise ConfigError(f"{source}: training.deepspeed: no such file: {cfg.training.deepspeed}")
-    # absolute paths, so that the saved config works from any folder (eval, analyze, --resume)
-    cfg.data.jsonl = [str(Path(f).resolve()) for f in cfg.data.jsonl]
+        _check_file(Path(file).expanduser(), f"{source}: data.jsonl[{i}]")
     if cfg.training.deepspeed is not None:
-        cfg.training.deepspeed = str(Path(cfg.training.deepspeed).resolve())
+        _check_deepspeed(Path(cfg.training.deepspeed).expanduser(), f"{source}: training.deepspeed")
+    _check_output_dir(cfg.output_dir, f"{source}: output_dir")
+    # absolute paths, so that the saved config works from any folder (eval, analyze, --resume)
+    cfg.data.jsonl = [str(Path(f).expanduser().resolve()) for f in cfg.data.jsonl]
+    if cfg.training.deepspeed is not None:
+        cfg.training.deepspeed = str(Path(cfg.training.deepspeed).expanduser().resolve())
+    if cfg.output_dir.startswith("~"):
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser())
     return cfg
+
+
+def _check_file(path: Path, where: str) -> None:
+    if not path.exists():
+        raise ConfigError(f"{where}: no such file: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{where}: {path} is not a file")
+
+
+def _check_deepspeed(path: Path, where: str) -> None:
+    _check_file(path, where)
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ConfigError(f"{where}: {path}: not a readable JSON file ({err})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}: {path}: expected a JSON object of DeepSpeed settings")
+
+
+def _check_output_dir(output_dir: str, where: str) -> None:
+    """A folder that exists or can be made, and written in."""
+    if not output_dir.strip():
+        raise ConfigError(f"{where}: expected a folder path, got {output_dir!r}")
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{where}: {output_dir} exists and is not a folder")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{where}: {existing} is a file, so {output_dir} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: cannot write in {existing} (permission denied)")
 
 
 def _get(cfg: RunConfig, path: str) -> Any:
