@@ -27,6 +27,11 @@ class MissingPackage(RloraError, ImportError):
     """A package that ships the embedded model or data is not installed; the message gives the install command."""
 
 
+class AdapterError(RloraError, ValueError):
+    """A saved adapter that is not what it says: unreadable, of another type or method, or with weights that do not
+    fit its model; the message names the file and the tensor or field."""
+
+
 class ModelError(RloraError, OSError):
     """A model path or Hub id that cannot be loaded."""
 

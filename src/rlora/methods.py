@@ -33,6 +33,7 @@ MULTI_HEAD = {
     "hydralora+init": {"head_init": "random", "head_dropout": False, "router_init": "zeros"},
 }
 METHODS = (*MULTI_HEAD, "lora")
+PEFT_TYPES = {**dict.fromkeys(MULTI_HEAD, "RLORA"), "lora": "LORA"}  # the `peft_type` each method's adapters have
 
 
 def adapter_config(

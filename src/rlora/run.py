@@ -11,23 +11,33 @@
     RUN_DIR/eval_base.json, .md   the same for the base model alone (`rlora eval --base`, `rlora demo`)
     RUN_DIR/analysis/             head similarity, router usage and the head map (`rlora analyze`)
     RUN_DIR/demo.md               the demo's table (`rlora demo`)
+    RUN_DIR/.rlora-lock           while a process writes the run (`RunFolder.writer`), its lock: one writer at a time
 
 Every other module asks a `RunFolder` for these paths; `load_run` is the one way to get a run's config, data,
-model and adapter back. Training writes the folder (`train.py`); everything is written atomically (`_io.py`).
+model and adapter back, and it checks that the adapter is the run's (`adapters.py`) before any model loads.
+Training writes the folder (`train.py`); everything is written atomically (`_io.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import models
-from ._io import atomic_write_json, atomic_write_text, is_complete
+from ._io import Busy, atomic_write_json, atomic_write_text, exclusive_lock, held_by, is_complete
+from .adapters import CONFIG_FILE, load_adapter, read_adapter
 from .data import encode_spans, gold_pair
 from .data_plan import DataPlan, plan_data
-from .errors import ConfigError, RunFolderError
+from .errors import AdapterError, ConfigError, RunFolderError
+from .methods import PEFT_TYPES, adapter_config
 from .reports import results_table, similarity_table
 from .runconfig import RunConfig, dump_run_config, load_run_config
 
@@ -47,6 +57,7 @@ class RunFolder:
         self.train_metrics = root / "train_metrics.json"
         self.analysis = root / "analysis"
         self.demo_table = root / "demo.md"
+        self.lock = root / ".rlora-lock"
 
     def results(self, base: bool = False, suffix: str = ".json") -> Path:
         """The evaluation results of the adapter, or with `base` of the base model alone (`suffix` .json or .md)."""
@@ -65,6 +76,35 @@ class RunFolder:
                 f"{self.root} was made with a different config ({self.config}); use the same config and overrides, "
                 "or another output_dir"
             )
+
+    def check_free(self) -> None:
+        """Refuses a folder that another process is writing (`writer`), naming it."""
+        holder = held_by(self.lock)
+        if holder is not None:
+            raise self._busy(holder)
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[None]:
+        """Holds the run's lock while the block runs (making the folder if needed): a second process that would
+        write the run meanwhile is refused, naming the first. The OS drops the lock when its process ends, however it
+        ends. A folder made here that is still empty when the block ends (it failed early) is removed again."""
+        made = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        try:
+            with exclusive_lock(self.lock, holder):
+                yield
+        except Busy as busy:
+            raise self._busy(busy.holder) from None
+        finally:
+            if made and self.root.is_dir() and not any(self.root.iterdir()):
+                self.root.rmdir()
+
+    def _busy(self, holder: str) -> RunFolderError:
+        return RunFolderError(
+            f"{self.root} is being written by another process ({holder or 'unknown'}); wait for it to end, or choose "
+            "another output_dir"
+        )
 
     def write_config(self, cfg: RunConfig) -> None:
         atomic_write_text(self.config, dump_run_config(cfg))
@@ -116,33 +156,81 @@ def load_run(
     run_dir: str | Path, cache_dir: str | None = None, *, adapter: bool = True, multi_head: bool = False
 ) -> LoadedRun:
     """The run's config, data plan, model and tokenizer; with `adapter` (the default) the trained adapter on top.
-    A folder that is no run, has no adapter yet or (with `multi_head`) is a plain LoRA run is refused before any
-    model loads."""
+    A folder that is no run, has no adapter yet, holds an adapter that is not the run's (`check_adapter`) or (with
+    `multi_head`) is a plain LoRA run is refused before any model loads."""
     folder = RunFolder(run_dir)
     cfg = folder.read_config()
-    if adapter and not (folder.adapter / "adapter_config.json").is_file():
+    if adapter and not folder.adapter.is_dir():
         raise RunFolderError(f"{folder.root}: the run has no adapter yet; finish it with `rlora train ... --resume`")
     if multi_head and cfg.method == "lora":
         raise RunFolderError(f"{folder.root}: a plain LoRA run has one head and no router; analyze a multi-head run")
-    plan = plan_data(cfg)
-    model, tokenizer = models.load_model_and_tokenizer(cfg.model, cache_dir=cache_dir)
     if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(folder.adapter))
+        check_adapter(folder.adapter, cfg)
+    plan = plan_data(cfg)
+    model, tokenizer = _load_model(cfg, cache_dir)
+    if adapter:
+        model = load_adapter(model, folder.adapter, peft_type=PEFT_TYPES[cfg.method])
     return LoadedRun(folder, cfg, plan, model, tokenizer)
+
+
+def _load_model(cfg: RunConfig, cache_dir: str | None):
+    return models.load_model_and_tokenizer(cfg.model, cache_dir=cache_dir, chat_template=cfg.data.chat_template)
+
+
+ADAPTER_FIELDS = ("r", "num_heads", "lora_alpha", "lora_dropout", "head_init", "head_dropout", "router_init")
+ADAPTER_FIELDS += ("init_gamma", "use_rslora", "target_modules")
+
+
+def check_adapter(path: Path, cfg: RunConfig) -> None:
+    """The adapter folder at `path` is readable (`adapters.read_adapter`) and is the run's: its method's `peft_type`
+    and the settings the run config gives its method (an `AdapterError` naming the file and the field otherwise)."""
+    found, _ = read_adapter(path, PEFT_TYPES[cfg.method])
+    settings = dataclasses.asdict(cfg.adapter)
+    if cfg.method == "lora" and settings["lora_r"] is None:  # matched to the model: its shapes are checked on loading
+        settings["lora_r"] = found.r
+    expected = adapter_config(cfg.method, **settings)
+    for name in ADAPTER_FIELDS:
+        if not hasattr(expected, name) or name == "target_modules" and isinstance(cfg.adapter.target_modules, str):
+            continue  # PEFT saves the names that a regex or "all-linear" matched, not the pattern
+        want, got = getattr(expected, name), getattr(found, name, None)
+        if got != want:
+            want, got = (sorted(v) if isinstance(v, set) else v for v in (want, got))
+            raise AdapterError(
+                f"{path / CONFIG_FILE}: {name} is {got!r}; the run's config (method {cfg.method}) gives {want!r}"
+            )
+
+
+def _evaluate(run: LoadedRun, base: bool) -> dict:
+    from .evaluate import evaluate_plan
+
+    adapter = None if base else str(run.folder.adapter)
+    results = {"model": run.cfg.model, "adapter": adapter, "method": run.cfg.method}
+    return results | evaluate_plan(run.model, run.tokenizer, run.cfg, run.plan)
 
 
 def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, base: bool = False) -> dict:
     """Evaluates a trained run (or, with `base`, its base model alone) on its held-out split, writes the results
     into the run folder (`RunFolder.results`) and returns them."""
-    from .evaluate import evaluate_plan
-
     run = load_run(run_dir, cache_dir, adapter=not base)
-    adapter = None if base else str(run.folder.adapter)
-    results = {"model": run.cfg.model, "adapter": adapter, "method": run.cfg.method}
-    results |= evaluate_plan(run.model, run.tokenizer, run.cfg, run.plan)
+    results = _evaluate(run, base)
     run.folder.write_results(results, base)
+    return results
+
+
+def evaluate_config(cfg: RunConfig, cache_dir: str | None = None) -> dict:
+    """Evaluates the base model of a run config on its held-out split (`rlora eval CONFIG`), into `cfg.output_dir`:
+    its config and base results, written once the model has loaded. A folder made with another config, or that
+    another process is writing, is refused first."""
+    folder = RunFolder(cfg.output_dir)
+    folder.check_free()
+    folder.check_config(cfg)
+    plan = plan_data(cfg)
+    with folder.writer():
+        model, tokenizer = _load_model(cfg, cache_dir)
+        folder.check_config(cfg)  # again: it may have been written while the model loaded
+        folder.write_config(cfg)
+        results = _evaluate(LoadedRun(folder, cfg, plan, model, tokenizer), base=True)
+        folder.write_results(results, base=True)
     return results
 
 
@@ -152,12 +240,16 @@ def analyze_run(run_dir: str | Path, cache_dir: str | None = None, max_prompts_p
     from .analysis import head_projection, head_similarity, router_usage
     from .plots import plot_head_projection, plot_router_usage, plot_similarity
 
+    folder = RunFolder(run_dir)
+    has_init = folder.adapter_init.is_dir()
+    if has_init:  # checked before any model loads, like the trained adapter
+        check_adapter(folder.adapter_init, folder.read_config())
     run = load_run(run_dir, cache_dir, multi_head=True)
     model = run.model.eval()
     trained = head_similarity(model)
     init = None
-    if run.folder.adapter_init.is_dir():
-        model.load_adapter(str(run.folder.adapter_init), adapter_name="init")
+    if has_init:
+        load_adapter(model, folder.adapter_init, "init", PEFT_TYPES[run.cfg.method])
         init = head_similarity(model, "init")
     d = run.cfg.data
     sequences = {  # what the model reads in training: the gold context and answer (RC or MC, as configured)
