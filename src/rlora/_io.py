@@ -8,11 +8,16 @@
   complete (`COMPLETE_MARKER`) before it moves into place; the first complete one stays.
 - A folder that another library writes in place (the Trainer's checkpoints) is marked complete once it is fully
   written (`mark_complete`); readers trust only the marked ones (`is_complete`).
+- A folder that one process at a time may write (a run) has a lock file while its writer holds it
+  (`exclusive_lock`), naming that writer. The lock is the OS's (flock): it goes when its process ends, however it
+  ends, so a killed writer never leaves the folder locked (its file stays behind, unlocked, for the next writer to
+  take over). It is the one file written in place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -93,6 +98,61 @@ def publish_dir(tmp: str | Path, path: str | Path, *, keep_complete: bool = Fals
     except OSError:
         if not (keep_complete and is_complete(path)):  # another process finished first: keep theirs
             raise
+
+
+class Busy(Exception):
+    """Another process holds the lock; `holder` is what it wrote in the lock file."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, holder: str) -> Iterator[None]:
+    """Holds an exclusive lock on the file `path` while the block runs, with `holder` written in it, and removes the
+    file after; raises `Busy` at once, naming the holder, when another process has it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise Busy(text) from None
+        if _is_file_at(fd, path):
+            break
+        os.close(fd)  # its holder removed it between our open and our lock: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode() + b"\n", 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still locked: the next writer makes a new file
+        os.close(fd)  # releases the lock
+
+
+def _is_file_at(fd: int, path: str | Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def held_by(path: str | Path) -> str | None:
+    """What the holder of the lock `path` wrote in it while another process holds it, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -104,7 +104,7 @@ def _show(args: argparse.Namespace) -> int:
     if args.model or args.chat_template:
         from .models import load_tokenizer
 
-        tokenizer = load_tokenizer(args.model or DEFAULT_MODEL, args.cache_dir)
+        tokenizer = load_tokenizer(args.model or DEFAULT_MODEL, args.cache_dir, chat_template=args.chat_template)
         print("Token sequences as the model sees them; the loss is on the part between [[ and ]].\n")
     for example in chosen:
         print(f"=== {example.uid} ({args.split}) ===")
@@ -174,19 +174,18 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .reports import results_table
-    from .run import RunFolder, evaluate_run
+    from .run import RunFolder, evaluate_config, evaluate_run
     from .runconfig import load_run_config
 
-    folder = RunFolder(args.target)
     if not Path(args.target).is_dir():  # a config: evaluate its base model alone, into its output_dir
         cfg = load_run_config(args.target, args.overrides)
-        folder = RunFolder(cfg.output_dir)
-        folder.check_config(cfg)
-        folder.write_config(cfg)
-        args.base = True
+        folder, args.base = RunFolder(cfg.output_dir), True
+        results = evaluate_config(cfg, args.cache_dir)
     elif args.overrides:
         raise ConfigError("overrides apply to a config file; a run folder is evaluated with its own config")
-    results = evaluate_run(folder.root, args.cache_dir, base=args.base)
+    else:
+        folder = RunFolder(args.target)
+        results = evaluate_run(folder.root, args.cache_dir, base=args.base)
     print(results_table({"base" if args.base else results["method"]: results}))
     print(f"written to {folder.results(args.base)} and {folder.results(args.base, '.md')}")
     return 0

@@ -23,7 +23,7 @@ from .methods import METHODS
 from .plots import plot_comparison
 from .reports import comparison_markdown
 from .run import RunFolder, evaluate_run
-from .runconfig import RunConfig
+from .runconfig import RunConfig, validate_run_config
 from .stats import mean_ci, paired_difference
 
 logger = logging.getLogger(__name__)
@@ -52,11 +52,14 @@ def compare(
     """Trains and evaluates every (method, seed) not finished yet, then writes the comparison files."""
     from .train import ensure_trained
 
-    out = Path(out)
+    out = Path(out).expanduser()
+    configs = {(method, seed): run_config_for(base, out, method, seed) for seed in seeds for method in methods}
+    for cfg in configs.values():  # the seeds and folders that the comparison makes, before anything trains
+        validate_run_config(cfg, "compare")
     runs: dict[str, dict[int, dict]] = {}
     for seed in seeds:
         for method in methods:
-            cfg = run_config_for(base, out, method, seed)
+            cfg = configs[method, seed]
             folder = RunFolder(cfg.output_dir)
             folder.check_config(cfg)
             results = folder.read_results()

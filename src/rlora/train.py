@@ -7,7 +7,9 @@ the main process writes the run folder's files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -22,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from . import models
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir
 from .data_plan import plan_data
-from .errors import TrainingError
+from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError
 from .methods import adapter_config
 from .run import RunFolder, checkpoint_dir, complete_checkpoints, incomplete_checkpoints
 from .runconfig import RunConfig
@@ -79,9 +81,22 @@ class _FiniteLossTrainer(Trainer):
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
+    """The Trainer's bf16/fp16 flags; mixed precision without any accelerator is a ConfigError (the Trainer would
+    only say so once the model has loaded)."""
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision != "fp32" and _accelerator() is None:
+        raise ConfigError(
+            f"training.precision: {precision} needs a GPU (or another accelerator), and this machine has none; "
+            "use fp32 or auto"
+        )
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _accelerator():
+    if hasattr(torch, "accelerator"):  # torch >= 2.6
+        return torch.accelerator.current_accelerator()
+    return torch.device("cuda") if torch.cuda.is_available() else None
 
 
 def _multi_process_without_gpu() -> bool:
@@ -129,56 +144,81 @@ def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
 
 
 def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) -> Path:
-    """Trains `cfg` into `cfg.output_dir` and returns the run folder. Bad input fails before the model loads."""
+    """Trains `cfg` into `cfg.output_dir` and returns the run folder. Bad input fails before the model loads and
+    before anything is written; a folder that another process is training in is refused (`RunFolder.writer`)."""
     folder = RunFolder(cfg.output_dir)
+    if cfg.training.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+        raise MissingPackage("training.deepspeed: the deepspeed package is not installed; pip install deepspeed")
+    try:
+        args = training_arguments(cfg, folder)
+    except ValueError as error:  # the Trainer's own checks of its settings (e.g. an fsdp option)
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"training: the Trainer refuses these settings: {' '.join(str(error).split())}") from None
+    is_main = args.process_index == 0  # the one process that writes the run folder (and holds its lock)
+    if is_main:
+        folder.check_free()
+    _check_folder(folder, cfg, resume)
+    plan = plan_data(cfg)  # validates tasks and files, before any model is loaded
+    logger.info("training mixture:\n%s", plan.counts_table())
+    tokenizer = models.load_tokenizer(cfg.model, cache_dir, chat_template=cfg.data.chat_template)
+    train_dataset = plan.train_dataset(tokenizer)  # every example fits data.max_length
+
+    with folder.writer() if is_main else contextlib.nullcontext():
+        _check_folder(folder, cfg, resume)  # again, as the only writer: another process may have just written it
+        checkpoints = folder.complete_checkpoints()
+        if resume and not checkpoints:
+            logger.warning("%s holds no complete checkpoint yet: training starts from step 0", folder.root)
+        model = build_peft_model(cfg, models.load_model(cfg.model, tokenizer, cache_dir=cache_dir))
+        if is_main:
+            model.print_trainable_parameters()
+            folder.write_config(cfg)
+            atomic_write_json(folder.manifest, plan.manifest())
+            if not folder.adapter_init.exists():  # the heads at step 0, for `rlora analyze`
+                with atomic_dir(folder.adapter_init) as tmp:
+                    model.save_pretrained(tmp)
+        if resume:
+            _drop_incomplete_checkpoints(folder.checkpoints, args.process_index)
+        if is_main:
+            shutil.rmtree(folder.adapter_staging, ignore_errors=True)
+        last = checkpoints[-1] if resume and checkpoints else None
+
+        trainer = _FiniteLossTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=plan.collator(tokenizer),
+            processing_class=tokenizer,
+            callbacks=[_MarkComplete()],
+            router_lr_scale=cfg.training.router_lr_scale,
+        )
+        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        trainer.save_model(str(folder.adapter_staging))  # on every process: gathers ZeRO-3/FSDP shards; main writes
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            publish_dir(folder.adapter_staging, folder.adapter)  # the adapter appears whole or not at all
+            log = "".join(json.dumps(record) + "\n" for record in trainer.state.log_history)
+            atomic_write_text(folder.train_log, log)
+            metrics = dict(result.metrics) | {"global_step": trainer.state.global_step}
+            metrics["final_loss"] = _last_logged_loss(trainer.state.log_history)
+            atomic_write_json(folder.train_metrics, metrics)
+    return folder.root
+
+
+def _check_folder(folder: RunFolder, cfg: RunConfig, resume: bool) -> None:
+    """What the run folder allows: a new run, or with `resume` the continuation of the same config's run."""
     if folder.is_finished():
         raise TrainingError(f"{folder.root} already holds a finished run ({folder.adapter}); choose another output_dir")
-    checkpoints = folder.complete_checkpoints()
-    if checkpoints and not resume:
+    if folder.complete_checkpoints() and not resume:
         raise TrainingError(
             f"{folder.root} holds checkpoints of an unfinished run; pass --resume to continue it, "
             "or choose another output_dir"
         )
+    if resume and not folder.config.is_file():
+        raise RunFolderError(
+            f"--resume: {folder.root} holds no run to resume (no config.yaml); start it without --resume"
+        )
     folder.check_config(cfg)
-    plan = plan_data(cfg)  # validates tasks and files, before any model is loaded
-    logger.info("training mixture:\n%s", plan.counts_table())
-
-    model, tokenizer = models.load_model_and_tokenizer(cfg.model, cache_dir=cache_dir)
-    model = build_peft_model(cfg, model)
-    args = training_arguments(cfg, folder)
-    if args.process_index == 0:
-        model.print_trainable_parameters()
-        folder.write_config(cfg)
-        atomic_write_json(folder.manifest, plan.manifest())
-        if not folder.adapter_init.exists():  # the heads at step 0, for `rlora analyze`
-            with atomic_dir(folder.adapter_init) as tmp:
-                model.save_pretrained(tmp)
-    if resume:
-        _drop_incomplete_checkpoints(folder.checkpoints, args.process_index)
-    if args.process_index == 0:
-        shutil.rmtree(folder.adapter_staging, ignore_errors=True)
-    last = checkpoints[-1] if resume and checkpoints else None
-
-    trainer = _FiniteLossTrainer(
-        model=model,
-        args=args,
-        train_dataset=plan.train_dataset(tokenizer),
-        data_collator=plan.collator(tokenizer),
-        processing_class=tokenizer,
-        callbacks=[_MarkComplete()],
-        router_lr_scale=cfg.training.router_lr_scale,
-    )
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-    trainer.save_model(str(folder.adapter_staging))  # on every process: gathers ZeRO-3/FSDP shards; main writes
-    trainer.accelerator.wait_for_everyone()
-    if trainer.is_world_process_zero():
-        publish_dir(folder.adapter_staging, folder.adapter)  # the adapter appears whole or not at all
-        log = "".join(json.dumps(record) + "\n" for record in trainer.state.log_history)
-        atomic_write_text(folder.train_log, log)
-        metrics = dict(result.metrics) | {"global_step": trainer.state.global_step}
-        metrics["final_loss"] = _last_logged_loss(trainer.state.log_history)
-        atomic_write_json(folder.train_metrics, metrics)
-    return folder.root
 
 
 def ensure_trained(cfg: RunConfig, cache_dir: str | None = None) -> Path:
