@@ -1,0 +1,732 @@
+"""Bad input, one table: every kind of input a user can get wrong (the run config, overrides, JSONL data, run folders,
+adapter folders, the Python API), with the exact error it gives.
+
+A command prints one line on stderr and exits non-zero (no traceback, never silent), writes nothing and loads no
+model, except where the fault can only show against the model (an adapter tensor of the wrong shape). The lock that
+keeps a run folder to one writer, and how a killed writer releases it, is tested at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+import huggingface_hub
+import pytest
+import torch
+from _tiny import perturb_adapter, write_config
+from huggingface_hub.errors import RepositoryNotFoundError
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import rlora.models
+import rlora.train
+from rlora import load_adapter
+from rlora.cli import main
+from rlora.data import read_jsonl_tasks
+from rlora.errors import AdapterError, ConfigError, DataError, ModelError, RunFolderError
+from rlora.run import RunFolder, load_run
+from rlora.runconfig import load_run_config
+from rlora.train import build_peft_model, train
+
+RLORA_A = "base_model.model.model.layers.0.mlp.up_proj.rlora_A"  # (r=4, d_in=32) in the tiny model
+MODELS = (
+    "give an embedded model (smollm2-135m: converted once, on first use), a local model folder (config.json and "
+    "weights, as save_pretrained writes them) or a Hugging Face Hub id (org/name)"
+)
+
+
+@pytest.fixture(scope="module")
+def runs(workspace, tmp_path_factory) -> dict[str, Path]:
+    """A finished run folder of each kind (R-LoRA, plain LoRA), made without training: config, moved adapter, init."""
+    made = {}
+    for method in ("rlora", "lora"):
+        out = tmp_path_factory.mktemp("runs") / method
+        cfg = load_run_config(write_config(workspace, out), [f"method={method}"])
+        folder = RunFolder(out)
+        folder.write_config(cfg)
+        model = build_peft_model(cfg, AutoModelForCausalLM.from_pretrained(workspace / "model"))
+        model.save_pretrained(folder.adapter_init)
+        perturb_adapter(model)
+        model.save_pretrained(folder.adapter)
+        made[method] = out
+    return made
+
+
+@dataclass
+class Ctx:
+    """What a case builds its input with; everything it writes goes under `tmp`."""
+
+    ws: Path
+    tmp: Path
+    runs: dict[str, Path]
+
+    @property
+    def config(self) -> str:
+        return str(write_config(self.ws, self.tmp / "run"))
+
+    def file(self, name: str, content: str | bytes) -> str:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return str(path)
+
+    def jsonl(self, line: str) -> str:
+        """A task file whose second line is `line` (the first is fine)."""
+        return "data.jsonl=[" + self.file("data.jsonl", '{"prompt": "p", "answer": "a"}\n' + line + "\n") + "]"
+
+    def run(self, method: str = "rlora", edit: Callable[[Path], object] | None = None) -> str:
+        """A copy of a finished run of `method`, changed by `edit(run_folder)`."""
+        path = self.tmp / "run"
+        shutil.copytree(self.runs[method], path)
+        if edit is not None:
+            edit(path)
+        return str(path)
+
+
+def _edit_json(file: Path, **changes) -> None:
+    data = json.loads(file.read_text())
+    file.write_text(json.dumps(data | changes))
+
+
+def _edit_tensors(file: Path, change: Callable[[dict], None]) -> None:
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file)
+
+
+def _truncate(file: Path, keep: float = 0.5) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+def _adapter(run: Path) -> Path:
+    return run / "adapter"
+
+
+def _broken_model(c: Ctx) -> str:
+    """A model folder whose weights file was cut short."""
+    shutil.copytree(c.ws / "model", c.tmp / "model")
+    _truncate(c.tmp / "model" / "model.safetensors")
+    return str(c.tmp / "model")
+
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[Ctx], list[str]]
+    error: str  # the whole stderr line after "rlora: error: "; {tmp} and {ws} are the case's folders, ... any text
+    code: int = 2
+    loads_model: bool = False  # the fault can only show against the loaded model
+    hub: Callable | None = field(default=None, repr=False)  # what asking the Hub about a model does
+
+
+def _no_network(*args, **kwargs):
+    raise ConnectionError("no network")
+
+
+def _no_such_repo(*args, **kwargs):
+    raise RepositoryNotFoundError("404", response=mock.Mock())
+
+
+CASES = [
+    # --- the run config file ---
+    Case(
+        "empty-config",
+        lambda c: ["train", c.file("empty.yaml", "")],
+        "{tmp}/empty.yaml: no settings (the file is empty or only comments); start from a preset (compare-cpu, demo, "
+        "paper-qwen2.5-0.5b): name it, or copy it from ...",
+    ),
+    Case(
+        "comment-only-config",
+        lambda c: ["train", c.file("c.yaml", "# model: smollm2-135m\n\n# seed: 1\n")],
+        "{tmp}/c.yaml: no settings (the file is empty or only comments); start from a preset ...",
+    ),
+    Case(
+        "section-given-twice",
+        lambda c: ["train", c.file("twice.yaml", Path(c.config).read_text() + "training:\n  lr: 5e-4\n")],
+        "{tmp}/twice.yaml: line 20: key 'training' is given twice in one section (first on line 9); merge them",
+    ),
+    Case(
+        "key-given-twice-in-a-section",
+        lambda c: ["train", c.file("twice.yaml", "data:\n  tasks: [boolq]\n  format: rc\n  tasks: [piqa]\n")],
+        "{tmp}/twice.yaml: line 4: key 'tasks' is given twice in one section (first on line 2); merge them",
+    ),
+    Case(
+        "config-not-utf8",
+        lambda c: ["train", c.file("latin1.yaml", "output_dir: caf\xe9\n".encode("latin-1"))],
+        "{tmp}/latin1.yaml: not UTF-8 text (byte 15)",
+    ),
+    Case(
+        "config-nested-too-deeply",
+        lambda c: ["train", c.file("deep.yaml", "seed: " + "[" * 5000 + "]" * 5000 + "\n")],
+        "{tmp}/deep.yaml: not valid YAML: nested too deeply",
+    ),
+    Case(
+        "config-is-a-folder",
+        lambda c: ["train", str(c.tmp)],
+        "{tmp}: cannot read the run config (Is a directory); presets: compare-cpu, demo, paper-qwen2.5-0.5b",
+    ),
+    # --- keys out of their range, from the file or the command line ---
+    Case(
+        "override-given-twice",
+        lambda c: ["train", c.config, "training.lr=1e-3", "training.lr=1e-4"],
+        "override 'training.lr=1e-4': training.lr is already set on the command line",
+    ),
+    Case(
+        "override-inside-an-overridden-section",
+        lambda c: ["train", c.config, "training={lr: 1e-3}", "training.lr=1e-4"],
+        "override 'training.lr=1e-4': training is already set on the command line",
+    ),
+    Case(
+        "seed-negative",
+        lambda c: ["train", c.config, "seed=-1"],
+        "{cfg}: seed: expected an integer in [0, 2**32 - 1], got -1",
+    ),
+    Case(
+        "seed-too-large",
+        lambda c: ["train", c.config, "seed=4294967296"],
+        "{cfg}: seed: expected an integer in [0, 2**32 - 1], got 4294967296",
+    ),
+    Case(
+        "total-train-zero",
+        lambda c: ["train", c.config, "data.total_train=0"],
+        "{cfg}: data.total_train: expected an integer >= 1 or null, got 0",
+    ),
+    Case(
+        "max-train-per-task-zero",
+        lambda c: ["train", c.config, "data.max_train_per_task=0"],
+        "{cfg}: data.max_train_per_task: expected an integer >= 1 or null, got 0",
+    ),
+    Case(
+        "max-eval-per-task-zero",
+        lambda c: ["eval", c.config, "data.max_eval_per_task=0"],
+        "{cfg}: data.max_eval_per_task: expected an integer >= 1 or null, got 0",
+    ),
+    Case(
+        "temperature-zero",
+        lambda c: ["train", c.config, "data.temperature=0"],
+        "{cfg}: data.temperature: expected a finite number > 0, got 0.0",
+    ),
+    Case(
+        "temperature-infinite",
+        lambda c: ["train", c.config, "data.temperature=.inf"],
+        "{cfg}: data.temperature: expected a finite number > 0, got inf",
+    ),
+    Case(
+        "lora-alpha-negative",
+        lambda c: ["train", c.config, "adapter.lora_alpha=-1"],
+        "{cfg}: adapter.lora_alpha: expected a number > 0, got -1.0",
+    ),
+    Case(
+        "lora-rank-zero",
+        lambda c: ["train", c.config, "method=lora", "adapter.lora_r=0"],
+        "{cfg}: adapter.lora_r: expected an integer >= 1 or null, got 0",
+    ),
+    Case(
+        "no-target-modules",
+        lambda c: ["train", c.config, "adapter.target_modules=[]"],
+        "{cfg}: adapter.target_modules: expected a non-empty list of module names, a regex or 'all-linear', got []",
+    ),
+    Case(
+        "max-steps-zero",
+        lambda c: ["train", c.config, "training.max_steps=0"],
+        "{cfg}: training.max_steps: expected an integer >= 1, or -1 to train for training.epochs, got 0",
+    ),
+    Case(
+        "dataloader-workers-negative",
+        lambda c: ["train", c.config, "training.dataloader_workers=-1"],
+        "{cfg}: training.dataloader_workers: expected an integer >= 0, got -1",
+    ),
+    Case(
+        "fsdp-option-unknown",
+        lambda c: ["train", c.config, "training.fsdp=bogus"],
+        "training: the Trainer refuses these settings: Unknown `fsdp` option: bogus",
+    ),
+    # --- paths ---
+    Case(
+        "output-dir-empty",
+        lambda c: ["train", c.config, "output_dir=''"],
+        "{cfg}: output_dir: expected a folder path, got ''",
+    ),
+    Case(
+        "output-dir-is-a-file",
+        lambda c: ["train", c.config, f"output_dir={c.file('out', 'x')}"],
+        "{cfg}: output_dir: {tmp}/out exists and is not a folder",
+    ),
+    Case(
+        "output-dir-under-a-file",
+        lambda c: ["train", c.config, f"output_dir={c.file('out', 'x')}/run"],
+        "{cfg}: output_dir: {tmp}/out is a file, so {tmp}/out/run cannot be made",
+    ),
+    Case(
+        "jsonl-is-a-folder",
+        lambda c: ["train", c.config, f"data.jsonl=[{c.tmp}]"],
+        "{cfg}: data.jsonl[0]: {tmp} is not a file",
+    ),
+    Case(
+        "deepspeed-config-missing",
+        lambda c: ["train", c.config, f"training.deepspeed={c.tmp}/ds.json"],
+        "{cfg}: training.deepspeed: no such file: {tmp}/ds.json",
+    ),
+    Case(
+        "deepspeed-config-not-json",
+        lambda c: ["train", c.config, f"training.deepspeed={c.file('ds.json', '{zero: 2}')}"],
+        "{cfg}: training.deepspeed: {tmp}/ds.json: not a readable JSON file (...)",
+    ),
+    # --- the model ---
+    Case(
+        "model-path-missing",
+        lambda c: ["train", c.config, "model=/no/such/dir"],
+        "{cfg}: model: no such folder: /no/such/dir; " + MODELS,
+    ),
+    Case(
+        "model-name-unknown",
+        lambda c: ["train", c.config, "model=smollm2-360m"],
+        "{cfg}: model: 'smollm2-360m' is not an embedded model (did you mean 'smollm2-135m'?), a local folder or a "
+        "Hub id; " + MODELS,
+    ),
+    Case(
+        "model-folder-without-config",
+        lambda c: ["train", c.config, f"model={c.tmp}"],
+        "{cfg}: model: {tmp} is not a model folder (no config.json); " + MODELS,
+    ),
+    Case(
+        "model-is-a-file",
+        lambda c: ["train", c.config, f"model={c.file('model.bin', 'x')}"],
+        "{cfg}: model: {tmp}/model.bin is a file, not a model folder; " + MODELS,
+    ),
+    Case(
+        "model-on-the-hub-without-network",
+        lambda c: ["train", c.config, "model=someorg/somemodel"],
+        "model 'someorg/somemodel': no such local folder, not in the Hugging Face cache, and the Hub cannot be "
+        "reached: ConnectionError; download it once where there is a network, or " + MODELS,
+        hub=_no_network,
+    ),
+    Case(
+        "model-not-on-the-hub",
+        lambda c: ["train", c.config, "model=someorg/somemodel"],
+        "model 'someorg/somemodel': no such local folder, and no such model on the Hugging Face Hub (a private or "
+        "gated one needs `hf auth login`); " + MODELS,
+        hub=_no_such_repo,
+    ),
+    Case(
+        "eval-config-with-a-model-on-the-hub-without-network",
+        lambda c: ["eval", c.config, "model=someorg/somemodel"],
+        "model 'someorg/somemodel': no such local folder, not in the Hugging Face cache, and the Hub cannot be "
+        "reached: ConnectionError; download it once where there is a network, or " + MODELS,
+        hub=_no_network,
+    ),
+    Case(
+        "eval-config-with-a-bad-model-path",
+        lambda c: ["eval", c.config, "model=/no/such/dir"],
+        "{cfg}: model: no such folder: /no/such/dir; " + MODELS,
+    ),
+    Case(
+        "model-weights-truncated",
+        lambda c: ["train", c.config, f"model={_broken_model(c)}"],
+        "model '{tmp}/model': ...",
+        loads_model=True,  # the fault is in the weights: found by loading them, and the run folder is left unmade
+    ),
+    Case(
+        "eval-config-with-truncated-model-weights",
+        lambda c: ["eval", c.config, f"model={_broken_model(c)}"],
+        "model '{tmp}/model': ...",
+        loads_model=True,
+    ),
+    Case(
+        "chat-template-the-tokenizer-lacks",
+        lambda c: ["train", c.config, "data.chat_template=true"],
+        "model '{ws}/model': its tokenizer has no chat template; use plain prompts (data.chat_template: false, or no "
+        "--chat-template)",
+    ),
+    Case(
+        "show-with-a-chat-template-the-tokenizer-lacks",
+        lambda c: ["show", "rte", "--chat-template", "--model", str(c.ws / "model")],
+        "model '{ws}/model': its tokenizer has no chat template; use plain prompts (data.chat_template: false, or no "
+        "--chat-template)",
+    ),
+    # --- JSONL task data ---
+    Case(
+        "jsonl-nested-too-deeply",
+        lambda c: ["train", c.config, c.jsonl('{"prompt": ' + "[" * 100000 + "]" * 100000 + ', "answer": "a"}')],
+        "{tmp}/data.jsonl:2: invalid JSON: nested too deeply",
+    ),
+    Case(
+        "jsonl-field-given-twice",
+        lambda c: ["train", c.config, c.jsonl('{"prompt": "p", "answer": "a", "prompt": "q"}')],
+        "{tmp}/data.jsonl:2: field 'prompt' is given twice",
+    ),
+    Case(
+        "jsonl-27-choices",
+        lambda c: [
+            "train",
+            c.config,
+            c.jsonl(json.dumps({"prompt": "p", "choices": list("abcdefghijklmnopqrstuvwxyz!"), "gold": 0})),
+        ],
+        "{tmp}/data.jsonl:2: field 'choices': 27 choices but only 26 letters to label them; give labels, one per "
+        "choice",
+    ),
+    Case(
+        "jsonl-choice-given-twice",
+        lambda c: ["train", c.config, c.jsonl('{"prompt": "p", "choices": ["a", "b", "a"], "gold": 2}')],
+        "{tmp}/data.jsonl:2: field 'choices': \"a\" is given twice; each must be distinct",
+    ),
+    Case(
+        "jsonl-blank-choice",
+        lambda c: ["train", c.config, c.jsonl('{"prompt": "p", "choices": ["a", "  "], "gold": 0}')],
+        "{tmp}/data.jsonl:2: field 'choices': expected a list of at least 2 non-empty strings",
+    ),
+    Case(
+        "jsonl-lone-surrogate",
+        lambda c: ["train", c.config, c.jsonl('{"prompt": "p\\ud800", "answer": "a"}')],
+        "{tmp}/data.jsonl:2: field 'prompt': not valid Unicode text (\\ud800)",
+    ),
+    Case(
+        "jsonl-id-not-a-name",
+        lambda c: ["train", c.config, c.jsonl('{"id": null, "prompt": "p", "answer": "a"}')],
+        "{tmp}/data.jsonl:2: field 'id': expected a string or an integer, got null",
+    ),
+    # --- run folders ---
+    Case(
+        "resume-without-a-run",
+        lambda c: ["train", c.config, "--resume"],
+        "--resume: {tmp}/run holds no run to resume (no config.yaml); start it without --resume",
+    ),
+    Case(
+        "run-config-edited-out-of-range",
+        lambda c: [
+            "eval",
+            c.run(
+                edit=lambda r: (r / "config.yaml").write_text(
+                    (r / "config.yaml").read_text().replace("seed: 0", "seed: -3")
+                )
+            ),
+        ],
+        "{tmp}/run/config.yaml: seed: expected an integer in [0, 2**32 - 1], got -3",
+    ),
+    Case(
+        "adapter-says-lora-in-an-rlora-run",
+        lambda c: ["eval", c.run(edit=lambda r: _edit_json(_adapter(r) / "adapter_config.json", peft_type="LORA"))],
+        "{tmp}/run/adapter/adapter_config.json: peft_type is 'LORA'; expected a 'RLORA' adapter",
+    ),
+    Case(
+        "a-lora-adapter-in-an-rlora-run",
+        lambda c: [
+            "eval",
+            c.run(
+                edit=lambda r: (shutil.rmtree(_adapter(r)), shutil.copytree(c.runs["lora"] / "adapter", _adapter(r)))
+            ),
+        ],
+        "{tmp}/run/adapter/adapter_config.json: peft_type is 'LORA'; expected a 'RLORA' adapter",
+    ),
+    Case(
+        "an-rlora-adapter-in-a-lora-run",
+        lambda c: [
+            "eval",
+            c.run(
+                "lora",
+                edit=lambda r: (shutil.rmtree(_adapter(r)), shutil.copytree(c.runs["rlora"] / "adapter", _adapter(r))),
+            ),
+        ],
+        "{tmp}/run/adapter/adapter_config.json: peft_type is 'RLORA'; expected a 'LORA' adapter",
+    ),
+    Case(
+        "adapter-peft-type-unknown",
+        lambda c: ["eval", c.run(edit=lambda r: _edit_json(_adapter(r) / "adapter_config.json", peft_type="FOO"))],
+        "{tmp}/run/adapter/adapter_config.json: peft_type 'FOO' is not a PEFT method (R-LoRA's is 'RLORA', LoRA's "
+        "'LORA')",
+    ),
+    Case(
+        "adapter-of-another-method",
+        lambda c: ["eval", c.run(edit=lambda r: _edit_json(_adapter(r) / "adapter_config.json", head_init="zeros"))],
+        "{tmp}/run/adapter/adapter_config.json: head_init is 'zeros'; the run's config (method rlora) gives 'random'",
+    ),
+    Case(
+        "adapter-setting-out-of-range",
+        lambda c: ["eval", c.run(edit=lambda r: _edit_json(_adapter(r) / "adapter_config.json", num_heads=0))],
+        "{tmp}/run/adapter/adapter_config.json: RLoraConfig.num_heads: expected an integer >= 1, got 0",
+    ),
+    Case(
+        "adapter-config-not-json",
+        lambda c: ["eval", c.run(edit=lambda r: (_adapter(r) / "adapter_config.json").write_text("{"))],
+        "{tmp}/run/adapter/adapter_config.json: not a readable JSON file (...)",
+    ),
+    Case(
+        "adapter-config-missing",
+        lambda c: ["eval", c.run(edit=lambda r: (_adapter(r) / "adapter_config.json").unlink())],
+        "{tmp}/run/adapter/adapter_config.json: missing; an adapter folder holds adapter_config.json and "
+        "adapter_model.safetensors",
+    ),
+    Case(
+        "adapter-weights-missing",
+        lambda c: ["eval", c.run(edit=lambda r: (_adapter(r) / "adapter_model.safetensors").unlink())],
+        "{tmp}/run/adapter/adapter_model.safetensors: missing; an adapter folder holds adapter_config.json and "
+        "adapter_model.safetensors",
+    ),
+    Case(
+        "adapter-weights-truncated",
+        lambda c: ["eval", c.run(edit=lambda r: _truncate(_adapter(r) / "adapter_model.safetensors"))],
+        "{tmp}/run/adapter/adapter_model.safetensors: not a whole safetensors file, truncated or damaged (Error while "
+        "deserializing header: ...)",
+    ),
+    Case(
+        "adapter-weights-empty",
+        lambda c: ["eval", c.run(edit=lambda r: (_adapter(r) / "adapter_model.safetensors").write_bytes(b""))],
+        "{tmp}/run/adapter/adapter_model.safetensors: not a whole safetensors file, truncated or damaged (Error while "
+        "deserializing header: ...)",
+    ),
+    Case(
+        "analyze-adapter-weights-truncated",
+        lambda c: ["analyze", c.run(edit=lambda r: _truncate(_adapter(r) / "adapter_model.safetensors"))],
+        "{tmp}/run/adapter/adapter_model.safetensors: not a whole safetensors file, truncated or damaged (...)",
+    ),
+    Case(
+        "analyze-init-adapter-truncated",
+        lambda c: ["analyze", c.run(edit=lambda r: _truncate(r / "adapter_init" / "adapter_model.safetensors", 0.9))],
+        "{tmp}/run/adapter_init/adapter_model.safetensors: not a whole safetensors file, truncated or damaged (...)",
+    ),
+    Case(
+        "adapter-tensor-missing",
+        lambda c: [
+            "eval",
+            c.run(edit=lambda r: _edit_tensors(_adapter(r) / "adapter_model.safetensors", lambda t: t.pop(RLORA_A))),
+        ],
+        "{tmp}/run/adapter/adapter_model.safetensors: tensor '" + RLORA_A + "' is missing (missing: 1 of the 30 "
+        "tensors of this RLORA adapter (r=4))",
+        loads_model=True,
+    ),
+    Case(
+        "adapter-tensor-of-another-shape",
+        lambda c: [
+            "eval",
+            c.run(
+                edit=lambda r: _edit_tensors(
+                    _adapter(r) / "adapter_model.safetensors", lambda t: t.update({RLORA_A: torch.zeros(4, 33)})
+                )
+            ),
+        ],
+        "{tmp}/run/adapter/adapter_model.safetensors: tensor '" + RLORA_A + "' has shape [4, 33]; this RLORA adapter "
+        "(r=4) needs [4, 32]",
+        loads_model=True,
+    ),
+    Case(
+        "adapter-tensor-left-unused",
+        lambda c: [
+            "eval",
+            c.run(
+                edit=lambda r: _edit_tensors(
+                    _adapter(r) / "adapter_model.safetensors",
+                    lambda t: t.update({"base_model.model.extra": torch.zeros(2)}),
+                )
+            ),
+        ],
+        "{tmp}/run/adapter/adapter_model.safetensors: tensor 'base_model.model.extra' is not part of this RLORA "
+        "adapter (r=4) on this model; it would be left unused",
+        loads_model=True,
+    ),
+    Case(
+        "eval-a-folder-that-is-no-run",
+        lambda c: ["eval", str(c.tmp)],
+        "{tmp}: not a run folder (no config.yaml); train one with `rlora train`",
+    ),
+    Case(
+        "compare-with-a-negative-seed",
+        lambda c: ["compare", c.config, "--seeds", "1", "--first-seed", "-1"],
+        "compare: seed: expected an integer in [0, 2**32 - 1], got -1",
+    ),
+    Case(
+        "compare-into-a-file",
+        lambda c: ["compare", c.config, "--seeds", "1", "--output", c.file("out", "x")],
+        "compare: output_dir: {tmp}/out is a file, so {tmp}/out/hydralora/seed0 cannot be made",
+    ),
+]
+
+
+def _tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def _expected(template: str, **paths) -> re.Pattern:
+    text = re.escape("rlora: error: " + template.format(**paths))
+    return re.compile(text.replace(re.escape("..."), ".*") + "\n")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_on_stderr_and_an_exit_code_writing_nothing(
+    case, workspace, runs, tmp_path, monkeypatch, capsys
+):
+    loaded = []
+    real_load_model = rlora.models.load_model
+
+    def load_model(*args, **kwargs):
+        loaded.append(args)
+        return real_load_model(*args, **kwargs)
+
+    monkeypatch.setattr(rlora.models, "load_model", load_model)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", case.hub or _no_network)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    rlora.models._hub_options.cache_clear()
+    argv = case.argv(Ctx(workspace, tmp_path, runs))
+    before = _tree(tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err
+    if case.loads_model:  # the model's loading shows its progress bar first
+        assert "Traceback" not in err
+        err = err.splitlines(keepends=True)[-1]
+    assert _expected(case.error, tmp=tmp_path, ws=workspace, cfg=tmp_path / "run.yaml").fullmatch(err), err
+    assert code == case.code
+    assert _tree(tmp_path) == before, "something was written"
+    assert bool(loaded) == case.loads_model
+
+
+def test_precision_needs_an_accelerator(workspace, tmp_path, capsys):
+    if rlora.train._accelerator() is not None:
+        pytest.skip("this machine has an accelerator")
+    config = write_config(workspace, tmp_path / "run")
+    for precision in ("bf16", "fp16"):
+        assert main(["train", str(config), f"training.precision={precision}"]) == 2
+        assert capsys.readouterr().err == (
+            f"rlora: error: training.precision: {precision} needs a GPU (or another accelerator), and this machine "
+            "has none; use fp32 or auto\n"
+        )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_command_is_one_line_and_no_traceback_from_a_fresh_process(runs, tmp_path):
+    run = shutil.copytree(runs["rlora"], tmp_path / "run")
+    _edit_json(run / "adapter" / "adapter_config.json", peft_type="LORA")
+    result = subprocess.run(
+        [sys.executable, "-m", "rlora", "eval", str(run)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith("rlora: error: ") and "Traceback" not in result.stderr
+    assert not (run / "eval.json").exists()
+
+
+# --- the Python API: the same faults are the same errors ---
+
+
+def _model(workspace):
+    return AutoModelForCausalLM.from_pretrained(workspace / "model").eval()
+
+
+def test_api_errors_are_rlora_errors_of_the_expected_builtin_kind(workspace, runs, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    rlora.models._hub_options.cache_clear()
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text('{"prompt": ' + "[" * 100000 + "]" * 100000 + ', "answer": "a"}\n')
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("seed: 1\nseed: 2\n")
+    foo = shutil.copytree(runs["rlora"], tmp_path / "foo")
+    _edit_json(foo / "adapter" / "adapter_config.json", peft_type="FOO")
+    lora_typed = shutil.copytree(runs["rlora"], tmp_path / "lora_typed")
+    _edit_json(lora_typed / "adapter" / "adapter_config.json", peft_type="LORA")
+    cases = [
+        (lambda: load_run_config(twice), ConfigError, "line 2: key 'seed' is given twice"),
+        (lambda: read_jsonl_tasks([nested]), DataError, "nested.jsonl:1: invalid JSON: nested too deeply"),
+        (lambda: load_adapter(_model(workspace), foo / "adapter"), AdapterError, "peft_type 'FOO' is not a PEFT"),
+        (lambda: load_run(lora_typed), AdapterError, "peft_type is 'LORA'; expected a 'RLORA' adapter"),
+        (lambda: rlora.models.load_model_and_tokenizer("/no/such/dir"), ModelError, "no such folder: /no/such/dir"),
+        (lambda: rlora.models.load_tokenizer("someorg/somemodel"), ModelError, "and HF_HUB_OFFLINE is set"),
+        (
+            lambda: train(load_run_config(write_config(workspace, tmp_path / "none")), resume=True),
+            RunFolderError,
+            "--resume",
+        ),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=re.escape(message)) as raised:
+            call()
+        assert isinstance(raised.value, ValueError | OSError | RunFolderError)
+    assert not (tmp_path / "none").exists()
+
+
+def test_load_adapter_refuses_an_adapter_whose_tensors_are_not_its_types_and_leaves_the_model_as_it_was(
+    workspace, runs, tmp_path
+):
+    """The issue's silent case through the API: `peft_type` LORA over R-LoRA weights loads no weight at all in PEFT."""
+    lora_typed = shutil.copytree(runs["rlora"] / "adapter", tmp_path / "adapter")
+    _edit_json(lora_typed / "adapter_config.json", peft_type="LORA")
+    model = _model(workspace)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: tensor '.*lora_A.weight' is missing"):
+        load_adapter(model, lora_typed)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any("lora" in name for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("method", ["rlora", "lora"])
+def test_load_adapter_gives_what_peft_from_pretrained_gives(workspace, runs, method):
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    ours = load_adapter(_model(workspace), runs[method] / "adapter")
+    peft = PeftModel.from_pretrained(_model(workspace), runs[method] / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, peft(input_ids=ids).logits, rtol=0, atol=0)
+    assert not ours.training and not any(p.requires_grad for p in ours.parameters())
+    with torch.no_grad():
+        assert not torch.equal(ours(input_ids=ids).logits, _model(workspace)(input_ids=ids).logits)
+
+
+def test_load_adapter_adds_a_named_adapter_to_a_peft_model(workspace, runs):
+    model = load_adapter(_model(workspace), runs["rlora"] / "adapter")
+    load_adapter(model, runs["rlora"] / "adapter_init", "init", peft_type="RLORA")
+    assert set(model.peft_config) == {"default", "init"} and model.active_adapter == "default"
+    with pytest.raises(AdapterError, match="peft_type is 'RLORA'; expected a 'LORA' adapter"):
+        load_adapter(model, runs["rlora"] / "adapter_init", "other", peft_type="LORA")
+    assert set(model.peft_config) == {"default", "init"}
+
+
+# --- one writer per run folder ---
+
+
+def _hold_lock(run: Path) -> subprocess.Popen:
+    script = (
+        "import sys\nfrom rlora.run import RunFolder\n"
+        f"with RunFolder({str(run)!r}).writer():\n    print('held', flush=True)\n    sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_run_folder_that_a_live_process_writes_is_refused_until_that_process_dies(workspace, tmp_path, capsys):
+    config = write_config(workspace, tmp_path / "run")
+    holder = _hold_lock(tmp_path / "run")
+    try:
+        busy = (
+            f"{tmp_path / 'run'} is being written by another process (pid {holder.pid} on "
+            f"{socket.gethostname()}, since ...); wait for it to end, or choose another output_dir"
+        )
+        for argv in (["train", str(config)], ["train", str(config), "--resume"], ["eval", str(config)]):
+            assert main(argv) == 2
+            assert _expected(busy).fullmatch(capsys.readouterr().err)
+        assert sorted(os.listdir(tmp_path / "run")) == [".rlora-lock"]
+    finally:
+        holder.kill()  # killed: it cannot release anything itself
+        holder.wait()
+    assert (tmp_path / "run" / ".rlora-lock").exists()  # left behind, but no longer locked
+    assert main(["train", str(config), "training.max_steps=2"]) == 0
+    assert not (tmp_path / "run" / ".rlora-lock").exists() and (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_a_writer_that_ends_removes_its_lock_and_a_folder_it_made_and_left_empty(tmp_path):
+    folder = RunFolder(tmp_path / "run")
+    with pytest.raises(ModelError), folder.writer():
+        assert folder.lock.is_file()
+        raise ModelError("the model could not load")
+    assert not folder.root.exists()
+    with folder.writer():
+        folder.write_config(load_run_config(None))
+    assert sorted(os.listdir(folder.root)) == ["config.yaml"]
