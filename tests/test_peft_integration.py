@@ -191,7 +191,7 @@ def test_merge_and_unload_refuses_and_the_fixed_gate_merge_is_explicit(seed):
             {"head_init": "orthogonal"},
             r"RLoraConfig.head_init: expected one of 'random', 'zeros', got 'orthogonal'",
         ),
-        ({"init_gamma": 0}, r"RLoraConfig.init_gamma: expected a number > 0, got 0"),
+        ({"init_gamma": 0}, r"RLoraConfig.init_gamma: expected a finite number > 0, got 0"),
     ],
 )
 def test_bad_configuration_fails_at_construction_naming_the_field(kwargs, message):

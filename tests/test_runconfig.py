@@ -55,7 +55,7 @@ def test_the_dumped_config_loads_back_to_the_same_config(tmp_path):
         ("", ["training.lr"], r"override 'training.lr': expected KEY=VALUE"),
         ("", ["adapter.lora_dropout=1.5"], r"adapter.lora_dropout: expected a number in \[0, 1\), got 1.5"),
         ("", ["adapter.num_heads=0"], r"adapter.num_heads: expected an integer >= 1, got 0"),
-        ("", ["adapter.lora_alpha=0"], r"adapter.lora_alpha: expected a number > 0, got 0.0"),
+        ("", ["adapter.lora_alpha=0"], r"adapter.lora_alpha: expected a finite number > 0, got 0.0"),
         ("", ["adapter.router_init=uniform"], r"adapter.router_init: expected one of 'zeros', 'random', got 'uniform'"),
         ("", ["data.test_fraction=0"], r"data.test_fraction: expected a number in \(0, 1\), got 0.0"),
         ("", ["training.batch_size=0"], r"training.batch_size: expected an integer >= 1, got 0"),

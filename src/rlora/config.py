@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,12 +135,12 @@ def _is_number(v: object) -> bool:
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "r": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "num_heads": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "lora_alpha": (lambda v: _is_number(v) and 0 < v < math.inf, "a finite number > 0"),
     "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "head_init": (lambda v: v in HEAD_INITS, f"one of {', '.join(map(repr, HEAD_INITS))}"),
     "router_init": (lambda v: v in ROUTER_INITS, f"one of {', '.join(map(repr, ROUTER_INITS))}"),
     "head_dropout": (lambda v: isinstance(v, bool), "True or False"),
-    "init_gamma": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "init_gamma": (lambda v: _is_number(v) and 0 < v < math.inf, "a finite number > 0"),
     "use_rslora": (lambda v: isinstance(v, bool), "True or False"),
 }
 
