@@ -226,7 +226,17 @@ CASES = [
     Case(
         "lora-alpha-negative",
         lambda c: ["train", c.config, "adapter.lora_alpha=-1"],
-        "{cfg}: adapter.lora_alpha: expected a number > 0, got -1.0",
+        "{cfg}: adapter.lora_alpha: expected a finite number > 0, got -1.0",
+    ),
+    Case(
+        "lora-alpha-infinite",
+        lambda c: ["train", c.config, "adapter.lora_alpha=.inf"],
+        "{cfg}: adapter.lora_alpha: expected a finite number > 0, got inf",
+    ),
+    Case(
+        "init-gamma-infinite",
+        lambda c: ["train", c.config, "adapter.init_gamma=.inf"],
+        "{cfg}: adapter.init_gamma: expected a finite number > 0, got inf",
     ),
     Case(
         "lora-rank-zero",
@@ -268,6 +278,22 @@ CASES = [
         "output-dir-under-a-file",
         lambda c: ["train", c.config, f"output_dir={c.file('out', 'x')}/run"],
         "{cfg}: output_dir: {tmp}/out is a file, so {tmp}/out/run cannot be made",
+    ),
+    Case(
+        "output-dir-holds-other-files",
+        lambda c: ["train", c.config, f"output_dir={Path(c.file('other/notes.txt', 'x')).parent}"],
+        "{tmp}/other holds other files (notes.txt) and no run (no config.yaml); choose a new or empty output_dir",
+    ),
+    Case(
+        "eval-config-into-a-folder-holding-other-files",
+        lambda c: ["eval", c.config, f"output_dir={Path(c.file('other/notes.txt', 'x')).parent}"],
+        "{tmp}/other holds other files (notes.txt) and no run (no config.yaml); choose a new or empty output_dir",
+    ),
+    Case(
+        "cache-dir-is-a-file",
+        lambda c: ["train", c.config, "model=smollm2-135m", "--cache-dir", c.file("cache", "x")],
+        "the model cache {tmp}/cache: cannot make {tmp}/cache/models (Not a directory); give --cache-dir or "
+        "$RLORA_CACHE_DIR a folder that can be written",
     ),
     Case(
         "jsonl-is-a-folder",
@@ -632,7 +658,10 @@ def test_api_errors_are_rlora_errors_of_the_expected_builtin_kind(workspace, run
     _edit_json(foo / "adapter" / "adapter_config.json", peft_type="FOO")
     lora_typed = shutil.copytree(runs["rlora"], tmp_path / "lora_typed")
     _edit_json(lora_typed / "adapter" / "adapter_config.json", peft_type="LORA")
+    made_in_python = load_run_config(write_config(workspace, tmp_path / "none"))
+    made_in_python.seed = -1
     cases = [
+        (lambda: train(made_in_python), ConfigError, "run config: seed: expected an integer in [0, 2**32 - 1], got -1"),
         (lambda: load_run_config(twice), ConfigError, "line 2: key 'seed' is given twice"),
         (lambda: read_jsonl_tasks([nested]), DataError, "nested.jsonl:1: invalid JSON: nested too deeply"),
         (lambda: load_adapter(_model(workspace), foo / "adapter"), AdapterError, "peft_type 'FOO' is not a PEFT"),

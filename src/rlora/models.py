@@ -87,6 +87,13 @@ def resolve_model(name_or_path: str = DEFAULT_MODEL, cache_dir: str | os.PathLik
     if name_or_path in EMBEDDED_MODELS:
         target = cache_root(cache_dir) / "models" / name_or_path
         if not is_complete(target):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ModelError(
+                    f"the model cache {cache_root(cache_dir)}: cannot make {target.parent} ({error.strerror}); give "
+                    f"--cache-dir or ${CACHE_ENV_VAR} a folder that can be written"
+                ) from None
             _convert_embedded(name_or_path, target)
         return str(target)
     local = os.path.expanduser(name_or_path)

@@ -39,7 +39,7 @@ from .data_plan import DataPlan, plan_data
 from .errors import AdapterError, ConfigError, RunFolderError
 from .methods import PEFT_TYPES, adapter_config
 from .reports import results_table, similarity_table
-from .runconfig import RunConfig, dump_run_config, load_run_config
+from .runconfig import RunConfig, dump_run_config, load_run_config, validate_run_config
 
 
 class RunFolder:
@@ -70,12 +70,20 @@ class RunFolder:
         return complete_checkpoints(self.checkpoints)
 
     def check_config(self, cfg: RunConfig) -> None:
-        """Refuses to continue, reuse or overwrite a run folder that was made with another config."""
+        """Refuses to continue, reuse or overwrite a run folder that was made with another config, and to write a run
+        into a folder that holds other files (hidden ones aside: a lock, a temporary file)."""
         if self.config.is_file() and self.config.read_text() != dump_run_config(cfg):
             raise ConfigError(
                 f"{self.root} was made with a different config ({self.config}); use the same config and overrides, "
                 "or another output_dir"
             )
+        if not self.config.is_file() and self.root.is_dir():
+            others = sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))
+            if others:
+                raise RunFolderError(
+                    f"{self.root} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
+                    "and no run (no config.yaml); choose a new or empty output_dir"
+                )
 
     def check_free(self) -> None:
         """Refuses a folder that another process is writing (`writer`), naming it."""
@@ -221,6 +229,7 @@ def evaluate_config(cfg: RunConfig, cache_dir: str | None = None) -> dict:
     """Evaluates the base model of a run config on its held-out split (`rlora eval CONFIG`), into `cfg.output_dir`:
     its config and base results, written once the model has loaded. A folder made with another config, or that
     another process is writing, is refused first."""
+    validate_run_config(cfg, "run config")  # for a RunConfig made in Python: the file's checks
     folder = RunFolder(cfg.output_dir)
     folder.check_free()
     folder.check_config(cfg)

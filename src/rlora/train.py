@@ -27,7 +27,7 @@ from .data_plan import plan_data
 from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError
 from .methods import adapter_config
 from .run import RunFolder, checkpoint_dir, complete_checkpoints, incomplete_checkpoints
-from .runconfig import RunConfig
+from .runconfig import RunConfig, validate_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
 def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) -> Path:
     """Trains `cfg` into `cfg.output_dir` and returns the run folder. Bad input fails before the model loads and
     before anything is written; a folder that another process is training in is refused (`RunFolder.writer`)."""
+    validate_run_config(cfg, "run config")  # for a RunConfig made in Python: the file's checks
     folder = RunFolder(cfg.output_dir)
     if cfg.training.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
         raise MissingPackage("training.deepspeed: the deepspeed package is not installed; pip install deepspeed")
