@@ -263,6 +263,17 @@ CASES = [
         lambda c: ["train", c.config, "training.fsdp=bogus"],
         "training: the Trainer refuses these settings: Unknown `fsdp` option: bogus",
     ),
+    Case(
+        "fsdp-in-a-single-process",
+        lambda c: ["train", c.config, "training.fsdp=full_shard auto_wrap"],
+        "training.fsdp: FSDP shards the model over several processes; start them with torchrun or accelerate launch, "
+        "or leave training.fsdp unset",
+    ),
+    Case(
+        "fsdp-and-deepspeed",
+        lambda c: ["train", c.config, "training.fsdp=full_shard", f"training.deepspeed={c.file('ds.json', '{}')}"],
+        "{cfg}: training.fsdp: not together with training.deepspeed; give one of them",
+    ),
     # --- paths ---
     Case(
         "output-dir-empty",
@@ -523,6 +534,18 @@ CASES = [
         "{tmp}/run/adapter_init/adapter_model.safetensors: not a whole safetensors file, truncated or damaged (...)",
     ),
     Case(
+        "adapter-weights-not-finite",
+        lambda c: [
+            "eval",
+            c.run(
+                edit=lambda r: _edit_tensors(
+                    _adapter(r) / "adapter_model.safetensors", lambda t: t[RLORA_A].__setitem__((0, 0), float("nan"))
+                )
+            ),
+        ],
+        "{tmp}/run/adapter/adapter_model.safetensors: tensor '" + RLORA_A + "' holds NaN or infinite values",
+    ),
+    Case(
         "adapter-tensor-missing",
         lambda c: [
             "eval",
@@ -733,6 +756,7 @@ def _hold_lock(run: Path) -> subprocess.Popen:
 def test_a_run_folder_that_a_live_process_writes_is_refused_until_that_process_dies(workspace, tmp_path, capsys):
     config = write_config(workspace, tmp_path / "run")
     holder = _hold_lock(tmp_path / "run")
+    RunFolder(tmp_path / "run").write_config(load_run_config(config))  # as training does once its model has loaded
     try:
         busy = (
             f"{tmp_path / 'run'} is being written by another process (pid {holder.pid} on "
@@ -741,12 +765,17 @@ def test_a_run_folder_that_a_live_process_writes_is_refused_until_that_process_d
         for argv in (["train", str(config)], ["train", str(config), "--resume"], ["eval", str(config)]):
             assert main(argv) == 2
             assert _expected(busy).fullmatch(capsys.readouterr().err)
-        assert sorted(os.listdir(tmp_path / "run")) == [".rlora-lock"]
+        assert main(["eval", str(tmp_path / "run")]) == 2
+        assert _expected(
+            f"{tmp_path / 'run'}: the run has no adapter yet; it is being trained (pid {holder.pid} on ...): wait for "
+            "it to end"
+        ).fullmatch(capsys.readouterr().err)
+        assert sorted(os.listdir(tmp_path / "run")) == [".rlora-lock", "config.yaml"]
     finally:
         holder.kill()  # killed: it cannot release anything itself
         holder.wait()
     assert (tmp_path / "run" / ".rlora-lock").exists()  # left behind, but no longer locked
-    assert main(["train", str(config), "training.max_steps=2"]) == 0
+    assert main(["train", str(config)]) == 0
     assert not (tmp_path / "run" / ".rlora-lock").exists() and (tmp_path / "run" / "adapter").is_dir()
 
 

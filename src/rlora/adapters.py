@@ -7,7 +7,7 @@ raises an `AdapterError` that names the file and the field or tensor:
 
 - `adapter_config.json` is a JSON object whose `peft_type` is a PEFT method (the one expected, when the caller says
   which) and whose settings that method's config accepts;
-- `adapter_model.safetensors` is a whole safetensors file;
+- `adapter_model.safetensors` is a whole safetensors file, its weights finite numbers;
 - its tensors are exactly the adapter's on this model: every one the adapter has, with its shape, and none that it
   would leave unused.
 """
@@ -100,9 +100,14 @@ def _read_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         raise AdapterError(f"{file}: missing; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
         with safe_open(str(file), framework="pt") as weights:
-            return {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118 (not a dict)
+            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118 (not a dict)
+            for key in shapes:
+                tensor = weights.get_tensor(key)
+                if tensor.is_floating_point() and not tensor.isfinite().all():
+                    raise AdapterError(f"{file}: tensor {key!r} holds NaN or infinite values")
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{file}: not a whole safetensors file, truncated or damaged ({error})") from None
+    return shapes
 
 
 def _shapes(state_dict: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -135,7 +135,7 @@ def _add_show(subparsers) -> None:
     parser.add_argument(
         "--model", help=f"show the tokenized sequence for this model (default with --chat-template: {DEFAULT_MODEL})"
     )
-    parser.add_argument("--max-length", type=int, default=512, help="truncation length in tokens")
+    parser.add_argument("--max-length", type=positive_int, default=512, help="truncation length in tokens")
     _add_cache_dir(parser)
     _add_data_options(parser)
     parser.set_defaults(func=_show)

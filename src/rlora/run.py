@@ -169,7 +169,13 @@ def load_run(
     folder = RunFolder(run_dir)
     cfg = folder.read_config()
     if adapter and not folder.adapter.is_dir():
-        raise RunFolderError(f"{folder.root}: the run has no adapter yet; finish it with `rlora train ... --resume`")
+        holder = held_by(folder.lock)
+        then = (
+            f"it is being trained ({holder}): wait for it to end"
+            if holder
+            else "finish it with `rlora train ... --resume`"
+        )
+        raise RunFolderError(f"{folder.root}: the run has no adapter yet; {then}")
     if multi_head and cfg.method == "lora":
         raise RunFolderError(f"{folder.root}: a plain LoRA run has one head and no router; analyze a multi-head run")
     if adapter:

@@ -323,6 +323,8 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
         raise ConfigError(f"{source}: data: no tasks: give data.tasks (built-in names) or data.jsonl (files)")
     for i, file in enumerate(cfg.data.jsonl):
         _check_file(Path(file).expanduser(), f"{source}: data.jsonl[{i}]")
+    if cfg.training.deepspeed is not None and cfg.training.fsdp:
+        raise ConfigError(f"{source}: training.fsdp: not together with training.deepspeed; give one of them")
     if cfg.training.deepspeed is not None:
         _check_deepspeed(Path(cfg.training.deepspeed).expanduser(), f"{source}: training.deepspeed")
     _check_output_dir(cfg.output_dir, f"{source}: output_dir")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.training_args import ParallelMode
 
 from . import models
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir
@@ -156,6 +157,11 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
         if isinstance(error, ConfigError):
             raise
         raise ConfigError(f"training: the Trainer refuses these settings: {' '.join(str(error).split())}") from None
+    if args.fsdp and not args.fsdp_config.get("xla", False) and args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise ConfigError(
+            "training.fsdp: FSDP shards the model over several processes; start them with torchrun or accelerate "
+            "launch, or leave training.fsdp unset"
+        )
     is_main = args.process_index == 0  # the one process that writes the run folder (and holds its lock)
     if is_main:
         folder.check_free()
