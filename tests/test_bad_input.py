@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM
 import rlora.models
 import rlora.train
 from rlora import load_adapter
+from rlora._io import mark_complete
 from rlora.cli import main
 from rlora.data import read_jsonl_tasks
 from rlora.errors import AdapterError, ConfigError, DataError, ModelError, RunFolderError
@@ -119,6 +120,20 @@ def _broken_model(c: Ctx) -> str:
     shutil.copytree(c.ws / "model", c.tmp / "model")
     _truncate(c.tmp / "model" / "model.safetensors")
     return str(c.tmp / "model")
+
+
+def _unfinished_run(c: Ctx, damage: Callable[[Path], object]) -> list[str]:
+    """`rlora train CONFIG --resume` on a run that stopped after its checkpoint-2, which `damage` then changed."""
+    run = Path(c.run())
+    RunFolder(run).write_config(load_run_config(c.config))  # the run of this config, in this folder
+    checkpoint = run / "checkpoints" / "checkpoint-2"
+    shutil.copytree(run / "adapter", checkpoint)
+    shutil.rmtree(run / "adapter")
+    (checkpoint / "trainer_state.json").write_text("{}")
+    torch.save({"state": {}, "param_groups": []}, checkpoint / "optimizer.pt")
+    mark_complete(checkpoint)
+    damage(checkpoint)
+    return ["train", c.config, "--resume"]
 
 
 @dataclass
@@ -439,6 +454,18 @@ CASES = [
         "resume-without-a-run",
         lambda c: ["train", c.config, "--resume"],
         "--resume: {tmp}/run holds no run to resume (no config.yaml); start it without --resume",
+    ),
+    Case(
+        "resume-from-a-checkpoint-cut-short",
+        lambda c: _unfinished_run(c, lambda ckpt: _truncate(ckpt / "optimizer.pt")),
+        "{tmp}/run/checkpoints/checkpoint-2/optimizer.pt: not a whole file, truncated or damaged; to resume from "
+        "step 0 instead, remove {tmp}/run/checkpoints/checkpoint-2",
+    ),
+    Case(
+        "resume-from-a-checkpoint-of-another-method",
+        lambda c: _unfinished_run(c, lambda ckpt: _edit_json(ckpt / "adapter_config.json", head_init="zeros")),
+        "{tmp}/run/checkpoints/checkpoint-2/adapter_config.json: head_init is 'zeros'; the run's config (method "
+        "rlora) gives 'random'; to resume from step 0 instead, remove {tmp}/run/checkpoints/checkpoint-2",
     ),
     Case(
         "run-config-edited-out-of-range",

@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,31 @@ def incomplete_checkpoints(checkpoints: Path) -> list[Path]:
 
 
 def _checkpoints(checkpoints: Path) -> list[Path]:
-    return list(checkpoints.glob("checkpoint-*")) if checkpoints.is_dir() else []
+    found = checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else []
+    return [p for p in found if p.name.removeprefix("checkpoint-").isdigit()]
+
+
+TRAINER_STATE = "trainer_state.json"  # the Trainer's (transformers.trainer_callback.TRAINER_STATE_NAME)
+TORCH_FILES = ("*.pt", "*.pth", "*.bin")  # what the Trainer writes with torch.save (optimizer, scheduler, rng, args)
+
+
+def checkpoint_problem(checkpoint: Path, cfg: RunConfig) -> str | None:
+    """None if training can resume from `checkpoint`: its adapter (when it holds one) is the run's, its trainer state
+    and the files it saved with torch are whole; else what is wrong, naming the file."""
+    if (checkpoint / CONFIG_FILE).is_file():
+        try:
+            check_adapter(checkpoint, cfg)
+        except AdapterError as error:
+            return str(error)
+    state = checkpoint / TRAINER_STATE
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"{state}: not a readable JSON file ({error})"
+    for file in sorted(f for pattern in TORCH_FILES for f in checkpoint.glob(pattern)):
+        if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; a cut one has no directory at its end
+            return f"{file}: not a whole file, truncated or damaged"
+    return None
 
 
 @dataclass

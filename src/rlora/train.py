@@ -27,7 +27,7 @@ from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete
 from .data_plan import plan_data
 from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError
 from .methods import adapter_config
-from .run import RunFolder, checkpoint_dir, complete_checkpoints, incomplete_checkpoints
+from .run import RunFolder, checkpoint_dir, checkpoint_problem, complete_checkpoints, incomplete_checkpoints
 from .runconfig import RunConfig, validate_run_config
 
 logger = logging.getLogger(__name__)
@@ -226,6 +226,11 @@ def _check_folder(folder: RunFolder, cfg: RunConfig, resume: bool) -> None:
             f"--resume: {folder.root} holds no run to resume (no config.yaml); start it without --resume"
         )
     folder.check_config(cfg)
+    checkpoints = folder.complete_checkpoints()
+    problem = checkpoint_problem(checkpoints[-1], cfg) if resume and checkpoints else None
+    if problem is not None:
+        before = checkpoints[-2].name if len(checkpoints) > 1 else "step 0"
+        raise RunFolderError(f"{problem}; to resume from {before} instead, remove {checkpoints[-1]}")
 
 
 def ensure_trained(cfg: RunConfig, cache_dir: str | None = None) -> Path:
