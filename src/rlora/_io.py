@@ -144,7 +144,7 @@ def held_by(path: str | Path) -> str | None:
     """What the holder of the lock `path` wrote in it while another process holds it, else None."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    except OSError:  # none, or not ours to read: taking the lock will say
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -101,10 +101,14 @@ class RunFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         try:
-            with exclusive_lock(self.lock, holder):
+            with contextlib.ExitStack() as held:
+                try:
+                    held.enter_context(exclusive_lock(self.lock, holder))
+                except Busy as busy:
+                    raise self._busy(busy.holder) from None
+                except PermissionError as error:
+                    raise RunFolderError(f"{self.lock}: cannot take the run's lock ({error.strerror})") from None
                 yield
-        except Busy as busy:
-            raise self._busy(busy.holder) from None
         finally:
             if made and self.root.is_dir() and not any(self.root.iterdir()):
                 self.root.rmdir()
