@@ -114,6 +114,23 @@ def router_usage(
     return usage
 
 
+@torch.no_grad()
+def favoured_heads(model: torch.nn.Module, ids: Sequence[int], adapter_name: str = "default") -> dict:
+    """Which head the router favours (argmax gate) at every token of `ids` in every adapted layer, from one forward
+    pass over the whole sequence: {"layers": ["<index>.<module>", ...], "heads": (tokens, layers) int64 tensor,
+    "num_heads": K}."""
+    model.eval()
+    device = next(model.parameters()).device
+    with record_gates(model, adapter_name) as records:
+        model(input_ids=torch.tensor([list(ids)], device=device))
+    names = list(records)
+    if not names:
+        raise ValueError(f"no adapted layer with the adapter {adapter_name!r}")
+    heads = torch.stack([records[name][0].reshape(len(ids), -1).argmax(-1) for name in names], dim=1)
+    layers = ["{}.{}".format(*describe(name)) for name in names]
+    return {"layers": layers, "heads": heads, "num_heads": records[names[0]][0].shape[-1]}
+
+
 def head_projection(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, dict]:
     """Per module type: the 2-D PCA coordinates of every (layer, head), with the head and layer indices."""
     groups: dict[str, list[tuple[int, torch.Tensor]]] = {}

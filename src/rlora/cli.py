@@ -264,6 +264,65 @@ def _add_analyze(subparsers) -> None:
     parser.set_defaults(func=_analyze)
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import Sampling, check_routing_path, generate_run
+
+    check_routing_path(args.routing)
+    prompts = args.prompts or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    sampling = Sampling(args.max_new_tokens, args.do_sample, args.temperature, args.top_p)
+    generate_run(
+        args.run_dir,
+        prompts,
+        sampling=sampling,
+        chat_template=args.chat_template,
+        routing=args.routing,
+        cache_dir=args.cache_dir,
+    )
+    if args.routing:
+        print(f"routing map written to {args.routing}")
+    return 0
+
+
+def _add_generate(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate text with a trained run, optionally mapping its routing")
+    parser.add_argument("run_dir", help="a run folder (from `rlora train`)")
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: one per line from stdin)")
+    parser.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap each prompt in the model's chat template (default: as the run was trained)",
+    )
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="(default: %(default)s)")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=positive_float, default=1.0, help="with --do-sample (default: 1.0)")
+    parser.add_argument("--top-p", type=probability, default=1.0, help="with --do-sample (default: 1.0)")
+    parser.add_argument(
+        "--routing",
+        metavar="FILE.png|FILE.html",
+        help="also draw the head each adapted layer's router favours at every token (multi-head runs)",
+    )
+    _add_cache_dir(parser)
+    parser.set_defaults(func=_generate)
+
+
 LM_EVAL_HINT = 'pip install "rlora[lm-eval]"'
 
 
@@ -347,7 +406,17 @@ def _add_lm_eval(subparsers) -> None:
     parser.set_defaults(func=_lm_eval)
 
 
-SUBCOMMANDS = (_add_tasks, _add_show, _add_train, _add_eval, _add_demo, _add_compare, _add_analyze, _add_lm_eval)
+SUBCOMMANDS = (
+    _add_tasks,
+    _add_show,
+    _add_train,
+    _add_eval,
+    _add_demo,
+    _add_compare,
+    _add_analyze,
+    _add_generate,
+    _add_lm_eval,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

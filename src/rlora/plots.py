@@ -93,3 +93,30 @@ def plot_comparison(summary: dict, path: str | Path) -> None:
         ax.set_title(f"mean ± 95% CI over {len(summary['seeds'])} seeds")
         ax.legend(fontsize=7, ncol=min(5, len(per_method)))
     save_png(fig, path)
+
+
+def plot_routing(maps: list[dict], num_heads: int, path: str | Path) -> None:
+    """Per prompt, a token (rows) x adapted layer (columns) map of the head the router favours, coloured by head with a
+    legend; a line marks where the generated tokens start. `maps` items: tokens, heads (tokens, layers), layers,
+    prompt_tokens."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from .reports import head_colour
+
+    colours = [head_colour(k) for k in range(num_heads)]
+    heights = [max(1.5, 0.16 * len(m["tokens"])) for m in maps]
+    width = max(5.0, 2.5 + 0.16 * max(len(m["layers"]) for m in maps))
+    fig = Figure(figsize=(min(width, 40), min(sum(heights) + 1.2, 200)), layout="constrained")
+    axes = fig.subplots(len(maps), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for i, (ax, m) in enumerate(zip(axes, maps, strict=True)):
+        heads = np.asarray(m["heads"])
+        ax.imshow(heads, cmap=ListedColormap(colours), vmin=-0.5, vmax=num_heads - 0.5, aspect="auto")
+        ax.set_yticks(range(len(m["tokens"])), [repr(t)[1:-1] for t in m["tokens"]], fontsize=6)
+        ax.set_xticks(range(len(m["layers"])), m["layers"], rotation=90, fontsize=6)
+        if 0 < m["prompt_tokens"] < len(m["tokens"]):
+            ax.axhline(m["prompt_tokens"] - 0.5, color="black", lw=1.5)
+        ax.set_title(f"prompt {i + 1}: favoured head (generated tokens below the line)", fontsize=8)
+    handles = [Patch(color=c, label=f"head {k}") for k, c in enumerate(colours)]
+    fig.legend(handles=handles, loc="outside upper center", fontsize=7, ncol=min(num_heads, 10))
+    save_png(fig, path)

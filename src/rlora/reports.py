@@ -117,3 +117,61 @@ def _ci_rows(names: list[str], tasks: list[str], columns: Iterable[dict]) -> lis
         [name] + [format_ci(col[task]["mean"], col[task]["ci95"]) for col in columns]
         for name, task in zip(names, tasks, strict=True)
     ]
+
+
+# One colour per router head (matplotlib's tab10, then tab20's lighter shades), shared by the PNG and HTML maps.
+HEAD_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#c7c7c7",
+    "#dbdb8d",
+    "#9edae5",
+)
+
+
+def head_colour(head: int) -> str:
+    return HEAD_COLOURS[head % len(HEAD_COLOURS)]
+
+
+def routing_html(maps: Sequence[dict], num_heads: int) -> str:
+    """A self-contained HTML page: per prompt, a table of tokens (rows) by adapted layer (columns), each cell coloured
+    by the head the router favours there (its number in the cell); generated tokens in bold; a legend of heads."""
+    from html import escape
+
+    legend = " ".join(
+        f'<span style="background:{head_colour(k)};padding:0 6px">head {k}</span>' for k in range(num_heads)
+    )
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>rlora routing</title><style>"
+        "table{border-collapse:collapse;font:11px monospace}td,th{border:1px solid #fff;padding:1px 3px}"
+        "th{writing-mode:vertical-rl}td.t{white-space:pre;text-align:right}</style></head><body>",
+        f"<p>Favoured head (argmax gate) per token and adapted layer. {legend}</p>",
+    ]
+    for i, m in enumerate(maps):
+        parts.append(f"<h3>prompt {i + 1}</h3><table><tr><th>token</th>")
+        parts += [f"<th>{escape(layer)}</th>" for layer in m["layers"]]
+        parts.append("</tr>")
+        for t, token in enumerate(m["tokens"]):
+            text = escape(repr(token)[1:-1])
+            label = f"<b>{text}</b>" if t >= m["prompt_tokens"] else text
+            parts.append(f"<tr><td class='t'>{label}</td>")
+            parts += [f'<td style="background:{head_colour(int(k))}">{int(k)}</td>' for k in m["heads"][t]]
+            parts.append("</tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

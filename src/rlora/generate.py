@@ -1,0 +1,110 @@
+"""`rlora generate`: text from a trained run, streamed to the terminal, and (with `routing`) which head each adapted
+layer's router favours at every token, drawn as a map (PNG) or a coloured table (HTML)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ConfigError, ModelError, RunFolderError
+from .run import RunFolder, load_run
+
+ROUTING_FORMATS = (".png", ".html")
+
+
+@dataclasses.dataclass
+class Sampling:
+    """Greedy unless `do_sample`; then `temperature` and `top_p` as in transformers' `generate`."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def kwargs(self) -> dict:
+        if not self.do_sample:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return dataclasses.asdict(self)
+
+
+def check_routing_path(path: str | Path | None) -> None:
+    if path is not None and Path(path).suffix.lower() not in ROUTING_FORMATS:
+        raise ConfigError(f"--routing {path}: expected a file ending in {' or '.join(ROUTING_FORMATS)}")
+
+
+def generate_run(
+    run_dir: str | Path,
+    prompts: Sequence[str],
+    *,
+    sampling: Sampling | None = None,
+    chat_template: bool | None = None,
+    routing: str | Path | None = None,
+    cache_dir: str | None = None,
+    stream: bool = True,
+) -> list[dict]:
+    """Generates a continuation of each prompt with the run's adapter (`load_run`, which checks it), printing it as
+    it comes (transformers' `TextStreamer`) when `stream`. `chat_template`: wrap each prompt in the tokenizer's chat
+    template (None: as the run was trained). With `routing` (.png or .html), also draws which head every adapted
+    layer favours at every token of prompt and continuation (`analysis.favoured_heads`); only for a multi-head run.
+
+    Returns per prompt {"prompt", "text" (the continuation), "ids" (prompt and continuation), "prompt_tokens"} and,
+    with `routing`, "tokens", "layers", "heads" ((tokens, layers) tensor) and "num_heads"."""
+    import torch
+    from transformers import TextStreamer
+
+    from .analysis import favoured_heads
+    from .data.tokenize import encode_context
+
+    if not prompts:
+        raise ConfigError("no prompt: give prompts as arguments, or one per line on stdin")
+    check_routing_path(routing)
+    if routing is not None and RunFolder(run_dir).read_config().method == "lora":
+        raise RunFolderError(
+            f"{run_dir}: a plain LoRA run has one head and no router; --routing needs a multi-head run"
+        )
+    sampling = sampling or Sampling()
+    run = load_run(run_dir, cache_dir)
+    model, tokenizer = run.model, run.tokenizer
+    use_chat = run.cfg.data.chat_template if chat_template is None else chat_template
+    if use_chat and not getattr(tokenizer, "chat_template", None):
+        raise ModelError(f"model {run.cfg.model!r}: its tokenizer has no chat template; leave out --chat-template")
+    model.eval()
+    device = next(model.parameters()).device
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs = []
+    for prompt in prompts:
+        ids = encode_context(tokenizer, prompt, use_chat)
+        if stream:
+            print(f"=== {prompt}", flush=True)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([ids], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                pad_token_id=pad,
+                streamer=streamer,
+                **sampling.kwargs(),
+            )[0].tolist()
+        new = out[len(ids) :]
+        result = {"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True), "ids": out}
+        result["prompt_tokens"] = len(ids)
+        if routing is not None:
+            result |= favoured_heads(model, out)
+            result["tokens"] = [tokenizer.decode([i]) for i in out]
+        outputs.append(result)
+    if routing is not None:
+        write_routing(outputs, routing)
+    return outputs
+
+
+def write_routing(maps: list[dict], path: str | Path) -> None:
+    from ._io import atomic_write_text
+    from .plots import plot_routing
+    from .reports import routing_html
+
+    num_heads = maps[0]["num_heads"]
+    if Path(path).suffix.lower() == ".html":
+        atomic_write_text(path, routing_html(maps, num_heads))
+    else:
+        plot_routing(maps, num_heads, path)

@@ -1,0 +1,108 @@
+"""`rlora generate`: text from a run (streamed), the routing map (PNG / HTML) and its values, and bad input."""
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny import adapted_layer_calls, perturb_adapter, write_config
+from transformers import AutoModelForCausalLM
+
+from rlora.analysis import favoured_heads
+from rlora.cli import main
+from rlora.generate import Sampling, generate_run
+from rlora.run import RunFolder, load_run
+from rlora.runconfig import load_run_config
+from rlora.train import build_peft_model
+
+
+@pytest.fixture(scope="module")
+def runs(workspace, tmp_path_factory) -> dict[str, Path]:
+    """A finished run folder of each kind (R-LoRA, plain LoRA), made without training; routers moved off uniform."""
+    made = {}
+    for method in ("rlora", "lora"):
+        out = tmp_path_factory.mktemp("gen_runs") / method
+        cfg = load_run_config(write_config(workspace, out), [f"method={method}"])
+        folder = RunFolder(out)
+        folder.write_config(cfg)
+        model = build_peft_model(cfg, AutoModelForCausalLM.from_pretrained(workspace / "model"))
+        model.save_pretrained(folder.adapter_init)
+        perturb_adapter(model, scale=1.0)
+        model.save_pretrained(folder.adapter)
+        made[method] = out
+    return made
+
+
+def test_generate_streams_text_and_draws_the_routing_map(runs, tmp_path, capsys):
+    png = tmp_path / "routing.png"
+    code = main(["generate", str(runs["rlora"]), "Question: is the sky blue?", "Answer:", "--routing", str(png)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "=== Question: is the sky blue?" in out and "=== Answer:" in out
+    assert f"routing map written to {png}" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_generated_text_is_greedy_and_matches_transformers(runs):
+    results = generate_run(runs["rlora"], ["Answer: yes"], sampling=Sampling(max_new_tokens=5), stream=False)
+    run = load_run(runs["rlora"])
+    ids = run.tokenizer("Answer: yes")["input_ids"]
+    expected = run.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False)[0].tolist()
+    assert results[0]["ids"] == expected
+    assert results[0]["text"] == run.tokenizer.decode(expected[len(ids) :], skip_special_tokens=True)
+
+
+def test_prompts_come_from_stdin_one_per_line(runs, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first prompt\n\nsecond prompt\n"))
+    assert main(["generate", str(runs["rlora"]), "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "=== first prompt" in out and "=== second prompt" in out
+
+
+def test_routing_html_is_a_coloured_table(runs, tmp_path):
+    html = tmp_path / "routing.html"
+    (result,) = generate_run(runs["rlora"], ["Answer: no"], routing=html, stream=False)
+    text = html.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "head 0" in text and "head 2" in text
+    assert text.count("<tr>") == len(result["tokens"]) + 1
+
+
+def test_the_map_is_the_argmax_gate_of_each_token_and_layer(runs):
+    run = load_run(runs["rlora"])
+    model = run.model.double()
+    ids = run.tokenizer("Question: is the sky blue? Answer: yes")["input_ids"]
+    found = favoured_heads(model, ids)
+    layers = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "RLoraLinear"]
+    assert found["heads"].shape == (len(ids), len(layers)) and found["num_heads"] == 3
+    assert found["layers"][:3] == ["0.gate_proj", "0.up_proj", "0.down_proj"]
+    name, layer = layers[1]
+    with adapted_layer_calls(model) as calls, torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    (x,) = [x for m, x, _ in calls if m is layer]
+    router = layer.rlora_router["default"].detach()
+    naive = []
+    for t in range(len(ids)):  # softmax by hand, then the largest gate
+        logits = [sum(float(router[k, i]) * float(x[0, t, i]) for i in range(x.shape[-1])) for k in range(3)]
+        exp = [torch.tensor(v).exp().item() for v in logits]
+        gates = [e / sum(exp) for e in exp]
+        naive.append(max(range(3), key=gates.__getitem__))
+    assert found["heads"][:, 1].tolist() == naive
+    assert len(set(found["heads"].flatten().tolist())) > 1  # a moved router: not one head everywhere
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "{tmp}/nothing", "hi"], "{tmp}/nothing"),
+        (["generate", "{lora}", "hi", "--routing", "{tmp}/r.png"], "a plain LoRA run has one head and no router"),
+        (["generate", "{rlora}", "hi", "--routing", "{tmp}/r.pdf"], "expected a file ending in .png or .html"),
+    ],
+)
+def test_bad_input_is_one_line(runs, tmp_path, capsys, argv, message):
+    fill = {"tmp": tmp_path, "lora": runs["lora"], "rlora": runs["rlora"]}
+    assert main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("rlora: error: "), err
+    assert message.format(**fill) in err
+    assert not (tmp_path / "r.png").exists()
