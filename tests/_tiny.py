@@ -157,3 +157,26 @@ def fixed_gate_weight_bound(layer, gates: torch.Tensor, dtype: torch.dtype, name
     if name in layer.rlora_offset_A:
         magnitude = magnitude + layer.rlora_offset_B[name].double().abs() @ layer.rlora_offset_A[name].double().abs()
     return (k + 2 * r + 4) * torch.finfo(dtype).eps * magnitude
+
+
+def untrained_runs(workspace, root: Path, perturb_scale: float = 0.1) -> dict[str, Path]:
+    """A finished run folder of each kind (R-LoRA, plain LoRA) under `root`, made without training: its config,
+    the adapter as initialised, and the adapter moved off its init by `perturb_adapter` (routers included)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlora.run import RunFolder
+    from rlora.runconfig import load_run_config
+    from rlora.train import build_peft_model
+
+    made = {}
+    for method in ("rlora", "lora"):
+        out = root / method
+        cfg = load_run_config(write_config(workspace, out), [f"method={method}"])
+        folder = RunFolder(out)
+        folder.write_config(cfg)
+        model = build_peft_model(cfg, AutoModelForCausalLM.from_pretrained(workspace / "model"))
+        model.save_pretrained(folder.adapter_init)
+        perturb_adapter(model, scale=perturb_scale)
+        model.save_pretrained(folder.adapter)
+        made[method] = out
+    return made

@@ -23,7 +23,7 @@ from unittest import mock
 import huggingface_hub
 import pytest
 import torch
-from _tiny import perturb_adapter, write_config
+from _tiny import untrained_runs, write_config
 from huggingface_hub.errors import RepositoryNotFoundError
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -38,7 +38,7 @@ from rlora.data import read_jsonl_tasks
 from rlora.errors import AdapterError, ConfigError, DataError, ModelError, RunFolderError
 from rlora.run import RunFolder, load_run
 from rlora.runconfig import load_run_config
-from rlora.train import build_peft_model, train
+from rlora.train import train
 
 RLORA_A = "base_model.model.model.layers.0.mlp.up_proj.rlora_A"  # (r=4, d_in=32) in the tiny model
 MODELS = (
@@ -50,18 +50,7 @@ MODELS = (
 @pytest.fixture(scope="module")
 def runs(workspace, tmp_path_factory) -> dict[str, Path]:
     """A finished run folder of each kind (R-LoRA, plain LoRA), made without training: config, moved adapter, init."""
-    made = {}
-    for method in ("rlora", "lora"):
-        out = tmp_path_factory.mktemp("runs") / method
-        cfg = load_run_config(write_config(workspace, out), [f"method={method}"])
-        folder = RunFolder(out)
-        folder.write_config(cfg)
-        model = build_peft_model(cfg, AutoModelForCausalLM.from_pretrained(workspace / "model"))
-        model.save_pretrained(folder.adapter_init)
-        perturb_adapter(model)
-        model.save_pretrained(folder.adapter)
-        made[method] = out
-    return made
+    return untrained_runs(workspace, tmp_path_factory.mktemp("runs"))
 
 
 @dataclass

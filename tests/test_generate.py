@@ -6,32 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import adapted_layer_calls, perturb_adapter, write_config
-from transformers import AutoModelForCausalLM
+from _tiny import adapted_layer_calls, untrained_runs
 
 from rlora.analysis import favoured_heads
 from rlora.cli import main
 from rlora.generate import Sampling, generate_run
-from rlora.run import RunFolder, load_run
-from rlora.runconfig import load_run_config
-from rlora.train import build_peft_model
+from rlora.run import load_run
 
 
 @pytest.fixture(scope="module")
 def runs(workspace, tmp_path_factory) -> dict[str, Path]:
     """A finished run folder of each kind (R-LoRA, plain LoRA), made without training; routers moved off uniform."""
-    made = {}
-    for method in ("rlora", "lora"):
-        out = tmp_path_factory.mktemp("gen_runs") / method
-        cfg = load_run_config(write_config(workspace, out), [f"method={method}"])
-        folder = RunFolder(out)
-        folder.write_config(cfg)
-        model = build_peft_model(cfg, AutoModelForCausalLM.from_pretrained(workspace / "model"))
-        model.save_pretrained(folder.adapter_init)
-        perturb_adapter(model, scale=1.0)
-        model.save_pretrained(folder.adapter)
-        made[method] = out
-    return made
+    return untrained_runs(workspace, tmp_path_factory.mktemp("gen_runs"), perturb_scale=1.0)
 
 
 def test_generate_streams_text_and_draws_the_routing_map(runs, tmp_path, capsys):
