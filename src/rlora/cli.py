@@ -11,7 +11,6 @@ exit 2 (1 when training stopped); any other exception is a bug and keeps its tra
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -28,6 +27,7 @@ from .data import (
     load_task,
     read_jsonl_tasks,
     split_examples,
+    with_default_format,
 )
 from .data.split import bad_test_fraction
 from .errors import ConfigError, MissingPackage, RloraError, TrainingError
@@ -96,10 +96,7 @@ def _show(args: argparse.Namespace) -> int:
     user = _user_tasks(args)
     examples = user[args.task] if args.task in user else load_task(check_task_name(args.task))
     train, test = split_examples(examples, args.test_fraction)
-    chosen = [
-        dataclasses.replace(e, format=args.format) if e.is_multiple_choice and e.format is None else e
-        for e in (train if args.split == "train" else test)[: args.n]
-    ]
+    chosen = [with_default_format(e, args.format) for e in (train if args.split == "train" else test)[: args.n]]
     tokenizer = None
     if args.model or args.chat_template:
         from .models import load_tokenizer

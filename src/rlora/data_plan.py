@@ -7,7 +7,6 @@ unknown tasks and bad files fail fast.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from .data import (
     mixture_counts,
     read_jsonl_tasks,
     split_examples,
+    with_default_format,
 )
 from .data.split import SPLIT_SALT
 from .errors import DataError
@@ -67,10 +67,7 @@ def load_tasks(cfg: RunConfig) -> dict[str, list[Example]]:
     tasks = {name: load_task(name) for name in names}
     tasks.update(read_jsonl_tasks(cfg.data.jsonl, reserved=names))
     fmt = cfg.data.format
-    return {
-        name: [dataclasses.replace(e, format=fmt) if e.is_multiple_choice and e.format is None else e for e in examples]
-        for name, examples in tasks.items()
-    }
+    return {name: [with_default_format(e, fmt) for e in examples] for name, examples in tasks.items()}
 
 
 def plan_data(cfg: RunConfig) -> DataPlan:

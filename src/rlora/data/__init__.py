@@ -1,7 +1,7 @@
 """Multi-task data: the example schema, built-in and JSONL tasks, splits, mixtures, tokenizing."""
 
 from ..errors import DataError
-from .example import FORMATS, Example, choice_labels, gold_pair, render_pairs, render_prompt
+from .example import FORMATS, Example, choice_labels, gold_pair, render_pairs, render_prompt, with_default_format
 from .jsonl import read_jsonl_tasks
 from .mixture import build_mixture, format_mixture_table, mixture_counts
 from .registry import COMMONSENSE_8, SUITES, check_task_name, expand_task_names, list_tasks, load_task
@@ -49,4 +49,5 @@ __all__ = [
     "render_prompt",
     "split_examples",
     "training_feature",
+    "with_default_format",
 ]

@@ -24,6 +24,7 @@ target the assistant turn (see `tokenize.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass
 
@@ -121,6 +122,13 @@ def labelling_problem(n_choices: int, labels: tuple[str, ...] | list[str] | None
 def choice_labels(example: Example) -> tuple[str, ...]:
     """What the model may answer for each choice, in choice order (empty for free-form examples)."""
     return example.labels or ()
+
+
+def with_default_format(example: Example, fmt: str) -> Example:
+    """The example in formulation `fmt`, unless it names its own (free-form examples have none)."""
+    if not example.is_multiple_choice or example.format is not None:
+        return example
+    return dataclasses.replace(example, format=fmt)
 
 
 def render_pairs(example: Example) -> list[tuple[str, str]]:
