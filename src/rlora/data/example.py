@@ -20,6 +20,22 @@ Two formulations of a multiple-choice example (`Example.format`):
 The MC target is the label of the gold choice ("A", "yes"), the free-form target the answer. In plain mode the
 model sees the context, then " " + continuation + EOS; with a chat template the prompt is the user turn and the
 target the assistant turn (see `tokenize.py`).
+
+A conversation (instruction data: Alpaca, chat `messages`, ShareGPT) is a free-form example whose `turns` hold
+everything before the final reply (an optional system turn, then user and assistant turns alternating, ending
+with a user turn); `answer` is the final assistant reply and `prompt` the last user turn. Every assistant turn is
+trained; the final reply is what evaluation scores and generates. With a chat template the turns are the chat's
+messages; in plain mode they are written as
+
+    System: <system>
+
+    User: <user turn>
+
+    Assistant: <assistant turn>
+
+    User: <last user turn>
+
+    Assistant: <answer>
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ from ..errors import DataError
 
 LETTERS = string.ascii_uppercase
 FORMATS = ("rc", "mc")
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,9 @@ class Example:
     `cloze` holds the RC rendering, one (context, continuation) pair per choice (None: the default
     ("<prompt>\nAnswer:", choice)). `format` says which formulation to use ("rc" or "mc"; None: the run's
     default, "mc" where there is no run). Neither enters the train/test split's hash.
+
+    `turns` makes a free-form example a conversation: (role, content) pairs before the final reply (see the
+    module docstring); they enter the split's hash.
     """
 
     task: str
@@ -57,8 +77,13 @@ class Example:
     labels: tuple[str, ...] | None = None
     cloze: tuple[tuple[str, str], ...] | None = None
     format: str | None = None
+    turns: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.turns is not None:
+            problem = conversation_problem(self.turns, self.prompt)
+            if problem is not None or self.choices is not None:
+                raise DataError(f"{self.uid}: {problem or 'a conversation has no choices'}")
         if self.format is not None and self.format not in FORMATS:
             raise DataError(f"{self.uid}: format {self.format!r} is not one of {', '.join(FORMATS)}")
         if (self.choices is None) != (self.gold is None) or (
@@ -112,6 +137,23 @@ class Example:
         return self.choices is not None
 
 
+def conversation_problem(turns: tuple[tuple[str, str], ...], prompt: str) -> str | None:
+    """None if `turns` are a conversation before a final reply, else what is wrong."""
+    if not turns or not all(isinstance(t, tuple) and len(t) == 2 for t in turns):
+        return "turns must be a non-empty sequence of (role, content) pairs"
+    roles = [role for role, _ in turns]
+    unknown = next((r for r in roles if r not in ROLES), None)
+    if unknown is not None:
+        return f"turn role {unknown!r} is not one of {', '.join(ROLES)}"
+    body = roles[1:] if roles[0] == "system" else roles
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(body))]
+    if body != expected or not body:
+        return "after an optional system turn, user and assistant turns must alternate, starting and ending with user"
+    if turns[-1][1] != prompt:
+        return "prompt must be the last user turn"
+    return None
+
+
 def labelling_problem(n_choices: int, labels: tuple[str, ...] | list[str] | None) -> str | None:
     """None if `n_choices` choices can be labelled (by `labels`, or by letters when None), else what is wrong."""
     if labels is None and n_choices > len(LETTERS):
@@ -135,7 +177,10 @@ def render_pairs(example: Example) -> list[tuple[str, str]]:
     """What the model reads and what it answers, per choice: (context, continuation) pairs, the continuation
     following the context after one space (plain mode) or as the assistant turn (chat template).
 
-    Free-form examples have one pair, (prompt, answer)."""
+    Free-form examples have one pair, (prompt, answer); a conversation's context is its turns in plain mode's
+    rendering (with a chat template, `tokenize.py` renders `turns` itself)."""
+    if example.turns is not None:
+        return [(render_turns(example.turns), example.answer)]
     if not example.is_multiple_choice:
         return [(render_prompt(example), example.answer)]
     if example.format == "rc":
@@ -160,3 +205,19 @@ def render_prompt(example: Example) -> str:
         lines += [f"{label}. {text}" for label, text in zip(example.labels, example.choices, strict=True)]
     lines.append(f"Answer format: {'/'.join(example.labels)}. Answer:")
     return "\n".join(lines)
+
+
+def render_turns(turns: tuple[tuple[str, str], ...]) -> str:
+    """Plain mode's rendering of a conversation before a reply, ending in "Assistant:" (see the module docstring)."""
+    return "".join(turn_segments(turns))
+
+
+def turn_segments(turns: tuple[tuple[str, str], ...]) -> list[str]:
+    """The plain rendering, one string per turn: "System: ...\n\n", "User: ...\n\nAssistant:", " reply\n\n"."""
+    out = []
+    for role, content in turns:
+        if role == "assistant":
+            out.append(f" {content}\n\n")
+        else:
+            out.append(f"{role.capitalize()}: {content}\n\n" + ("Assistant:" if role == "user" else ""))
+    return out

@@ -18,8 +18,10 @@ DEFAULT_TEST_FRACTION = 0.2
 
 
 def split_key(example: Example) -> float:
-    """A number in [0, 1) fixed by the example's task, prompt, choices and answer."""
+    """A number in [0, 1) fixed by the example's task, prompt, choices and answer (and a conversation's turns)."""
     parts = [SPLIT_SALT, example.task, example.prompt, *(example.choices or ()), example.answer]
+    if example.turns is not None:  # appended, so the keys of every other example are what they always were
+        parts += [f"{role}\x1e{content}" for role, content in example.turns]
     digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
