@@ -209,15 +209,17 @@ def render_prompt(example: Example) -> str:
 
 def render_turns(turns: tuple[tuple[str, str], ...]) -> str:
     """Plain mode's rendering of a conversation before a reply, ending in "Assistant:" (see the module docstring)."""
-    return "".join(turn_segments(turns))
+    return "".join(text for text, _ in turn_pieces(turns))
 
 
-def turn_segments(turns: tuple[tuple[str, str], ...]) -> list[str]:
-    """The plain rendering, one string per turn: "System: ...\n\n", "User: ...\n\nAssistant:", " reply\n\n"."""
-    out = []
+def turn_pieces(turns: tuple[tuple[str, str], ...]) -> list[tuple[str, bool]]:
+    """The plain rendering as (text, trained) pieces: "System: ...\n\n", "User: ...\n\nAssistant:", then an
+    assistant turn's " reply" (trained) and its "\n\n" (not trained). Each piece is tokenized on its own, so the
+    trained tokens are exactly the replies' tokens."""
+    out: list[tuple[str, bool]] = []
     for role, content in turns:
         if role == "assistant":
-            out.append(f" {content}\n\n")
+            out += [(f" {content}", True), ("\n\n", False)]
         else:
-            out.append(f"{role.capitalize()}: {content}\n\n" + ("Assistant:" if role == "user" else ""))
+            out.append((f"{role.capitalize()}: {content}\n\n" + ("Assistant:" if role == "user" else ""), False))
     return out

@@ -9,6 +9,12 @@ the end-of-turn token. Too-long examples lose the start of the prompt; only an a
 
 The encoder returns the three spans it knows (`Spans`): the prompt, the answer's own tokens (what evaluation
 scores) and the end tokens (EOS / end of turn: trained, not scored), so nothing downstream has to guess them.
+
+A conversation (`Example.turns`) is encoded the same way with its earlier turns in the prompt; the earlier
+assistant turns are trained too (`Spans.prompt_labels`). Plain mode tokenizes each piece of `turn_pieces` on its
+own; with a chat template, each assistant turn is what the conversation up to and including it adds after the
+conversation before it rendered with `add_generation_prompt=True`, up to and including its end-of-turn token.
+`example_spans` is the one entry point for an example, `encode_example` for its training feature.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import DataError
-from .example import Example, gold_pair, render_prompt
+from .example import Example, gold_pair, render_pairs, render_prompt, turn_pieces
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,8 @@ class Spans:
     prompt: list[int]  # what the model reads before the answer (cut from the start to fit max_length)
     answer: list[int]  # the continuation's own tokens: what evaluation scores
     end: list[int]  # EOS / end-of-turn after the answer: trained, not scored
+    # per prompt token, its training label: None = none trained; a conversation's earlier assistant turns are
+    prompt_labels: list[int] | None = None
 
     @property
     def input_ids(self) -> list[int]:
@@ -51,7 +59,9 @@ def encode_context(tokenizer, context: str, use_chat_template: bool) -> list[int
 
 
 def encode_prompt(tokenizer, example: Example, use_chat_template: bool) -> list[int]:
-    """The MC / free-form prompt's ids: the input for generating an answer."""
+    """The MC / free-form prompt's ids (a conversation's turns): the input for generating an answer."""
+    if example.turns is not None:
+        return encode_conversation(tokenizer, example, use_chat_template, max_length=None).prompt
     return encode_context(tokenizer, render_prompt(example), use_chat_template)
 
 
@@ -80,6 +90,61 @@ def encode_spans(
     """The prompt, answer and end token spans of one (context, continuation) pair, at most `max_length` in all."""
     prompt = encode_context(tokenizer, context, use_chat_template)
     answer, end = _answer_and_end(tokenizer, context, continuation, prompt, use_chat_template, uid)
+    return _fit(tokenizer, Spans(prompt, answer, end), max_length, uid)
+
+
+def encode_conversation(tokenizer, example: Example, use_chat_template: bool, max_length: int | None) -> Spans:
+    """A conversation's spans: every turn before the final reply in the prompt (earlier assistant turns labelled
+    in `prompt_labels`), the final reply as the answer. `max_length=None`: not cut."""
+    if use_chat_template:
+        spans = _chat_conversation(tokenizer, example)
+    else:
+        prompt: list[int] = []
+        labels: list[int] = []
+        for text, trained in turn_pieces(example.turns):
+            ids = tokenizer(text, add_special_tokens=not prompt)["input_ids"]
+            prompt += ids
+            labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        answer = tokenizer(" " + example.answer, add_special_tokens=False)["input_ids"]
+        spans = Spans(prompt, answer, [tokenizer.eos_token_id], labels)
+    return spans if max_length is None else _fit(tokenizer, spans, max_length, example.uid)
+
+
+def _chat_conversation(tokenizer, example: Example) -> Spans:
+    messages = [{"role": role, "content": content} for role, content in example.turns]
+    messages.append({"role": "assistant", "content": example.answer})
+
+    def ids(upto: int, generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    full = ids(len(messages), False)
+    labels = [IGNORE_INDEX] * len(full)
+    spans: list[tuple[int, int]] = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, upto = ids(k, True), ids(k + 1, False)
+        if full[: len(before)] != before or full[: len(upto)] != upto:
+            raise DataError(
+                f"{example.uid}: the chat template renders turn {k + 1} differently within the whole conversation, "
+                "so the assistant's tokens cannot be found; use plain mode (no chat template)"
+            )
+        stop = len(upto)
+        if tokenizer.eos_token_id in full[len(before) : stop]:  # what the template adds after the end of turn is dropped
+            stop = full.index(tokenizer.eos_token_id, len(before)) + 1
+        spans.append((len(before), stop))
+        labels[len(before) : stop] = full[len(before) : stop]
+    start, stop = spans[-1]
+    has_end = stop > start and full[stop - 1] == tokenizer.eos_token_id
+    answer_stop = stop - 1 if has_end else stop
+    return Spans(full[:start], full[start:answer_stop], full[answer_stop:stop], labels[:start])
+
+
+def _fit(tokenizer, spans: Spans, max_length: int, uid: str) -> Spans:
+    """`spans` cut to at most `max_length` tokens: the start of the prompt first (keeping a leading BOS); only an
+    answer that alone fills the window is cut too (its end, after up to half a window of prompt), with a warning."""
+    prompt, answer, end, labels = spans.prompt, spans.answer, spans.end, spans.prompt_labels
     room = max_length - len(answer) - len(end)
     if room < 1:  # the answer alone fills the window: keep its start after (up to) half a window of prompt
         if max_length < 2:
@@ -92,23 +157,38 @@ def encode_spans(
         answer, end = answer[: max_length - room], []
     if len(prompt) > room:  # cut the start of the prompt, but keep a leading BOS token
         keep = 1 if tokenizer.bos_token_id is not None and prompt[0] == tokenizer.bos_token_id and room > 1 else 0
-        prompt = prompt[:keep] + prompt[len(prompt) - (room - keep) :]
-    return Spans(prompt, answer, end)
+        cut = len(prompt) - (room - keep)
+        prompt = prompt[:keep] + prompt[cut:]
+        labels = None if labels is None else [IGNORE_INDEX] * keep + labels[cut:]
+    return Spans(prompt, answer, end, labels)
+
+
+def example_spans(tokenizer, example: Example, use_chat_template: bool, max_length: int) -> list[Spans]:
+    """The spans of each of the example's (context, continuation) pairs: one per choice, or one."""
+    if example.turns is not None:
+        return [encode_conversation(tokenizer, example, use_chat_template, max_length)]
+    return [
+        encode_spans(tokenizer, context, continuation, use_chat_template, max_length, example.uid)
+        for context, continuation in render_pairs(example)
+    ]
 
 
 def training_feature(spans: Spans) -> dict:
     """`input_ids`, `attention_mask`, `labels` (IGNORE_INDEX on the prompt) and `length`."""
     input_ids = spans.input_ids
+    prompt_labels = spans.prompt_labels if spans.prompt_labels is not None else [IGNORE_INDEX] * len(spans.prompt)
     return {
         "input_ids": input_ids,
         "attention_mask": [1] * len(input_ids),
-        "labels": [IGNORE_INDEX] * len(spans.prompt) + spans.answer + spans.end,
+        "labels": prompt_labels + spans.answer + spans.end,
         "length": len(input_ids),  # read by Trainer's group_by_length (length_column_name="length")
     }
 
 
 def encode_example(tokenizer, example: Example, use_chat_template: bool, max_length: int) -> dict:
-    """The training feature of an example: its gold (context, continuation) pair."""
+    """The training feature of an example: its gold (context, continuation) pair, or its conversation."""
+    if example.turns is not None:
+        return training_feature(encode_conversation(tokenizer, example, use_chat_template, max_length))
     context, continuation = gold_pair(example)
     return training_feature(encode_spans(tokenizer, context, continuation, use_chat_template, max_length, example.uid))
 
