@@ -84,3 +84,20 @@ def workspace(tmp_path_factory):
         for i in range(20):
             f.write(json.dumps({"prompt": f"say {i}", "answer": f"{i}"}) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(model_cache_dir):
+    """The embedded model's tokenizer (SmolLM2), converted once per session."""
+    from rlora import models
+
+    return models.load_tokenizer(models.DEFAULT_MODEL, model_cache_dir)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """User files' Arrow tables go to a folder of this session, not the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RLORA_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
+    yield
+    mp.undo()

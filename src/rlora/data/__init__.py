@@ -3,7 +3,7 @@
 from ..errors import DataError
 from .example import FORMATS, Example, choice_labels, gold_pair, render_pairs, render_prompt, with_default_format
 from .jsonl import read_jsonl_tasks
-from .mixture import build_mixture, format_mixture_table, mixture_counts
+from .mixture import build_mixture, format_mixture_table, mixture_counts, mixture_positions
 from .registry import COMMONSENSE_8, SUITES, check_task_name, expand_task_names, list_tasks, load_task
 from .split import DEFAULT_TEST_FRACTION, split_examples
 from .tokenize import (
@@ -15,7 +15,9 @@ from .tokenize import (
     encode_examples,
     encode_prompt,
     encode_spans,
+    example_spans,
     pad_ids,
+    token_lengths,
     training_feature,
 )
 
@@ -37,17 +39,20 @@ __all__ = [
     "encode_examples",
     "encode_prompt",
     "encode_spans",
+    "example_spans",
     "expand_task_names",
     "format_mixture_table",
     "gold_pair",
     "list_tasks",
     "load_task",
     "mixture_counts",
+    "mixture_positions",
     "pad_ids",
     "read_jsonl_tasks",
     "render_pairs",
     "render_prompt",
     "split_examples",
+    "token_lengths",
     "training_feature",
     "with_default_format",
 ]

@@ -14,6 +14,8 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from ..errors import DataError
 from .example import Example
 
@@ -87,6 +89,26 @@ def _water_fill(available: Mapping[str, int], weights: Mapping[str, float], tota
     return counts
 
 
+def mixture_positions(
+    sizes: Mapping[str, int], counts: Mapping[str, int], seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The shuffled mixture as index arrays: (the task of each entry, as an index into `sizes`; its position in
+    that task). Each task gives `counts[task]` positions sampled without replacement, then the whole is shuffled.
+
+    Only the sizes enter the draw, so a task given as a list of examples or as rows of a table draws the same
+    examples for the same seed."""
+    offsets = np.cumsum([0, *sizes.values()])
+    picks: list[int] = []
+    for i, (task, n) in enumerate(sizes.items()):
+        # A string seed is hashed with SHA-512 by `random`, so this is the same on every run and machine.
+        picks += [int(offsets[i]) + p for p in random.Random(f"{seed}:{task}").sample(range(n), counts[task])]
+    random.Random(seed).shuffle(picks)
+    flat = np.asarray(picks, dtype=np.int64)
+    del picks
+    task_of = np.searchsorted(offsets, flat, side="right") - 1
+    return task_of.astype(np.int32), flat - offsets[task_of]
+
+
 def build_mixture(
     tasks: Mapping[str, Sequence[Example]],
     strategy: str = "proportional",
@@ -96,13 +118,11 @@ def build_mixture(
     seed: int = 0,
 ) -> list[Example]:
     """The shuffled training examples: `mixture_counts` of each task, sampled without replacement."""
-    counts = mixture_counts({t: len(x) for t, x in tasks.items()}, strategy, temperature, max_per_task, total)
-    mixture: list[Example] = []
-    for task, examples in tasks.items():
-        # A string seed is hashed with SHA-512 by `random`, so this is the same on every run and machine.
-        mixture += random.Random(f"{seed}:{task}").sample(list(examples), counts[task])
-    random.Random(seed).shuffle(mixture)
-    return mixture
+    sizes = {t: len(x) for t, x in tasks.items()}
+    counts = mixture_counts(sizes, strategy, temperature, max_per_task, total)
+    names = list(tasks)
+    task_of, position = mixture_positions(sizes, counts, seed)
+    return [tasks[names[t]][p] for t, p in zip(task_of.tolist(), position.tolist(), strict=True)]
 
 
 def format_mixture_table(counts: Mapping[str, int], sizes: Mapping[str, int]) -> str:

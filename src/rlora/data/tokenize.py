@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..errors import DataError
 from .example import Example, gold_pair, render_pairs, render_prompt, turn_pieces
 
@@ -131,7 +133,9 @@ def _chat_conversation(tokenizer, example: Example) -> Spans:
                 "so the assistant's tokens cannot be found; use plain mode (no chat template)"
             )
         stop = len(upto)
-        if tokenizer.eos_token_id in full[len(before) : stop]:  # what the template adds after the end of turn is dropped
+        if (
+            tokenizer.eos_token_id in full[len(before) : stop]
+        ):  # what the template adds after the end of turn is dropped
             stop = full.index(tokenizer.eos_token_id, len(before)) + 1
         spans.append((len(before), stop))
         labels[len(before) : stop] = full[len(before) : stop]
@@ -191,6 +195,36 @@ def encode_example(tokenizer, example: Example, use_chat_template: bool, max_len
         return training_feature(encode_conversation(tokenizer, example, use_chat_template, max_length))
     context, continuation = gold_pair(example)
     return training_feature(encode_spans(tokenizer, context, continuation, use_chat_template, max_length, example.uid))
+
+
+def token_lengths(tokenizer, examples: Sequence[Example], use_chat_template: bool, max_length: int) -> np.ndarray:
+    """`len(encode_example(tokenizer, e, use_chat_template, max_length)["input_ids"])` of each example.
+
+    In plain mode a pair's length is min(context + answer + 1 (EOS), max_length) tokens (`_fit` cuts exactly the
+    excess while the context keeps a token), so the contexts and answers are tokenized in two batched calls of the
+    fast tokenizer's backend, without building the sequences; everything else is encoded one by one."""
+    lengths = np.zeros(len(examples), dtype=np.int64)
+    plain = [] if use_chat_template else [i for i, e in enumerate(examples) if e.turns is None]
+    if plain:
+        pairs = [gold_pair(examples[i]) for i in plain]
+        contexts = _batch_lengths(tokenizer, [context for context, _ in pairs], special=True)
+        answers = _batch_lengths(tokenizer, [" " + answer for _, answer in pairs], special=False)
+        lengths[plain] = np.minimum(contexts + answers + 1, max_length)
+        plain = [i for i, n in zip(plain, contexts, strict=True) if n > 0]  # an empty context: encoded below
+    done = set(plain)
+    for i, example in enumerate(examples):
+        if i not in done:
+            lengths[i] = len(encode_example(tokenizer, example, use_chat_template, max_length)["input_ids"])
+    return lengths
+
+
+def _batch_lengths(tokenizer, texts: list[str], special: bool) -> np.ndarray:
+    """The token count of each text as `tokenizer(text, add_special_tokens=special)` gives it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        encodings = backend.encode_batch_fast(texts, add_special_tokens=special)
+        return np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(texts))
+    return np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]], dtype=np.int64)
 
 
 def encode_examples(tokenizer, examples: Sequence[Example], use_chat_template: bool, max_length: int) -> list[dict]:
