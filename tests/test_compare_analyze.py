@@ -79,7 +79,8 @@ def test_demo_trains_evaluates_base_and_tuned_and_prints_both(workspace, tmp_pat
     ]
     assert main(["demo", *overrides]) == 0
     printed = capsys.readouterr().out
-    assert "| task | n | base acc | base acc_norm | rlora acc | rlora acc_norm |" in printed
+    base_columns = "| task | n | base acc | base acc_norm | base loss ↓ | base ppl ↓ "
+    assert base_columns + "| rlora acc | rlora acc_norm | rlora loss ↓ | rlora ppl ↓ |" in printed
     base = json.loads((tmp_path / "demo" / "eval_base.json").read_text())["average"]
     tuned = json.loads((tmp_path / "demo" / "eval.json").read_text())["average"]
     gain = 100 * (tuned["acc_ll"] - base["acc_ll"])

@@ -119,7 +119,9 @@ def test_eval_command_prints_and_writes_a_table_for_a_run_and_for_the_base(works
     assert results["average"]["acc_ll"] == pytest.approx(mean)
     assert results["tasks"]["colors"]["format"] == "rc" and results["tasks"]["colors"]["acc_gen"] is None
     table = (tmp_path / "run" / "eval.md").read_text().splitlines()
-    assert table[0] == "| task | n | rlora acc | rlora acc_norm |"
+    assert table[0] == "| task | n | rlora acc | rlora acc_norm | rlora loss ↓ | rlora ppl ↓ |"
+    losses = [results["tasks"][t]["loss"] for t in ("colors", "letters")]
+    assert all(loss > 0 for loss in losses) and results["average"]["loss"] == pytest.approx(sum(losses) / 2)
     assert table[-1].startswith("| **average** |")
     assert main(["eval", str(config), f"output_dir={tmp_path / 'base'}"]) == 0
     assert json.loads((tmp_path / "base" / "eval_base.json").read_text())["adapter"] is None
@@ -130,7 +132,7 @@ def test_free_form_tasks_get_generated_exact_match_only(workspace, tmp_path):
     assert main(["eval", str(config), f"data.jsonl=[{workspace / 'free.jsonl'}]", "data.max_eval_per_task=3"]) == 0
     result = json.loads((tmp_path / "run" / "eval_base.json").read_text())["tasks"]["free"]
     assert result["format"] == "free" and result["acc_ll"] is None and result["acc_norm"] is None
-    assert result["acc_gen"] is not None
+    assert result["acc_gen"] is not None and result["loss"] > 0
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,14 @@
 """Comparing methods fairly: every method trained and evaluated on the same data, split and budget, per seed.
 
     OUT/<method>/seed<k>/      a normal run folder (train + eval); reused when its eval.json exists
-    OUT/comparison.json        every run's per-task accuracies, the means and 95% CIs, paired differences
+    OUT/comparison.json        every run's per-task results, the means and 95% CIs, paired differences
     OUT/comparison.md          the same as Markdown tables
-    OUT/comparison.png         mean accuracy per task and method with 95% CI error bars
+    OUT/comparison.png         mean accuracy (and held-out loss) per task and method with 95% CI error bars
+
+Compared: the accuracies (higher is better) and the held-out loss (nats per token, lower is better; the paired
+difference is method − reference either way, so a better method has a negative loss difference). Perplexity is
+left out: it is exp(loss), and its mean over seeds says nothing the loss's does not. A metric some run lacks (one
+evaluated before the loss was measured) is left out for that method.
 
 An interrupted comparison continues where it stopped: finished runs are reused, a run with checkpoints
 resumes from its last complete one.
@@ -18,7 +23,7 @@ from pathlib import Path
 
 from ._io import atomic_write_json, atomic_write_text
 from .errors import ConfigError
-from .evaluate import METRICS
+from .evaluate import ACCURACY_METRICS
 from .methods import METHODS
 from .plots import plot_comparison
 from .reports import comparison_markdown
@@ -27,6 +32,8 @@ from .runconfig import RunConfig, validate_run_config
 from .stats import mean_ci, paired_difference
 
 logger = logging.getLogger(__name__)
+
+COMPARED_METRICS = (*ACCURACY_METRICS, "loss")
 
 
 def parse_methods(text: str) -> list[str]:
@@ -79,13 +86,13 @@ def summarize(runs: dict[str, dict[int, dict]], methods: list[str], seeds: list[
     """Means and 95% CIs over seeds per method and task; paired differences of each method against the first."""
     tasks = list(next(iter(runs[methods[0]].values()))["tasks"])
     summary: dict = {"methods": methods, "seeds": seeds, "tasks": tasks, "metrics": {}, "runs": runs}
-    for metric in METRICS:
+    for metric in COMPARED_METRICS:
         per_method = {}
         for method in methods:
-            values = {task: [runs[method][s]["tasks"][task][metric] for s in seeds] for task in tasks}
+            values = {task: [runs[method][s]["tasks"][task].get(metric) for s in seeds] for task in tasks}
+            values["average"] = [runs[method][s]["average"].get(metric) for s in seeds]
             if any(v is None for vs in values.values() for v in vs):
                 continue
-            values["average"] = [runs[method][s]["average"][metric] for s in seeds]
             per_method[method] = {task: {"values": v, **_ci(mean_ci(v))} for task, v in values.items()}
         if not per_method:
             continue

@@ -8,7 +8,15 @@ Multiple-choice tasks, in either formulation (see `data/example.py`):
   continuation, as lm-eval-harness and OLMES normalise (`acc_norm`);
 - `acc_gen` (MC and free-form, when generating): exact match of the greedy generation's first line with the
   gold label or answer, ignoring spaces, case and trailing punctuation.
-The average is the unweighted mean over tasks of each metric that every averaged task has.
+Every task, whatever its format:
+- `loss`: the held-out loss, the mean token cross-entropy (nats) over the tokens that training puts a loss on
+  (labels != IGNORE_INDEX: the gold choice's or the answer's continuation and its end token; every assistant
+  turn of a conversation), each example encoded exactly as in training (`data.encode_example`); token-weighted
+  within the task (summed NLL / trained tokens), as the Trainer's eval loss;
+- `ppl`: the perplexity, exp(`loss`).
+Accuracies are fractions, higher is better; `loss` and `ppl` are lower-is-better (`LOWER_IS_BETTER`).
+The average is the unweighted mean over tasks of each metric that every averaged task has, except `ppl`:
+the average's `ppl` is exp(average `loss`), the perplexity of the mean loss, not the mean of the perplexities.
 
 Scoring is pure: examples and a model in, scores out; nothing here loads a model or writes a file (`run.py` does,
 and `reports.py` renders the tables). When an MC example's labels are single tokens after one shared prompt
@@ -19,15 +27,19 @@ continuation is scored in right-padded batches.
 from __future__ import annotations
 
 import dataclasses
+import math
 import string
 from collections.abc import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import Example, Spans, encode_spans, pad_ids, render_pairs
+from .data import IGNORE_INDEX, Example, Spans, encode_example, encode_spans, pad_ids, render_pairs
 
-METRICS = ("acc_ll", "acc_norm", "acc_gen")
+ACCURACY_METRICS = ("acc_ll", "acc_norm", "acc_gen")  # fractions in [0, 1], higher is better
+LOSS_METRICS = ("loss", "ppl")  # nats per trained token and its exp, lower is better
+METRICS = ACCURACY_METRICS + LOSS_METRICS
+LOWER_IS_BETTER = frozenset(LOSS_METRICS)
 
 
 @dataclasses.dataclass
@@ -37,6 +49,8 @@ class TaskResult:
     acc_ll: float | None  # None for free-form tasks
     acc_norm: float | None  # None unless every example is RC
     acc_gen: float | None  # None when generation was skipped (or every example is RC)
+    loss: float | None  # held-out loss, nats per trained token; None without trained tokens
+    ppl: float | None  # exp(loss), inf if that overflows
 
 
 def normalize_answer(text: str) -> str:
@@ -81,6 +95,59 @@ def score_continuations(model, spans: Sequence[Spans], pad_id: int, batch_size: 
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """In float32 at least (bf16/fp16 logits are upcast; float64 stays float64)."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+
+
+@torch.no_grad()
+def token_nll(model, features: Sequence[dict], pad_id: int, batch_size: int) -> tuple[float, int]:
+    """(summed negative log-likelihood, count) of the trained tokens (labels != IGNORE_INDEX) of training features
+    (`input_ids`, `labels`), in right-padded batches: the logits at position t predict the label at t + 1. Only the
+    trained positions' logits are normalised, in float32 at least; the sum is accumulated in float64."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))  # less padding
+    for start in range(0, len(order), batch_size):
+        chunk = [features[i] for i in order[start : start + batch_size]]
+        ids, mask = pad_ids([f["input_ids"] for f in chunk], pad_id)
+        labels, _ = pad_ids([f["labels"] for f in chunk], IGNORE_INDEX)
+        targets = labels[:, 1:].to(device)
+        trained = targets != IGNORE_INDEX
+        if not trained.any():
+            continue
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
+        logprobs = _log_softmax(logits[trained])  # (trained tokens, vocabulary)
+        picked = logprobs.gather(-1, targets[trained].unsqueeze(-1)).squeeze(-1)
+        total -= picked.to(torch.float64).sum().item()
+        count += int(trained.sum().item())
+    return total, count
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(loss); inf where that overflows a float (a loss above ~709 nats)."""
+    if loss is None:
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+@torch.no_grad()
+def held_out_loss(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    chat_template: bool = False,
+    max_length: int = 384,
+    batch_size: int = 16,
+) -> float | None:
+    """The mean token cross-entropy (nats) of `examples` encoded as in training (`encode_example`), over their
+    trained tokens, token-weighted (summed NLL / trained tokens); None when they have no trained token."""
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    features = [encode_example(tokenizer, e, chat_template, max_length) for e in examples]
+    total, count = token_nll(model, features, pad_id, batch_size)
+    return total / count if count else None
 
 
 def _one_pass(spans: list[Spans]) -> bool:
@@ -158,9 +225,21 @@ def predict(
     return predictions
 
 
-def evaluate_examples(model, tokenizer, examples: Sequence[Example], *, generate: bool = True, **kwargs) -> TaskResult:
+def evaluate_examples(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    chat_template: bool = False,
+    max_length: int = 384,
+    batch_size: int = 16,
+    generate: bool = True,
+    **kwargs,
+) -> TaskResult:
     """The metrics of one task (see the module docstring)."""
-    predictions = predict(model, tokenizer, examples, generate=generate, **kwargs)
+    encoding = {"chat_template": chat_template, "max_length": max_length, "batch_size": batch_size}
+    predictions = predict(model, tokenizer, examples, generate=generate, **encoding, **kwargs)
+    loss = held_out_loss(model, tokenizer, examples, **encoding)
     n = len(examples)
     formats = {example_format(e) for e in examples}
     fmt = formats.pop() if len(formats) == 1 else "mixed"
@@ -173,6 +252,8 @@ def evaluate_examples(model, tokenizer, examples: Sequence[Example], *, generate
         acc_ll=sum(p.choice() == e.gold for p, e in pairs) / n if is_mc else None,
         acc_norm=sum(p.choice(normalized=True) == e.gold for p, e in pairs) / n if is_mc and fmt == "rc" else None,
         acc_gen=sum(generated) / n if generated and len(generated) == n else None,
+        loss=loss,
+        ppl=perplexity(loss),
     )
 
 
@@ -185,9 +266,13 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, Sequence[Example]], **kwar
 
 
 def _average(results: Iterable[TaskResult]) -> dict[str, float | None]:
+    """The unweighted mean over tasks of each metric every task has; `ppl` is exp(mean `loss`)."""
     results = list(results)
     out: dict[str, float | None] = {}
     for key in METRICS:
+        if key == "ppl":
+            out[key] = perplexity(out["loss"])
+            continue
         values = [getattr(r, key) for r in results]
         out[key] = sum(values) / len(values) if values and None not in values else None
     return out

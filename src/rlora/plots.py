@@ -15,7 +15,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from ._io import atomic_write_bytes
-from .reports import METRIC_TITLES
+from .reports import METRIC_SCALES, METRIC_TITLES
 
 
 def save_png(fig: Figure, path: str | Path) -> None:
@@ -75,17 +75,18 @@ def plot_head_projection(projection: dict[str, dict], path: str | Path) -> None:
 
 
 def plot_comparison(summary: dict, path: str | Path) -> None:
-    """`compare.summarize`'s summary: per metric, mean accuracy per task and method with 95% CI error bars."""
+    """`compare.summarize`'s summary: per metric (accuracy in %, loss in nats), the mean per task and method with
+    95% CI error bars."""
     metrics = list(summary["metrics"])
     tasks = [*summary["tasks"], "average"]
     fig = Figure(figsize=(1.6 + 1.3 * len(tasks), 3.2 * len(metrics)))
     axes = fig.subplots(len(metrics), 1, squeeze=False)
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
-        per_method = summary["metrics"][metric]["per_method"]
+        per_method, scale = summary["metrics"][metric]["per_method"], METRIC_SCALES[metric]
         width = 0.8 / len(per_method)
         for j, (method, data) in enumerate(per_method.items()):
-            means = [100 * data[t]["mean"] for t in tasks]
-            errs = [0 if data[t]["ci95"] is None else 100 * data[t]["ci95"] for t in tasks]
+            means = [scale * data[t]["mean"] for t in tasks]
+            errs = [0 if data[t]["ci95"] is None else scale * data[t]["ci95"] for t in tasks]
             xs = [i + (j - (len(per_method) - 1) / 2) * width for i in range(len(tasks))]
             ax.bar(xs, means, width, yerr=errs, capsize=2, label=method)
         ax.set_xticks(range(len(tasks)), tasks)

@@ -9,15 +9,21 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from .evaluate import METRICS
+from .evaluate import ACCURACY_METRICS, LOSS_METRICS, LOWER_IS_BETTER, METRICS
 from .stats import format_ci
 
-METRIC_LABELS = {"acc_ll": "acc", "acc_norm": "acc_norm", "acc_gen": "acc generated"}  # table columns
+# table columns: the direction is stated on the lower-is-better ones (accuracies keep their plain names)
+METRIC_LABELS = {"acc_ll": "acc", "acc_norm": "acc_norm", "acc_gen": "acc generated", "loss": "loss ↓", "ppl": "ppl ↓"}
 METRIC_TITLES = {  # headings and plot axes
     "acc_ll": "accuracy by log-likelihood (%)",
     "acc_norm": "accuracy by log-likelihood per character (%)",
     "acc_gen": "accuracy by generated exact match (%)",
+    "loss": "held-out loss, nats per token (lower is better)",
+    "ppl": "held-out perplexity (lower is better)",
 }
+METRIC_SCALES = {m: 100.0 for m in ACCURACY_METRICS} | {"loss": 1.0, "ppl": 1.0}  # accuracies in %
+METRIC_DIGITS = {m: 1 for m in ACCURACY_METRICS} | {"loss": 3, "ppl": 2}
+DIFFERENCE_UNITS = {m: "points" for m in ACCURACY_METRICS} | {"loss": "nats per token", "ppl": "perplexity"}
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -30,31 +36,54 @@ def percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def format_metric(metric: str, value: float | None) -> str:
+    """A metric's value as tables show it: accuracies in % (one decimal), loss with 3 decimals, perplexity with 2
+    (3 significant digits from 1e5 on); "–" where it was not measured (or not in an older results file)."""
+    if value is None:
+        return "–"
+    if metric == "ppl" and value >= 1e5:
+        return f"{value:.3g}"
+    return f"{METRIC_SCALES[metric] * value:.{METRIC_DIGITS[metric]}f}"
+
+
 def results_table(columns: dict[str, dict], metric_names: Sequence[str] | None = None) -> str:
-    """One row a task, for each results column (e.g. base, tuned) its accuracies in % (by default every metric
-    that some task of some column has)."""
+    """One row a task, for each results column (e.g. base, tuned) its accuracies in % (by default every accuracy
+    that some task of some column has), then its held-out loss and perplexity (lower is better: "loss ↓", "ppl ↓";
+    always shown by default, "–" for results written before they were measured)."""
     if metric_names is None:
         metric_names = [
-            m for m in METRICS if any(r[m] is not None for col in columns.values() for r in col["tasks"].values())
-        ]
+            m
+            for m in ACCURACY_METRICS
+            if any(r.get(m) is not None for col in columns.values() for r in col["tasks"].values())
+        ] + list(LOSS_METRICS)
     header = ["task", "n"] + [f"{col} {METRIC_LABELS[m]}" for col in columns for m in metric_names]
     first = next(iter(columns.values()))
     rows = [
-        [task, str(r["n"])] + [percent(columns[c]["tasks"][task][m]) for c in columns for m in metric_names]
+        [task, str(r["n"])]
+        + [format_metric(m, columns[c]["tasks"][task].get(m)) for c in columns for m in metric_names]
         for task, r in first["tasks"].items()
     ]
-    rows.append(["**average**", ""] + [percent(columns[c]["average"][m]) for c in columns for m in metric_names])
+    rows.append(
+        ["**average**", ""] + [format_metric(m, columns[c]["average"].get(m)) for c in columns for m in metric_names]
+    )
     return markdown_table(header, rows)
 
 
 def gain_line(base: dict, tuned: dict, name: str) -> str:
-    """One sentence: the tuned model's average against the base model's, per metric both have."""
-    parts = [
-        f"{METRIC_LABELS[metric]} {100 * base['average'][metric]:.1f} -> {100 * tuned['average'][metric]:.1f} "
-        f"({100 * (tuned['average'][metric] - base['average'][metric]):+.1f} points)"
-        for metric in METRICS
-        if base["average"].get(metric) is not None and tuned["average"].get(metric) is not None
-    ]
+    """One sentence: the tuned model's average against the base model's, per metric both have (accuracies in
+    points, higher is better; loss in nats per token and perplexity, lower is better)."""
+    parts = []
+    for metric in METRICS:
+        before, after = base["average"].get(metric), tuned["average"].get(metric)
+        if before is None or after is None:
+            continue
+        label, b, a = METRIC_LABELS[metric], format_metric(metric, before), format_metric(metric, after)
+        if metric in ACCURACY_METRICS:
+            parts.append(f"{label} {b} -> {a} ({100 * (after - before):+.1f} points)")
+        elif metric == "loss":
+            parts.append(f"{label} {b} -> {a} ({after - before:+.3f} nats per token)")
+        else:
+            parts.append(f"{label} {b} -> {a}")
     return f"Average over the tasks, base -> {name}: " + "; ".join(parts) + "."
 
 
@@ -88,7 +117,8 @@ def analysis_summary(data: dict) -> list[str]:
 
 
 def comparison_markdown(summary: dict) -> str:
-    """`compare.summarize`'s summary: per metric, mean ± 95% CI per task and method, and the paired differences."""
+    """`compare.summarize`'s summary: per metric, mean ± 95% CI per task and method, and the paired differences
+    (method − reference: positive is better for accuracies, negative for the loss; each heading says which)."""
     seeds, tasks = summary["seeds"], [*summary["tasks"], "average"]
     names = [f"**{t}**" if t == "average" else t for t in tasks]
     parts = []
@@ -97,24 +127,28 @@ def comparison_markdown(summary: dict) -> str:
         parts += [
             f"### {METRIC_TITLES[metric]}: mean ± 95% CI over {len(seeds)} seeds ({', '.join(map(str, seeds))})",
             "",
-            markdown_table(["task", *per_method], _ci_rows(names, tasks, per_method.values())),
+            markdown_table(["task", *per_method], _ci_rows(metric, names, tasks, per_method.values())),
         ]
         if diffs:
             ref = data["difference_to"]
+            better = f"; negative: lower than {ref}, better" if metric in LOWER_IS_BETTER else ""
             parts += [
                 "",
-                f"Paired difference to {ref} (same seed), points, mean ± 95% CI:",
+                f"Paired difference to {ref} (same seed), {DIFFERENCE_UNITS[metric]}{better}, mean ± 95% CI:",
                 "",
-                markdown_table(["task", *(f"{m} − {ref}" for m in diffs)], _ci_rows(names, tasks, diffs.values())),
+                markdown_table(
+                    ["task", *(f"{m} − {ref}" for m in diffs)], _ci_rows(metric, names, tasks, diffs.values())
+                ),
             ]
         parts.append("")
     return "\n".join(parts)
 
 
-def _ci_rows(names: list[str], tasks: list[str], columns: Iterable[dict]) -> list[list[str]]:
+def _ci_rows(metric: str, names: list[str], tasks: list[str], columns: Iterable[dict]) -> list[list[str]]:
     columns = list(columns)
+    scale, digits = METRIC_SCALES[metric], METRIC_DIGITS[metric]
     return [
-        [name] + [format_ci(col[task]["mean"], col[task]["ci95"]) for col in columns]
+        [name] + [format_ci(col[task]["mean"], col[task]["ci95"], scale, digits) for col in columns]
         for name, task in zip(names, tasks, strict=True)
     ]
 

@@ -7,7 +7,7 @@
     RUN_DIR/adapter_init/         the adapter as initialised (step 0), for the head-similarity analysis
     RUN_DIR/train_log.jsonl       the Trainer's log history, one record a line
     RUN_DIR/train_metrics.json    final training metrics
-    RUN_DIR/eval.json, eval.md    per-task accuracy of the adapter (`rlora eval`)
+    RUN_DIR/eval.json, eval.md    per-task accuracy and held-out loss of the adapter (`rlora eval`)
     RUN_DIR/eval_base.json, .md   the same for the base model alone (`rlora eval --base`, `rlora demo`)
     RUN_DIR/analysis/             head similarity, router usage and the head map (`rlora analyze`)
     RUN_DIR/demo.md               the demo's table (`rlora demo`)

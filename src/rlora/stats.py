@@ -36,13 +36,16 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Mean and 95% CI half-width of a - b, paired by position (the same seed)."""
+    """Mean and 95% CI half-width of a - b, paired by position (the same seed). The sign is the metric's: for a
+    lower-is-better metric (`evaluate.LOWER_IS_BETTER`: the loss) a negative difference means a is better."""
     if len(a) != len(b):
         raise ValueError(f"paired_difference: {len(a)} values against {len(b)}")
     return mean_ci([x - y for x, y in zip(a, b, strict=True)])
 
 
 def format_ci(mean: float, half: float | None, scale: float = 100.0, digits: int = 1) -> str:
+    """ "mean ± half" times `scale` (100: accuracies in %; 1: the loss) with `digits` decimals; the mean alone
+    without a half-width."""
     if half is None or math.isnan(half):
         return f"{scale * mean:.{digits}f}"
     return f"{scale * mean:.{digits}f} ± {scale * half:.{digits}f}"
