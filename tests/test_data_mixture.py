@@ -1,6 +1,9 @@
+import random
+
 import pytest
 
 from rlora.data import Example, build_mixture, format_mixture_table, mixture_counts
+from rlora.data.mixture import sample_range
 
 SIZES = {"a": 100, "b": 400, "c": 25}
 
@@ -69,3 +72,10 @@ def test_mixture_table():
         "bb           400       81   81.0%\n"
         "total        500      100  100.0%"
     )
+
+
+@pytest.mark.parametrize(("n", "k"), [(0, 0), (1, 1), (5, 3), (40, 40), (1000, 999), (1000, 7), (100000, 30), (30, 6)])
+def test_sample_range_draws_what_random_sample_draws(n, k):
+    for seed in range(3):
+        expected = random.Random(f"{seed}:t").sample(range(n), k)
+        assert list(sample_range(random.Random(f"{seed}:t"), n, k)) == expected

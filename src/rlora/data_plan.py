@@ -3,38 +3,84 @@
 Everything here is deterministic given the config (and its seed), so every process of a distributed run,
 every method of a comparison and a resumed run all see the same data. It runs before any model loads, so
 unknown tasks and bad files fail fast.
+
+Nothing here holds a task's examples: user files are memory-mapped Arrow tables (`data/store.py`), the split and
+the mixture are index arrays over them, and the training set tokenizes an example when the data loader asks for
+it. Only the length of each training example is computed up front (the Trainer groups batches by length): exact
+token counts in batched passes, or for very large mixtures a character count read from the table's columns.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from .data import (
     CausalLMCollator,
     Example,
-    build_mixture,
-    encode_examples,
+    encode_example,
     expand_task_names,
     format_mixture_table,
     load_task,
     mixture_counts,
-    read_jsonl_tasks,
-    split_examples,
+    mixture_positions,
+    token_lengths,
     with_default_format,
 )
+from .data.files import DataFile
 from .data.split import SPLIT_SALT
+from .data.store import TaskData, file_tasks
 from .errors import DataError
 from .runconfig import RunConfig
+
+logger = logging.getLogger(__name__)
+
+# Above this many training examples, batches are grouped by an estimate of length (characters) rather than by
+# the exact token length: tokenizing costs about 40-70 µs per example on 2 cores, so 100k take a few seconds.
+EXACT_LENGTHS_MAX = 100_000
+
+
+class MixtureView(Sequence):
+    """The training mixture as a sequence of examples, each made when it is read."""
+
+    def __init__(self, plan: DataPlan) -> None:
+        self._plan = plan
+
+    def __len__(self) -> int:
+        return len(self._plan.mixture[0])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._plan.train_example(int(self._plan.mixture[0][i]), int(self._plan.mixture[1][i]))
 
 
 @dataclass
 class DataPlan:
     cfg: RunConfig
-    train: list[Example]  # the shuffled training mixture
+    tasks: dict[str, TaskData]
+    train_positions: dict[str, np.ndarray]  # per task, the positions of its training examples, in task order
     test: dict[str, list[Example]]  # per task, the held-out examples that are evaluated
     sizes: dict[str, dict[str, int]]  # per task: total, train, test (before any cap)
     counts: dict[str, int]  # per task: examples in the training mixture
+    mixture: tuple[np.ndarray, np.ndarray]  # the shuffled mixture: task index, position in the task's training split
+
+    @property
+    def train(self) -> MixtureView:
+        """The shuffled training mixture."""
+        return MixtureView(self)
+
+    def __post_init__(self) -> None:
+        self._names = list(self.tasks)
+
+    def train_example(self, task_index: int, position: int) -> Example:
+        """The `position`-th training example of the `task_index`-th task, in the run's formulation."""
+        name = self._names[task_index]
+        return with_default_format(self.tasks[name][int(self.train_positions[name][position])], self.cfg.data.format)
 
     def counts_table(self) -> str:
         return format_mixture_table(self.counts, {t: s["train"] for t, s in self.sizes.items()})
@@ -49,46 +95,102 @@ class DataPlan:
             "format": d.format,
             "mixture": mixture | {"total_train": d.total_train, "seed": self.cfg.seed},
             "tasks": {t: self.sizes[t] | used[t] for t in self.sizes},
-            "train_examples": len(self.train),
+            "train_examples": len(self.mixture[0]),
         }
 
-    def train_dataset(self, tokenizer) -> list[dict]:
-        d = self.cfg.data
-        return encode_examples(tokenizer, self.train, d.chat_template, d.max_length)
+    def train_dataset(self, tokenizer) -> TrainingSet:
+        return TrainingSet(self, tokenizer)
 
     def collator(self, tokenizer) -> CausalLMCollator:
         return CausalLMCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8)
 
 
-def load_tasks(cfg: RunConfig) -> dict[str, list[Example]]:
-    """Built-in tasks (suites expanded) and the JSONL files' tasks; names must not clash. Multiple-choice
-    examples that do not name their formulation get the run's (`data.format`)."""
+class TrainingSet:
+    """The training mixture for the Trainer: item i is the i-th example's training feature, tokenized when read;
+    `lengths` holds every item's token length (for `group_by_length`), computed up front in batches."""
+
+    def __init__(self, plan: DataPlan, tokenizer) -> None:
+        d = plan.cfg.data
+        self.plan, self.tokenizer = plan, tokenizer
+        self.chat_template, self.max_length = d.chat_template, d.max_length
+        self.lengths = self._lengths()
+
+    def __len__(self) -> int:
+        return len(self.plan.mixture[0])
+
+    def __getitem__(self, i: int) -> dict:
+        example = self.plan.train[i]
+        return encode_example(self.tokenizer, example, self.chat_template, self.max_length)
+
+    def _lengths(self) -> np.ndarray:
+        """The length of each item, in mixture order: in tokens, exactly, for up to `EXACT_LENGTHS_MAX` items (each
+        task's used examples read in row order and tokenized in batches); beyond, in characters of the example's
+        texts (`TaskData.text_lengths`), which groups as well and costs no tokenizing."""
+        task_of, position = self.plan.mixture
+        exact = len(task_of) <= EXACT_LENGTHS_MAX
+        if not exact:
+            logger.info(
+                "%d training examples: batches are grouped by length in characters (exact token lengths are "
+                "computed for up to %d)", len(task_of), EXACT_LENGTHS_MAX,
+            )  # fmt: skip
+        lengths = np.zeros(len(task_of), dtype=np.int64)
+        fmt = self.plan.cfg.data.format
+        for t, (name, task) in enumerate(self.plan.tasks.items()):
+            entries = np.flatnonzero(task_of == t)
+            if not len(entries):
+                continue
+            rows = self.plan.train_positions[name][position[entries]]
+            if not exact:
+                lengths[entries] = task.text_lengths(rows)
+                continue
+            order = np.argsort(rows, kind="stable")
+            found = []
+            for chunk in task.chunks(rows[order]):
+                found.append(
+                    token_lengths(
+                        self.tokenizer,
+                        [with_default_format(e, fmt) for e in chunk],
+                        self.chat_template,
+                        self.max_length,
+                    )
+                )
+            lengths[entries[order]] = np.concatenate(found)
+        return lengths
+
+
+def load_tasks(cfg: RunConfig, cache_dir: str | None = None) -> dict[str, TaskData]:
+    """Built-in tasks (suites expanded) and the files' tasks; names must not clash."""
     names = expand_task_names(cfg.data.tasks)
-    tasks = {name: load_task(name) for name in names}
-    tasks.update(read_jsonl_tasks(cfg.data.jsonl, reserved=names))
-    fmt = cfg.data.format
-    return {name: [with_default_format(e, fmt) for e in examples] for name, examples in tasks.items()}
+    tasks = {name: TaskData(name, examples_list=load_task(name)) for name in names}
+    specs = [DataFile(Path(f), schema="rlora") for f in cfg.data.jsonl]
+    specs += [DataFile.from_config(f, f"data.files[{i}]") for i, f in enumerate(cfg.data.files)]
+    tasks.update(file_tasks(specs, reserved=names, cache_dir=cache_dir))
+    return tasks
 
 
-def plan_data(cfg: RunConfig) -> DataPlan:
+def plan_data(cfg: RunConfig, cache_dir: str | None = None) -> DataPlan:
     d = cfg.data
-    splits = {name: split_examples(examples, d.test_fraction) for name, examples in load_tasks(cfg).items()}
+    tasks = load_tasks(cfg, cache_dir)
+    splits = {}
+    for name, task in tasks.items():
+        is_test = task.split_keys() < d.test_fraction
+        splits[name] = (np.flatnonzero(~is_test), np.flatnonzero(is_test))
     sizes = {t: {"total": len(tr) + len(te), "train": len(tr), "test": len(te)} for t, (tr, te) in splits.items()}
     for task, (train, test) in splits.items():
-        if not train or not test:
-            side = "training" if not train else "test"
+        if not len(train) or not len(test):
+            side = "training" if not len(train) else "test"
             raise DataError(
                 f"task {task!r}: its {sizes[task]['total']} examples leave the {side} split empty "
                 f"(test_fraction={d.test_fraction}); give it more examples"
             )
-    train_sets = {t: tr for t, (tr, _) in splits.items()}
-    strategy_args = (d.mixture, d.temperature, d.max_train_per_task, d.total_train)
-    counts = mixture_counts({t: len(x) for t, x in train_sets.items()}, *strategy_args)
-    train = build_mixture(train_sets, *strategy_args, seed=cfg.seed)
-    test = {t: _cap(te, d.max_eval_per_task) for t, (_, te) in splits.items()}
-    return DataPlan(cfg, train, test, sizes, counts)
+    train_sizes = {t: len(tr) for t, (tr, _) in splits.items()}
+    counts = mixture_counts(train_sizes, d.mixture, d.temperature, d.max_train_per_task, d.total_train)
+    mixture = mixture_positions(train_sizes, counts, seed=cfg.seed)
+    test = {t: _cap(tasks[t], te, d.max_eval_per_task, d.format) for t, (_, te) in splits.items()}
+    return DataPlan(cfg, tasks, {t: tr for t, (tr, _) in splits.items()}, test, sizes, counts, mixture)
 
 
-def _cap(examples: Sequence[Example], limit: int | None) -> list[Example]:
+def _cap(task: TaskData, positions: np.ndarray, limit: int | None, fmt: str) -> list[Example]:
     """The first `limit` test examples in the task's own order: the same for every seed and method."""
-    return list(examples if limit is None else examples[:limit])
+    chosen = positions if limit is None else positions[:limit]
+    return [with_default_format(e, fmt) for e in task.take(chosen)]

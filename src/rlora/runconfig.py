@@ -23,6 +23,7 @@ import yaml
 
 from .config import FIELD_RULES, field_error
 from .data.example import FORMATS
+from .data.files import DataFile
 from .data.mixture import STRATEGIES
 from .data.split import bad_test_fraction
 from .errors import ConfigError
@@ -33,7 +34,9 @@ from .models import DEFAULT_MODEL, model_problem
 @dataclass
 class DataSettings:
     tasks: list[str] = field(default_factory=lambda: ["boolq", "piqa", "arc_easy", "winogrande"])
-    jsonl: list[str] = field(default_factory=list)  # user task files, see the README's data section
+    jsonl: list[str] = field(default_factory=list)  # files in rlora's own JSONL schema, see the README's data section
+    # instruction data and other files: a path, or {path, schema, task, columns} (see the README's data section)
+    files: list[str | dict] = field(default_factory=list)
     mixture: str = "temperature"  # proportional | equal | temperature
     temperature: float = 2.0
     max_train_per_task: int | None = None
@@ -248,7 +251,7 @@ def _check_type(value: Any, expected: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        if option in (int, str, bool) and type(value) is option:
+        if option in (int, str, bool, dict) and type(value) is option:
             return value
     names = " or ".join(_type_name(o) for o in options)
     raise ConfigError(f"{where}: expected {names}, got {value!r}")
@@ -259,8 +262,9 @@ def _type_name(t: Any) -> str:
         return "null"
     if typing.get_origin(t) is list:
         item = typing.get_args(t)[0]
-        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, str(item))
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(t, str(t))
+        names = {int: "integers", float: "numbers", str: "strings", str | dict: "paths or mappings"}
+        return "a list of " + names.get(item, str(item))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}.get(t, str(t))
 
 
 def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
@@ -319,10 +323,13 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
         raise ConfigError(
             f"{source}: data.test_fraction: expected a number in {interval}, got {cfg.data.test_fraction}"
         )
-    if not cfg.data.tasks and not cfg.data.jsonl:
-        raise ConfigError(f"{source}: data: no tasks: give data.tasks (built-in names) or data.jsonl (files)")
+    if not cfg.data.tasks and not cfg.data.jsonl and not cfg.data.files:
+        raise ConfigError(
+            f"{source}: data: no tasks: give data.tasks (built-in names), data.files or data.jsonl (your files)"
+        )
     for i, file in enumerate(cfg.data.jsonl):
         _check_file(Path(file).expanduser(), f"{source}: data.jsonl[{i}]")
+    files = [DataFile.from_config(f, f"{source}: data.files[{i}]") for i, f in enumerate(cfg.data.files)]
     if cfg.training.deepspeed is not None and cfg.training.fsdp:
         raise ConfigError(f"{source}: training.fsdp: not together with training.deepspeed; give one of them")
     if cfg.training.deepspeed is not None:
@@ -330,6 +337,10 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
     _check_output_dir(cfg.output_dir, f"{source}: output_dir")
     # absolute paths, so that the saved config works from any folder (eval, analyze, --resume)
     cfg.data.jsonl = [str(Path(f).expanduser().resolve()) for f in cfg.data.jsonl]
+    cfg.data.files = [
+        str(spec.path) if isinstance(entry, str) else entry | {"path": str(spec.path)}
+        for entry, spec in zip(cfg.data.files, files, strict=True)
+    ]
     if cfg.training.deepspeed is not None:
         cfg.training.deepspeed = str(Path(cfg.training.deepspeed).expanduser().resolve())
     if cfg.output_dir.startswith("~"):

@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
@@ -46,6 +47,34 @@ class _MarkComplete(TrainerCallback):
         return control
 
 
+class LengthGroupedIndices(torch.utils.data.Sampler):
+    """transformers' `LengthGroupedSampler` order (a random permutation, cut into mega-batches of 50 batches at
+    most, each sorted by length, longest first, and the longest item moved to the very first batch), in index
+    arrays: the same indices for the same torch seed, without the lists of Python integers it builds (hundreds of
+    MB for millions of items). `tests/test_data_plan.py` checks it against transformers' function."""
+
+    def __init__(self, lengths, batch_size: int) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        n = len(self.lengths)
+        mult = min(n // (self.batch_size * 4), 50) or 1
+        size = mult * self.batch_size
+        indices = torch.randperm(n).numpy()
+        starts = range(0, n, size)
+        for start in starts:  # each mega-batch by length, longest first; equal lengths keep their order
+            block = indices[start : start + size]
+            indices[start : start + size] = block[np.argsort(-self.lengths[block], kind="stable")]
+        maxima = self.lengths[indices[list(starts)]]
+        first_max = int(np.argmax(maxima)) * size  # the first of equal maxima, as torch.argmax
+        indices[0], indices[first_max] = indices[first_max], indices[0]
+        return map(int, indices)
+
+
 class _FiniteLossTrainer(Trainer):
     """Stops at the first NaN or infinite loss, naming the step; the last good checkpoint stays on disk.
 
@@ -55,6 +84,14 @@ class _FiniteLossTrainer(Trainer):
     def __init__(self, *args, router_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_lr_scale = router_lr_scale
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            return LengthGroupedIndices(
+                dataset.lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps
+            )
+        return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

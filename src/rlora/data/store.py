@@ -1,0 +1,233 @@
+"""Tasks as memory-mapped Arrow tables: user files are read once, then every run maps them instead of loading them.
+
+A user file (`files.DataFile`) is streamed through its reader, which checks every record and names the file, row
+and field of any problem; the examples are written in batches to an Arrow IPC file in the cache,
+`$RLORA_CACHE_DIR/data/<fingerprint>/examples.arrow` (or under `$RLORA_DATA_CACHE`), published whole or not at
+all. The fingerprint covers the
+file's path, size and modification time and the reading settings, so an edited file is read again. A later run
+memory-maps the table: its pages are read from disk when touched and belong to the page cache, not the process.
+
+A task (`TaskData`) is then a table and the row numbers of its examples (a file may hold several tasks), or a
+built-in task's list. The split, the mixture and the test sets are index arrays over tasks; an `Example` is made
+only when one is read. Each row also stores the example's split key (`split.split_key`), so splitting a million
+examples is a comparison of a float64 column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .._io import atomic_dir, is_complete
+from ..errors import DataError
+from .example import Example
+from .files import DataFile, iter_examples
+from .split import split_key
+
+logger = logging.getLogger(__name__)
+
+STORE_VERSION = "1"  # bump when the table layout below changes: every cached table is then read again
+BATCH_ROWS = 8192  # rows per Arrow record batch while a file is read
+TABLE_FILE = "examples.arrow"
+
+_STRINGS = pa.list_(pa.string())
+SCHEMA = pa.schema(
+    [
+        ("task", pa.string()),
+        ("uid", pa.string()),
+        ("prompt", pa.string()),
+        ("answer", pa.string()),
+        ("choices", _STRINGS),
+        ("gold", pa.int32()),
+        ("labels", _STRINGS),
+        ("format", pa.string()),
+        ("turn_roles", _STRINGS),
+        ("turn_texts", _STRINGS),
+        ("key", pa.float64()),
+    ]
+)
+
+
+DATA_CACHE_ENV_VAR = "RLORA_DATA_CACHE"
+
+
+def data_cache(cache_dir: str | os.PathLike | None = None) -> Path:
+    """$RLORA_DATA_CACHE, else the `data` folder of the rlora cache (`cache_dir`, else $RLORA_CACHE_DIR, ...)."""
+    from ..models import cache_root
+
+    if os.environ.get(DATA_CACHE_ENV_VAR):
+        return Path(os.environ[DATA_CACHE_ENV_VAR]).expanduser()
+    return cache_root(cache_dir) / "data"
+
+
+def _row(example: Example) -> dict:
+    turns = example.turns
+    return {
+        "task": example.task,
+        "uid": example.uid,
+        "prompt": example.prompt,
+        "answer": example.answer,
+        "choices": None if example.choices is None else list(example.choices),
+        "gold": example.gold,
+        "labels": None if example.labels is None else list(example.labels),
+        "format": example.format,
+        "turn_roles": None if turns is None else [r for r, _ in turns],
+        "turn_texts": None if turns is None else [c for _, c in turns],
+        "key": split_key(example),
+    }
+
+
+def _example(row: dict) -> Example:
+    turns = None
+    if row["turn_roles"] is not None:
+        turns = tuple(zip(row["turn_roles"], row["turn_texts"], strict=True))
+    choices = row["choices"]
+    return Example(
+        row["task"],
+        row["prompt"],
+        row["answer"],
+        None if choices is None else tuple(choices),
+        row["gold"],
+        row["uid"],
+        None if row["labels"] is None else tuple(row["labels"]),
+        None,
+        row["format"],
+        turns,
+    )
+
+
+class FileTable:
+    """A user file's examples in a memory-mapped Arrow table, in the file's order."""
+
+    def __init__(self, spec: DataFile, table: pa.Table) -> None:
+        self.spec = spec
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def example(self, row: int) -> Example:
+        return _example(self.table.slice(int(row), 1).to_pylist()[0])
+
+    def examples(self, rows: np.ndarray) -> list[Example]:
+        """The examples at `rows` (any order), read in one `take`."""
+        return [_example(r) for r in self.table.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()]
+
+    def tasks(self) -> dict[str, np.ndarray]:
+        """The rows of each task in the file, tasks in order of first appearance."""
+        codes = self.table.column("task").combine_chunks().dictionary_encode()
+        names = codes.dictionary.to_pylist()
+        indices = codes.indices.to_numpy(zero_copy_only=False)
+        order = np.argsort(indices, kind="stable")
+        bounds = np.searchsorted(indices[order], np.arange(len(names) + 1))
+        return {name: order[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
+
+
+def load_file(spec: DataFile, cache_dir: str | os.PathLike | None = None) -> FileTable:
+    """The file's table: mapped from the cache, or read (and checked) once and cached first."""
+    folder = data_cache(cache_dir) / hashlib.sha256(f"{STORE_VERSION}:{spec.fingerprint()}".encode()).hexdigest()[:32]
+    if not is_complete(folder):
+        logger.info("reading %s into %s", spec.path, folder)
+        with atomic_dir(folder, shared=True) as tmp:
+            rows = _write_table(spec, tmp / TABLE_FILE)
+        if rows == 0:
+            raise DataError(f"{spec.path}: no examples (an empty task)")
+    table = pa.ipc.open_file(pa.memory_map(str(folder / TABLE_FILE))).read_all()
+    if table.num_rows == 0:
+        raise DataError(f"{spec.path}: no examples (an empty task)")
+    return FileTable(spec, table)
+
+
+def _write_table(spec: DataFile, path: Path) -> int:
+    rows = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+        for batch in _batches(iter_examples(spec)):
+            writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=SCHEMA))
+            rows += len(batch)
+    return rows
+
+
+def _batches(examples: Iterator[Example]) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for example in examples:
+        batch.append(_row(example))
+        if len(batch) == BATCH_ROWS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@dataclass
+class TaskData:
+    """One task's examples: rows of a file's table, or a built-in task's list. Indexing makes an `Example`."""
+
+    name: str
+    examples_list: Sequence[Example] | None = None
+    table: FileTable | None = None
+    rows: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.examples_list) if self.table is None else len(self.rows)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples_list[i] if self.table is None else self.table.example(self.rows[i])
+
+    def take(self, positions: np.ndarray) -> list[Example]:
+        """The examples at `positions` (indices into this task)."""
+        if self.table is None:
+            return [self.examples_list[int(i)] for i in positions]
+        return self.table.examples(self.rows[positions]) if len(positions) else []
+
+    def split_keys(self) -> np.ndarray:
+        if self.table is None:
+            return np.array([split_key(e) for e in self.examples_list], dtype=np.float64)
+        keys = self.table.table.column("key").to_numpy()
+        return keys[self.rows]
+
+    def text_lengths(self, positions: np.ndarray) -> np.ndarray:
+        """Characters of the examples' prompt, answer and turns at `positions`: a length estimate read from the
+        table's columns without making the examples."""
+        if self.table is None:
+            picked = [self.examples_list[int(i)] for i in positions]
+            return np.array([len(e.prompt) + len(e.answer) + sum(len(c) for _, c in e.turns or ()) for e in picked])
+        rows = self.table.table.take(pa.array(self.rows[positions]))
+        total = np.zeros(len(positions), dtype=np.int64)
+        for column in ("prompt", "answer"):
+            total += pc.utf8_length(rows.column(column)).to_numpy(zero_copy_only=False)
+        turns = rows.column("turn_texts").combine_chunks()
+        counts = pc.list_value_length(turns).fill_null(0).to_numpy(zero_copy_only=False)
+        flat = pc.utf8_length(pc.list_flatten(turns)).to_numpy(zero_copy_only=False)
+        owner = np.repeat(np.arange(len(positions)), counts)
+        total += np.bincount(owner, weights=flat, minlength=len(positions)).astype(np.int64)
+        return total
+
+    def chunks(self, positions: np.ndarray, size: int = 4096) -> Iterator[list[Example]]:
+        """The examples at `positions`, `size` at a time (for a pass over a large task)."""
+        for start in range(0, len(positions), size):
+            yield self.take(positions[start : start + size])
+
+
+def file_tasks(
+    specs: Sequence[DataFile], reserved: Sequence[str] = (), cache_dir: str | os.PathLike | None = None
+) -> dict[str, TaskData]:
+    """The tasks of the files, by name; a name used twice, or in `reserved` (built-in names), is an error."""
+    reserved = set(reserved)
+    tasks: dict[str, TaskData] = {}
+    for spec in specs:
+        table = load_file(spec, cache_dir)
+        for name, rows in table.tasks().items():
+            if name in reserved:
+                raise DataError(f"{spec.path}: task {name!r} has the name of a built-in task; rename it")
+            if name in tasks:
+                raise DataError(f"{spec.path}: task {name!r} is defined twice (also in an earlier file)")
+            tasks[name] = TaskData(name, table=table, rows=rows)
+    return tasks
