@@ -189,12 +189,17 @@ def training_feature(spans: Spans) -> dict:
     }
 
 
-def encode_example(tokenizer, example: Example, use_chat_template: bool, max_length: int) -> dict:
-    """The training feature of an example: its gold (context, continuation) pair, or its conversation."""
+def gold_spans(tokenizer, example: Example, use_chat_template: bool, max_length: int) -> Spans:
+    """The spans the model is trained on: the gold choice's (or the free-form answer's, or the conversation's)."""
     if example.turns is not None:
-        return training_feature(encode_conversation(tokenizer, example, use_chat_template, max_length))
+        return encode_conversation(tokenizer, example, use_chat_template, max_length)
     context, continuation = gold_pair(example)
-    return training_feature(encode_spans(tokenizer, context, continuation, use_chat_template, max_length, example.uid))
+    return encode_spans(tokenizer, context, continuation, use_chat_template, max_length, example.uid)
+
+
+def encode_example(tokenizer, example: Example, use_chat_template: bool, max_length: int) -> dict:
+    """The training feature of an example (`gold_spans`)."""
+    return training_feature(gold_spans(tokenizer, example, use_chat_template, max_length))
 
 
 def token_lengths(tokenizer, examples: Sequence[Example], use_chat_template: bool, max_length: int) -> np.ndarray:
