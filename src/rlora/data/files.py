@@ -363,6 +363,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, int, dict]]:
         for number, line in enumerate(_lines(path, file), start=1):
             if not line.strip():
                 continue
+            line = line.rstrip("\r\n")  # as str.splitlines: a JSON error's column counts in the line alone
             where = f"{path}:{number}"
             try:
                 record = decode(line)
@@ -439,26 +440,30 @@ def _json_records(path: Path) -> Iterator[tuple[str, int, dict]]:
 def _csv_records(path: Path) -> Iterator[tuple[str, int, dict]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts: the default limit is 128 KiB a cell
     with _open(path) as file:
-        rows = csv.reader(_lines(path, file))
-        try:
-            header = next(rows, None)
-            if header is None:
+        rows = csv.reader(_lines(path, file), strict=True)  # strict: an unclosed quote is an error, not the rest
+        end = 0  # the line the last row ended on
+        header = None
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
                 return
-            twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
-            if twice is not None:
-                raise DataError(f"{path}:1: column {twice!r} appears twice in the header")
-            width = len(header)
-            end = rows.line_num
-            for row in rows:
-                number, end = end + 1, rows.line_num
-                if not any(row):
-                    continue
-                where = f"{path}:{number}"
-                if len(row) > width:
-                    raise DataError(f"{where}: {len(row)} cells, but the header has {width} columns")
-                yield where, number, {name: cell for name, cell in zip(header, row, strict=False) if cell}
-        except csv.Error as error:
-            raise DataError(f"{path}:{rows.line_num}: not valid CSV: {error}") from None
+            except csv.Error as error:
+                hint = " (a quoted cell is not closed)" if "unexpected end of data" in str(error) else ""
+                raise DataError(f"{path}:{end + 1}: not valid CSV: {error}{hint}") from None
+            number, end = end + 1, rows.line_num
+            if header is None:
+                header, width = row, len(row)
+                twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+                if twice is not None:
+                    raise DataError(f"{path}:{number}: column {twice!r} appears twice in the header")
+                continue
+            if not any(row):
+                continue
+            where = f"{path}:{number}"
+            if len(row) > width:
+                raise DataError(f"{where}: {len(row)} cells, but the header has {width} columns")
+            yield where, number, {name: cell for name, cell in zip(header, row, strict=False) if cell}
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, int, dict]]:
@@ -653,8 +658,9 @@ def _conversation(
             continue
         expected = "assistant" if body % 2 else "user"
         if role != expected:
+            article = "an assistant" if body % 2 else "a user"
             raise DataError(
-                f"{at}: turn {n}: expected a {expected} turn, got {_quoted(name)} (after an optional system turn, "
+                f"{at}: turn {n}: expected {article} turn, got {_quoted(name)} (after an optional system turn, "
                 f"user and assistant turns alternate, starting with user)"
             )
         turns.append((role, content))
