@@ -19,17 +19,14 @@ from collections.abc import Sequence
 from .data import (
     DEFAULT_TEST_FRACTION,
     FORMATS,
-    Example,
     check_task_name,
     encode_example,
     gold_pair,
     list_tasks,
     load_task,
-    read_jsonl_tasks,
-    split_examples,
     with_default_format,
 )
-from .data.split import bad_test_fraction
+from .data.split import bad_test_fraction, split_key
 from .errors import ConfigError, MissingPackage, RloraError, TrainingError
 from .methods import METHODS
 from .models import DEFAULT_MODEL
@@ -56,13 +53,25 @@ def held_out_fraction(text: str) -> float:
     return value
 
 
-def _user_tasks(args: argparse.Namespace) -> dict[str, list[Example]]:
-    return read_jsonl_tasks(args.data, reserved=list_tasks())
+def _user_tasks(args: argparse.Namespace) -> dict:
+    """The --data files' tasks (`data.store.TaskData`: rows of a cached Arrow table, read once)."""
+    if not args.data:
+        return {}
+
+    from .data.files import DataFile
+    from .data.store import file_tasks
+
+    return file_tasks([DataFile.from_config(p, f"--data {p}") for p in args.data], reserved=list_tasks())
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", action="append", default=[], metavar="FILE.jsonl", help="a JSONL file of your own tasks"
+        "--data",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file of your own tasks (JSONL, JSON, CSV, Parquet or a saved datasets folder; rlora's schema, "
+        "Alpaca, ShareGPT or chat messages, detected)",
     )
     parser.add_argument(
         "--test-fraction",
@@ -78,11 +87,20 @@ def _tasks(args: argparse.Namespace) -> int:
     width = max(len(name) for name in tasks)
     print(f"{'task':<{width}}  {'total':>6}  {'train':>6}  {'test':>6}")
     for name, examples in tasks.items():
-        train, test = split_examples(examples, args.test_fraction)
-        print(f"{name:<{width}}  {len(examples):>6}  {len(train):>6}  {len(test):>6}")
+        n_test = int((_split_keys(examples) < args.test_fraction).sum())
+        print(f"{name:<{width}}  {len(examples):>6}  {len(examples) - n_test:>6}  {n_test:>6}")
     if not args.mmlu:
         print("(add --mmlu to list the 57 MMLU subjects, tasks mmlu_<subject>)")
     return 0
+
+
+def _split_keys(examples) -> list[float]:
+    """The split key of each example of a task (a list, or a file's `TaskData`, which stores them)."""
+    import numpy as np
+
+    if hasattr(examples, "split_keys"):
+        return examples.split_keys()
+    return np.array([split_key(e) for e in examples])
 
 
 def _add_tasks(subparsers) -> None:
@@ -95,8 +113,9 @@ def _add_tasks(subparsers) -> None:
 def _show(args: argparse.Namespace) -> int:
     user = _user_tasks(args)
     examples = user[args.task] if args.task in user else load_task(check_task_name(args.task))
-    train, test = split_examples(examples, args.test_fraction)
-    chosen = [with_default_format(e, args.format) for e in (train if args.split == "train" else test)[: args.n]]
+    in_test = _split_keys(examples) < args.test_fraction
+    positions = [i for i, t in enumerate(in_test) if t == (args.split == "test")][: args.n]
+    chosen = [with_default_format(examples[i], args.format) for i in positions]
     tokenizer = None
     if args.model or args.chat_template:
         from .models import load_tokenizer

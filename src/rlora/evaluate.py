@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import IGNORE_INDEX, Example, Spans, encode_example, encode_spans, pad_ids, render_pairs
+from .data import IGNORE_INDEX, Example, Spans, encode_example, example_spans, pad_ids, render_pairs
 
 ACCURACY_METRICS = ("acc_ll", "acc_norm", "acc_gen")  # fractions in [0, 1], higher is better
 LOSS_METRICS = ("loss", "ppl")  # nats per trained token and its exp, lower is better
@@ -176,10 +176,7 @@ def predict(
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, unit="batch"):
         batch = examples[start : start + batch_size]
         pairs = [render_pairs(e) for e in batch]
-        spans = [
-            [encode_spans(tokenizer, c, a, chat_template, max_length, e.uid) for c, a in p]
-            for e, p in zip(batch, pairs, strict=True)
-        ]
+        spans = [example_spans(tokenizer, e, chat_template, max_length) for e in batch]
         one_pass = [e.is_multiple_choice and _one_pass(s) for e, s in zip(batch, spans, strict=True)]
         to_generate = [generate and example_format(e) != "rc" for e in batch]
         needs_prompt = [i for i in range(len(batch)) if to_generate[i] or one_pass[i]]

@@ -35,7 +35,7 @@ from typing import Any
 from . import models
 from ._io import Busy, atomic_write_json, atomic_write_text, exclusive_lock, held_by, is_complete
 from .adapters import CONFIG_FILE, load_adapter, read_adapter
-from .data import encode_spans, gold_pair
+from .data import gold_spans
 from .data_plan import DataPlan, plan_data
 from .errors import AdapterError, ConfigError, RunFolderError
 from .methods import PEFT_TYPES, adapter_config
@@ -297,10 +297,7 @@ def analyze_run(run_dir: str | Path, cache_dir: str | None = None, max_prompts_p
         init = head_similarity(model, "init")
     d = run.cfg.data
     sequences = {  # what the model reads in training: the gold context and answer (RC or MC, as configured)
-        task: [
-            encode_spans(run.tokenizer, *gold_pair(e), d.chat_template, d.max_length, e.uid)
-            for e in examples[:max_prompts_per_task]
-        ]
+        task: [gold_spans(run.tokenizer, e, d.chat_template, d.max_length) for e in examples[:max_prompts_per_task]]
         for task, examples in run.plan.test.items()
     }
     prompts = {task: [s.prompt + s.answer for s in spans] for task, spans in sequences.items()}
