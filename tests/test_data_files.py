@@ -283,6 +283,12 @@ def test_json_file_of_json_lines_is_read_as_json_lines(tmp_path):
     assert [e.uid for e in read(path)] == ["t/1", "t/3"]
     path.write_text('{"instruction": "a", "output": 3}\n')
     raises("{p}:1: field 'output': expected a non-empty string, got 3", path)
+    path.write_text('{\n  "data": [{"instruction": "a", "output": "b"}]\n}\n')
+    raises(
+        "{p}:1: invalid JSON: Expecting property name enclosed in double quotes (column 2); read as JSON Lines, as "
+        "the file does not start with '[' (a .json file holds one JSON array of objects, or one object per line)",
+        path,
+    )
 
 
 def test_byte_order_marks_are_ignored(tmp_path):
@@ -556,6 +562,7 @@ def test_every_container_names_the_record(tmp_path, kind, location):
         ('[{"prompt": "p", "answer": "a"},]', "{p}: record 2: invalid JSON: Expecting value (line 1, column 33)"),
         ("[ ]", "{p}: no examples (an empty task)"),
         ("  \n", "{p}: no examples (an empty task)"),
+        ("\f[]", '{p}: expected a JSON array of objects (or JSON Lines), got "\\f[]"'),
         ('"text"', '{p}: expected a JSON array of objects (or JSON Lines), got "\\"text\\""'),
         ("[" * 100000 + "]" * 100000, "{p}: record 1: invalid JSON: nested too deeply"),
     ],

@@ -357,7 +357,8 @@ def _open(path: Path):
         raise DataError(f"{path}: cannot read: {error.strerror or error}") from error
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, int, dict]]:
+def _jsonl_records(path: Path, note: str = "") -> Iterator[tuple[str, int, dict]]:
+    """JSON Lines; `note` follows the message of a line that is not valid JSON."""
     decode = _DECODER.decode
     with _open(path) as file:
         for number, line in enumerate(_lines(path, file), start=1):
@@ -368,7 +369,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, int, dict]]:
             try:
                 record = decode(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{where}: invalid JSON: {error.msg} (column {error.colno})") from error
+                raise DataError(f"{where}: invalid JSON: {error.msg} (column {error.colno}){note}") from error
             except _FieldTwice as error:
                 raise DataError(f"{where}: field {error.args[0]!r} is given twice") from None
             except RecursionError:
@@ -384,14 +385,18 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 def _json_records(path: Path) -> Iterator[tuple[str, int, dict]]:
     """A JSON array of objects (read whole), or JSON Lines when the file starts with "{"."""
     with _open(path) as file:
-        start = file.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+        start = file.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\n\r")
         while not start:
             chunk = file.read(1 << 16)
             if not chunk:
                 return
-            start = chunk.lstrip()
+            start = chunk.lstrip(b" \t\n\r")
     if start.startswith(b"{"):
-        yield from _jsonl_records(path)
+        yield from _jsonl_records(
+            path,
+            "; read as JSON Lines, as the file does not start with '[' (a .json file "
+            "holds one JSON array of objects, or one object per line)",
+        )
         return
     if not start.startswith(b"["):
         got = _shown(start[:20].decode(errors="replace"))
