@@ -2,19 +2,17 @@
 
 A `DataFile` names one file (or folder) and how to read it; `iter_examples` streams its examples in file order.
 
-Containers, by the path's suffix (any case):
+Containers, by the path's suffix (any case), and how messages locate a record:
 
-    .jsonl, .ndjson   one JSON object per line; blank lines are skipped            where: "<path>:<line>"
-    .json             one JSON array of objects (LLaMA-Factory's format), read whole, where: "<path>: record <n>"
-                      as json must; a file that starts with "{" is read as JSON Lines    (or "<path>:<line>")
-    .csv              a header row, then one row per example (the csv module's          where: "<path>:<line>"
-                      dialect: commas, double quotes); an empty cell is a missing
-                      field; list fields (choices, labels, history, messages,
-                      conversations) hold JSON text, "gold" an integer
-    .parquet          read a batch of rows at a time                                    where: "<path>: row <n>"
-    a folder          written by `datasets.Dataset.save_to_disk` (one split: a          where: "<path>: row <n>"
-                      DatasetDict is an error that names its splits); memory-mapped,
-                      read a batch of rows at a time
+- .jsonl, .ndjson: one JSON object per line, blank lines skipped; "<path>:<line>".
+- .json: one JSON array of objects (LLaMA-Factory's format), which json must read whole (its records are then
+  parsed one at a time); "<path>: record <n>". A .json file that starts with "{" is read as JSON Lines.
+- .csv: a header row, then one row per example (the csv module's dialect: commas, double quotes, strict quoting);
+  "<path>:<line>". An empty cell is a missing field; the list fields (choices, labels, history, messages,
+  conversations) hold JSON text, "gold" an integer.
+- .parquet: read a batch of rows at a time; "<path>: row <n>".
+- a folder written by `datasets.Dataset.save_to_disk`: memory-mapped, read a batch of rows at a time;
+  "<path>: row <n>". It must hold one dataset: a DatasetDict is an error that names its splits (save one split).
 
 Line numbers are physical lines (a CSV row's is the line it starts on; the header is line 1); record, row and
 turn numbers count from 1. In CSV, Parquet and saved datasets a null (or empty) cell is a missing field.
