@@ -6,6 +6,7 @@ import pytest
 import torch
 from _tiny import F64, tiny_llama
 
+import rlora.evaluate
 from rlora.compare import summarize
 from rlora.data import IGNORE_INDEX, Example, encode_example
 from rlora.evaluate import evaluate_tasks, held_out_loss, perplexity
@@ -46,17 +47,22 @@ def model():
 
 @pytest.mark.parametrize("chat_template", [False, True])
 @torch.no_grad()
-def test_batched_loss_equals_a_naive_sum_over_positions_whatever_the_batch(model, tiny_tokenizer, chat_template):
+def test_batched_loss_equals_a_naive_sum_over_positions_whatever_the_batch(
+    model, tiny_tokenizer, chat_template, monkeypatch
+):
     data = examples()
     lengths = {len(encode_example(tiny_tokenizer, e, chat_template, 64)["input_ids"]) for e in data}
     assert len(lengths) > 2  # batches of 3 are padded
     expected, count = naive_loss(model, tiny_tokenizer, data, chat_template, 64)
     assert count > len(data)  # answers of several tokens, the conversation's two assistant turns, EOS
-    for batch_size in (1, 3, 8):
-        loss = held_out_loss(
+    losses = {}
+    for batch_size, rows in ((1, 1024), (3, 1024), (8, 1024), (3, 2)):  # rows: positions normalised at once
+        monkeypatch.setattr(rlora.evaluate, "NLL_ROWS", rows)
+        losses[batch_size, rows] = held_out_loss(
             model, tiny_tokenizer, data, chat_template=chat_template, max_length=64, batch_size=batch_size
         )
-        assert loss == pytest.approx(expected, abs=F64["atol"], rel=F64["rtol"])
+        assert losses[batch_size, rows] == pytest.approx(expected, abs=F64["atol"], rel=F64["rtol"])
+    assert losses[1, 1024] == pytest.approx(losses[3, 1024], abs=F64["atol"], rel=F64["rtol"])  # padding: no change
 
 
 @torch.no_grad()

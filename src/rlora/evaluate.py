@@ -40,6 +40,7 @@ ACCURACY_METRICS = ("acc_ll", "acc_norm", "acc_gen")  # fractions in [0, 1], hig
 LOSS_METRICS = ("loss", "ppl")  # nats per trained token and its exp, lower is better
 METRICS = ACCURACY_METRICS + LOSS_METRICS
 LOWER_IS_BETTER = frozenset(LOSS_METRICS)
+NLL_ROWS = 1024  # token positions whose logits `token_nll` normalises at once
 
 
 @dataclasses.dataclass
@@ -101,7 +102,9 @@ def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
 def token_nll(model, features: Sequence[dict], pad_id: int, batch_size: int) -> tuple[float, int]:
     """(summed negative log-likelihood, count) of the trained tokens (labels != IGNORE_INDEX) of training features
     (`input_ids`, `labels`), in right-padded batches: the logits at position t predict the label at t + 1. Only the
-    trained positions' logits are normalised, in float32 at least; the sum is accumulated in float64."""
+    trained positions' logits are normalised, in float32 at least and `NLL_ROWS` positions at a time (the upcast
+    copy of a batch's logits would otherwise be as large as the batch's tokens times the vocabulary); the sum is
+    accumulated in float64."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))  # less padding
@@ -113,11 +116,12 @@ def token_nll(model, features: Sequence[dict], pad_id: int, batch_size: int) -> 
         trained = targets != IGNORE_INDEX
         if not trained.any():
             continue
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
-        logprobs = _log_softmax(logits[trained])  # (trained tokens, vocabulary)
-        picked = logprobs.gather(-1, targets[trained].unsqueeze(-1)).squeeze(-1)
-        total -= picked.to(torch.float64).sum().item()
-        count += int(trained.sum().item())
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1][trained]
+        targets = targets[trained]  # logits: (trained tokens, vocabulary), normalised a slice of rows at a time
+        for row in range(0, len(targets), NLL_ROWS):
+            logprobs = _log_softmax(logits[row : row + NLL_ROWS])
+            total -= logprobs.gather(-1, targets[row : row + NLL_ROWS, None]).to(torch.float64).sum().item()
+        count += len(targets)
     return total, count
 
 
