@@ -398,6 +398,63 @@ CASES = [
         "--chat-template)",
     ),
     # --- JSONL task data ---
+    # --- instruction data (data.files) ---
+    Case(
+        "alpaca-json-record-without-output",
+        lambda c: [
+            "train",
+            c.config,
+            "data.files=[" + c.file("a.json", '[{"instruction": "i", "output": "o"}, {"instruction": "i"}]') + "]",
+        ],
+        "{tmp}/a.json: record 2: field 'output': missing",
+    ),
+    Case(
+        "sharegpt-tool-turn",
+        lambda c: [
+            "train",
+            c.config,
+            "data.files=["
+            + c.file(
+                "s.jsonl",
+                json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "tool", "value": "a"}]}),
+            )
+            + "]",
+        ],
+        "{tmp}/s.jsonl:1: field 'conversations': turn 2: role 'tool' is not supported (tool turns are not supported; "
+        "only human, gpt, system, user, assistant)",
+    ),
+    Case(
+        "csv-mapped-column-empty",
+        lambda c: [
+            "train",
+            c.config,
+            "data.files=[{path: "
+            + c.file("c.csv", "question,response\nq,a\nq2,\n")
+            + ", columns: {instruction: question, output: response}}]",
+        ],
+        "{tmp}/c.csv:3: field 'output' (column 'response'): missing",
+    ),
+    Case(
+        "files-unknown-schema",
+        lambda c: ["train", c.config, "data.files=[{path: " + c.file("a.json", "[]") + ", schema: alpacca}]"],
+        "{cfg}: data.files[0]: schema: expected one of auto, rlora, alpaca, sharegpt, messages, got 'alpacca'",
+    ),
+    Case(
+        "files-unsupported-kind",
+        lambda c: ["train", c.config, "data.files=[" + c.file("x.txt", "hi") + "]"],
+        "{cfg}: data.files[0]: {tmp}/x.txt: unsupported kind of data file (.txt); expected .jsonl, .ndjson, "
+        ".json, .csv, .parquet, or a folder written by datasets' save_to_disk",
+    ),
+    Case(
+        "files-misspelt-key",
+        lambda c: ["train", c.config, "data.files=[{path: " + c.file("a.json", "[]") + ", colums: {}}]"],
+        "{cfg}: data.files[0]: unknown key 'colums'; valid keys: path, schema, task, columns",
+    ),
+    Case(
+        "files-entry-not-a-path",
+        lambda c: ["train", c.config, "data.files=[3]"],
+        "{cfg}: data.files[0]: expected a string or a mapping, got 3",
+    ),
     Case(
         "jsonl-nested-too-deeply",
         lambda c: ["train", c.config, c.jsonl('{"prompt": ' + "[" * 100000 + "]" * 100000 + ', "answer": "a"}')],
