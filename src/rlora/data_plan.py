@@ -133,7 +133,7 @@ class TrainingSet:
                 "%d training examples: batches are grouped by length in characters (exact token lengths are "
                 "computed for up to %d)", len(task_of), EXACT_LENGTHS_MAX,
             )  # fmt: skip
-        lengths = np.zeros(len(task_of), dtype=np.int64)
+        lengths = np.zeros(len(task_of), dtype=np.int32)
         fmt = self.plan.cfg.data.format
         for t, (name, task) in enumerate(self.plan.tasks.items()):
             entries = np.flatnonzero(task_of == t)
@@ -174,7 +174,8 @@ def plan_data(cfg: RunConfig, cache_dir: str | None = None) -> DataPlan:
     splits = {}
     for name, task in tasks.items():
         is_test = task.split_keys() < d.test_fraction
-        splits[name] = (np.flatnonzero(~is_test), np.flatnonzero(is_test))
+        kind = np.int32 if len(is_test) < 2**31 else np.int64  # 4 bytes an example: millions are kept all run
+        splits[name] = (np.flatnonzero(~is_test).astype(kind), np.flatnonzero(is_test).astype(kind))
     sizes = {t: {"total": len(tr) + len(te), "train": len(tr), "test": len(te)} for t, (tr, te) in splits.items()}
     for task, (train, test) in splits.items():
         if not len(train) or not len(test):

@@ -108,7 +108,8 @@ def mixture_positions(
     random.Random(seed).shuffle(picks)
     flat = np.frombuffer(picks, dtype=np.int64)
     task_of = np.searchsorted(offsets, flat, side="right") - 1
-    return task_of.astype(np.int32), flat - offsets[task_of]
+    position = flat - offsets[task_of]
+    return task_of.astype(np.int32), position.astype(np.int32 if max(sizes.values(), default=0) < 2**31 else np.int64)
 
 
 def sample_range(rng: random.Random, n: int, k: int) -> array:

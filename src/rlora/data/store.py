@@ -9,22 +9,23 @@ memory-maps the table: its pages are read from disk when touched and belong to t
 
 A task (`TaskData`) is then a table and the row numbers of its examples (a file may hold several tasks), or a
 built-in task's list. The split, the mixture and the test sets are index arrays over tasks; an `Example` is made
-only when one is read. Each row also stores the example's split key (`split.split_key`), so splitting a million
-examples is a comparison of a float64 column.
+only when one is read. Beside the table, per-row arrays hold each example's split key (`split.split_key`), task
+and length in characters, so splitting a million examples is a comparison of a float64 array.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .._io import atomic_dir, is_complete
 from ..errors import DataError
@@ -34,7 +35,7 @@ from .split import split_key
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = "1"  # bump when the table layout below changes: every cached table is then read again
+STORE_VERSION = "2"  # bump when the table layout below changes: every cached table is then read again
 BATCH_ROWS = 8192  # rows per Arrow record batch while a file is read
 TABLE_FILE = "examples.arrow"
 
@@ -51,7 +52,6 @@ SCHEMA = pa.schema(
         ("format", pa.string()),
         ("turn_roles", _STRINGS),
         ("turn_texts", _STRINGS),
-        ("key", pa.float64()),
     ]
 )
 
@@ -81,7 +81,6 @@ def _row(example: Example) -> dict:
         "format": example.format,
         "turn_roles": None if turns is None else [r for r, _ in turns],
         "turn_texts": None if turns is None else [c for _, c in turns],
-        "key": split_key(example),
     }
 
 
@@ -105,11 +104,14 @@ def _example(row: dict) -> Example:
 
 
 class FileTable:
-    """A user file's examples in a memory-mapped Arrow table, in the file's order."""
+    """A user file's examples in a memory-mapped Arrow table, in the file's order, and three per-row arrays kept
+    beside it (split key, task, length in characters), read whole only while the plan is made: a pass over a
+    column of the mapped table would keep its pages in the process's resident memory for the whole run."""
 
-    def __init__(self, spec: DataFile, table: pa.Table) -> None:
+    def __init__(self, spec: DataFile, folder: Path) -> None:
         self.spec = spec
-        self.table = table
+        self.folder = folder
+        self.table = pa.ipc.open_file(pa.memory_map(str(folder / TABLE_FILE))).read_all()
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -121,14 +123,23 @@ class FileTable:
         """The examples at `rows` (any order), read in one `take`."""
         return [_example(r) for r in self.table.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()]
 
+    def column(self, name: str) -> np.ndarray:
+        """A per-row array, read whole: "keys" (split keys), "tasks" (task codes), "chars" (characters)."""
+        return np.load(self.folder / f"{name}.npy")
+
     def tasks(self) -> dict[str, np.ndarray]:
         """The rows of each task in the file, tasks in order of first appearance."""
-        codes = self.table.column("task").combine_chunks().dictionary_encode()
-        names = codes.dictionary.to_pylist()
-        indices = codes.indices.to_numpy(zero_copy_only=False)
-        order = np.argsort(indices, kind="stable")
-        bounds = np.searchsorted(indices[order], np.arange(len(names) + 1))
+        names = json.loads((self.folder / "tasks.json").read_text(encoding="utf-8"))
+        codes = self.column("tasks")
+        if len(names) == 1:
+            return {names[0]: np.arange(len(codes), dtype=_row_type(len(codes)))}
+        order = np.argsort(codes, kind="stable").astype(_row_type(len(codes)))
+        bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
         return {name: order[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
+
+
+def _row_type(n: int) -> type:
+    return np.int32 if n < 2**31 else np.int64
 
 
 def load_file(spec: DataFile, cache_dir: str | os.PathLike | None = None) -> FileTable:
@@ -137,28 +148,36 @@ def load_file(spec: DataFile, cache_dir: str | os.PathLike | None = None) -> Fil
     if not is_complete(folder):
         logger.info("reading %s into %s", spec.path, folder)
         with atomic_dir(folder, shared=True) as tmp:
-            rows = _write_table(spec, tmp / TABLE_FILE)
-        if rows == 0:
-            raise DataError(f"{spec.path}: no examples (an empty task)")
-    table = pa.ipc.open_file(pa.memory_map(str(folder / TABLE_FILE))).read_all()
-    if table.num_rows == 0:
-        raise DataError(f"{spec.path}: no examples (an empty task)")
-    return FileTable(spec, table)
+            _write_table(spec, tmp)
+    return FileTable(spec, folder)
 
 
-def _write_table(spec: DataFile, path: Path) -> int:
-    rows = 0
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+def _write_table(spec: DataFile, folder: Path) -> None:
+    keys, chars, codes = array("d"), array("l"), array("l")
+    names: dict[str, int] = {}
+    with pa.OSFile(str(folder / TABLE_FILE), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
         for batch in _batches(iter_examples(spec)):
-            writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=SCHEMA))
-            rows += len(batch)
-    return rows
+            writer.write_batch(pa.RecordBatch.from_pylist([_row(e) for e in batch], schema=SCHEMA))
+            keys.extend(split_key(e) for e in batch)
+            chars.extend(_chars(e) for e in batch)
+            codes.extend(names.setdefault(e.task, len(names)) for e in batch)
+    if not keys:
+        raise DataError(f"{spec.path}: no examples (an empty task)")
+    np.save(folder / "keys.npy", np.frombuffer(keys, dtype=np.float64))
+    np.save(folder / "chars.npy", np.asarray(chars, dtype=np.int32))
+    np.save(folder / "tasks.npy", np.asarray(codes, dtype=np.int32))
+    (folder / "tasks.json").write_text(json.dumps(list(names), ensure_ascii=False), encoding="utf-8")
 
 
-def _batches(examples: Iterator[Example]) -> Iterator[list[dict]]:
-    batch: list[dict] = []
+def _chars(example: Example) -> int:
+    """The length estimate used to group a very large mixture's batches: characters of the texts the model reads."""
+    return len(example.prompt) + len(example.answer) + sum(len(c) for _, c in example.turns or ())
+
+
+def _batches(examples: Iterator[Example]) -> Iterator[list[Example]]:
+    batch: list[Example] = []
     for example in examples:
-        batch.append(_row(example))
+        batch.append(example)
         if len(batch) == BATCH_ROWS:
             yield batch
             batch = []
@@ -190,25 +209,14 @@ class TaskData:
     def split_keys(self) -> np.ndarray:
         if self.table is None:
             return np.array([split_key(e) for e in self.examples_list], dtype=np.float64)
-        keys = self.table.table.column("key").to_numpy()
-        return keys[self.rows]
+        return self.table.column("keys")[self.rows]
 
     def text_lengths(self, positions: np.ndarray) -> np.ndarray:
-        """Characters of the examples' prompt, answer and turns at `positions`: a length estimate read from the
-        table's columns without making the examples."""
+        """Characters of the prompt, answer and turns of the examples at `positions`: a length estimate that needs
+        no example made (a file's are computed when it is read)."""
         if self.table is None:
-            picked = [self.examples_list[int(i)] for i in positions]
-            return np.array([len(e.prompt) + len(e.answer) + sum(len(c) for _, c in e.turns or ()) for e in picked])
-        rows = self.table.table.take(pa.array(self.rows[positions]))
-        total = np.zeros(len(positions), dtype=np.int64)
-        for column in ("prompt", "answer"):
-            total += pc.utf8_length(rows.column(column)).to_numpy(zero_copy_only=False)
-        turns = rows.column("turn_texts").combine_chunks()
-        counts = pc.list_value_length(turns).fill_null(0).to_numpy(zero_copy_only=False)
-        flat = pc.utf8_length(pc.list_flatten(turns)).to_numpy(zero_copy_only=False)
-        owner = np.repeat(np.arange(len(positions)), counts)
-        total += np.bincount(owner, weights=flat, minlength=len(positions)).astype(np.int64)
-        return total
+            return np.array([_chars(self.examples_list[int(i)]) for i in positions], dtype=np.int32)
+        return self.table.column("chars")[self.rows[positions]]
 
     def chunks(self, positions: np.ndarray, size: int = 4096) -> Iterator[list[Example]]:
         """The examples at `positions`, `size` at a time (for a pass over a large task)."""
