@@ -111,17 +111,28 @@ class FileTable:
     def __init__(self, spec: DataFile, folder: Path) -> None:
         self.spec = spec
         self.folder = folder
-        self.table = pa.ipc.open_file(pa.memory_map(str(folder / TABLE_FILE))).read_all()
+        reader = pa.ipc.open_file(pa.memory_map(str(folder / TABLE_FILE)))
+        self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]  # mapped, not read
+        self.starts = np.cumsum([0, *(b.num_rows for b in self.batches)])
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return int(self.starts[-1])
 
     def example(self, row: int) -> Example:
-        return _example(self.table.slice(int(row), 1).to_pylist()[0])
+        return self.examples(np.array([row]))[0]
 
     def examples(self, rows: np.ndarray) -> list[Example]:
-        """The examples at `rows` (any order), read in one `take`."""
-        return [_example(r) for r in self.table.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()]
+        """The examples at `rows` (any order), each record batch's rows read in one `take` (a take over the whole
+        table would first concatenate it, copying every row into memory)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        batch_of = np.searchsorted(self.starts, rows, side="right") - 1
+        out: list = [None] * len(rows)
+        for b in np.unique(batch_of):
+            where = np.flatnonzero(batch_of == b)
+            records = self.batches[b].take(pa.array(rows[where] - self.starts[b])).to_pylist()
+            for i, record in zip(where.tolist(), records, strict=True):
+                out[i] = _example(record)
+        return out
 
     def column(self, name: str) -> np.ndarray:
         """A per-row array, read whole: "keys" (split keys), "tasks" (task codes), "chars" (characters)."""
