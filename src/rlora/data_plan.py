@@ -63,11 +63,11 @@ class MixtureView(Sequence):
 class DataPlan:
     cfg: RunConfig
     tasks: dict[str, TaskData]
-    train_positions: dict[str, np.ndarray]  # per task, the positions of its training examples, in task order
     test: dict[str, list[Example]]  # per task, the held-out examples that are evaluated
     sizes: dict[str, dict[str, int]]  # per task: total, train, test (before any cap)
     counts: dict[str, int]  # per task: examples in the training mixture
-    mixture: tuple[np.ndarray, np.ndarray]  # the shuffled mixture: task index, position in the task's training split
+    # the shuffled mixture, two arrays: each entry's task (an index into `tasks`) and example (an index into the task)
+    mixture: tuple[np.ndarray, np.ndarray]
 
     @property
     def train(self) -> MixtureView:
@@ -77,10 +77,9 @@ class DataPlan:
     def __post_init__(self) -> None:
         self._names = list(self.tasks)
 
-    def train_example(self, task_index: int, position: int) -> Example:
-        """The `position`-th training example of the `task_index`-th task, in the run's formulation."""
-        name = self._names[task_index]
-        return with_default_format(self.tasks[name][int(self.train_positions[name][position])], self.cfg.data.format)
+    def train_example(self, task_index: int, index: int) -> Example:
+        """The `index`-th example of the `task_index`-th task, in the run's formulation."""
+        return with_default_format(self.tasks[self._names[task_index]][index], self.cfg.data.format)
 
     def counts_table(self) -> str:
         return format_mixture_table(self.counts, {t: s["train"] for t, s in self.sizes.items()})
@@ -135,11 +134,11 @@ class TrainingSet:
             )  # fmt: skip
         lengths = np.zeros(len(task_of), dtype=np.int32)
         fmt = self.plan.cfg.data.format
-        for t, (name, task) in enumerate(self.plan.tasks.items()):
+        for t, task in enumerate(self.plan.tasks.values()):
             entries = np.flatnonzero(task_of == t)
             if not len(entries):
                 continue
-            rows = self.plan.train_positions[name][position[entries]]
+            rows = position[entries]
             if not exact:
                 lengths[entries] = task.text_lengths(rows)
                 continue
@@ -186,9 +185,14 @@ def plan_data(cfg: RunConfig, cache_dir: str | None = None) -> DataPlan:
             )
     train_sizes = {t: len(tr) for t, (tr, _) in splits.items()}
     counts = mixture_counts(train_sizes, d.mixture, d.temperature, d.max_train_per_task, d.total_train)
-    mixture = mixture_positions(train_sizes, counts, seed=cfg.seed)
+    task_of, position = mixture_positions(train_sizes, counts, seed=cfg.seed)
+    for t, (train, _) in enumerate(splits.values()):  # a position in the training split -> an index into the task
+        chosen = task_of == t
+        position[chosen] = train[position[chosen]]
+    if len(tasks) < 2**15:
+        task_of = task_of.astype(np.int16)  # every array here is kept for the whole run: millions of entries
     test = {t: _cap(tasks[t], te, d.max_eval_per_task, d.format) for t, (_, te) in splits.items()}
-    return DataPlan(cfg, tasks, {t: tr for t, (tr, _) in splits.items()}, test, sizes, counts, mixture)
+    return DataPlan(cfg, tasks, test, sizes, counts, (task_of, position))
 
 
 def _cap(task: TaskData, positions: np.ndarray, limit: int | None, fmt: str) -> list[Example]:

@@ -65,6 +65,8 @@ class LengthGroupedIndices(torch.utils.data.Sampler):
         mult = min(n // (self.batch_size * 4), 50) or 1
         size = mult * self.batch_size
         indices = torch.randperm(n).numpy()
+        if n < 2**31:
+            indices = indices.astype(np.int32)  # 4 bytes an item: it is kept for the whole epoch
         starts = range(0, n, size)
         for start in starts:  # each mega-batch by length, longest first; equal lengths keep their order
             block = indices[start : start + size]
