@@ -101,3 +101,15 @@ def test_the_embedded_model_learns_instruction_data_with_its_chat_template(model
     tuned = json.loads((tmp_path / "run" / "eval.json").read_text())["tasks"]
     for task in ("repeat", "chat"):
         assert tuned[task]["loss"] < base[task]["loss"], (task, base[task], tuned[task])
+
+
+def test_show_marks_every_reply_of_a_conversation(tmp_path, capsys):
+    path = tmp_path / "chat.jsonl"
+    turns = [{"from": "human", "value": "Say red."}, {"from": "gpt", "value": "red"}]
+    turns += [{"from": "human", "value": "Say blue."}, {"from": "gpt", "value": "blue"}]
+    path.write_text(json.dumps({"conversations": turns}) + "\n")
+    assert main(["show", "chat", "--data", str(path), "--test-fraction", "0"]) == 0
+    expected = (
+        "=== chat/1 (train) ===\nUser: Say red.\n\nAssistant:[[ red]]\n\nUser: Say blue.\n\nAssistant: [[blue]]\n\n"
+    )
+    assert capsys.readouterr().out == expected

@@ -26,6 +26,7 @@ from .data import (
     load_task,
     with_default_format,
 )
+from .data.example import turn_pieces
 from .data.split import bad_test_fraction, split_key
 from .errors import ConfigError, MissingPackage, RloraError, TrainingError
 from .methods import METHODS
@@ -125,14 +126,23 @@ def _show(args: argparse.Namespace) -> int:
     for example in chosen:
         print(f"=== {example.uid} ({args.split}) ===")
         if tokenizer is None:
-            context, continuation = gold_pair(example)
-            print(f"{context} [[{continuation}]]\n")
+            if example.turns is not None:  # a conversation: every reply is trained
+                pieces = turn_pieces(example.turns)
+                context = "".join(f"[[{text}]]" if trained else text for text, trained in pieces)
+            else:
+                context = gold_pair(example)[0]
+            print(f"{context} [[{gold_pair(example)[1]}]]\n")
             continue
         feature = encode_example(tokenizer, example, args.chat_template, args.max_length)
-        start = next(i for i, label in enumerate(feature["labels"]) if label >= 0)
-        ids = feature["input_ids"]
-        print(f"{tokenizer.decode(ids[:start])}[[{tokenizer.decode(ids[start:])}]]")
-        print(f"({len(ids)} tokens, {len(ids) - start} with loss)\n")
+        ids, trained = feature["input_ids"], [label >= 0 for label in feature["labels"]]
+        runs, start = [], 0
+        for i in range(1, len(ids) + 1):  # runs of tokens with and without loss
+            if i == len(ids) or trained[i] != trained[start]:
+                text = tokenizer.decode(ids[start:i])
+                runs.append(f"[[{text}]]" if trained[start] else text)
+                start = i
+        print("".join(runs))
+        print(f"({len(ids)} tokens, {sum(trained)} with loss)\n")
     return 0
 
 
@@ -208,7 +218,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _add_eval(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="per-task accuracy of a trained run (or a base model) on held-out data")
+    parser = subparsers.add_parser(
+        "eval", help="per-task accuracy and loss of a trained run (or a base model) on held-out data"
+    )
     parser.add_argument(
         "target", help="a run folder (from `rlora train`), or a config/preset to evaluate its base model"
     )
