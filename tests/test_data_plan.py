@@ -119,3 +119,10 @@ def test_a_bad_line_leaves_no_cached_table(tmp_path):
         with pytest.raises(DataError, match=r"t\.jsonl:2: field 'prompt': expected a non-empty string, got 3$"):
             load_file(store.DataFile(path, schema="rlora"), tmp_path / "cache")
     assert not any(p.name.endswith(".arrow") for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_data_jsonl_reads_json_lines_whatever_the_suffix(tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": "a"}) + "\n" for i in range(20)))
+    plan = plan_data(_config(tmp_path, "data.tasks=[]", f"data.jsonl=[{path}]"))
+    assert list(plan.tasks) == ["mine"] and plan.sizes["mine"]["total"] == 20

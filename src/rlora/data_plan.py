@@ -161,7 +161,7 @@ def load_tasks(cfg: RunConfig, cache_dir: str | None = None) -> dict[str, TaskDa
     """Built-in tasks (suites expanded) and the files' tasks; names must not clash."""
     names = expand_task_names(cfg.data.tasks)
     tasks = {name: TaskData(name, examples_list=load_task(name)) for name in names}
-    specs = [DataFile(Path(f), schema="rlora") for f in cfg.data.jsonl]
+    specs = [DataFile(Path(f), schema="rlora", kind="jsonl") for f in cfg.data.jsonl]  # any suffix, as ever
     specs += [DataFile.from_config(f, f"data.files[{i}]") for i, f in enumerate(cfg.data.files)]
     tasks.update(file_tasks(specs, reserved=names, cache_dir=cache_dir))
     return tasks

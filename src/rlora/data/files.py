@@ -97,6 +97,7 @@ class DataFile:
     schema: str = "auto"
     task: str | None = None
     columns: tuple[tuple[str, str], ...] = ()
+    kind: str | None = None  # "jsonl", "json", "csv", "parquet" or "folder"; None: by the suffix (data.jsonl: "jsonl")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -109,6 +110,8 @@ class DataFile:
             ) from None
         object.__setattr__(self, "columns", columns)
         problem = _settings_problem(self.schema, self.task, columns)
+        if problem is None and self.kind is not None and self.kind not in _CONTAINERS:
+            problem = f"kind: expected one of {', '.join(_CONTAINERS)}, got {_shown(self.kind)}"
         if problem is not None:
             raise DataError(f"{self.path}: {problem}")
 
@@ -166,7 +169,7 @@ class DataFile:
                 parts.append([stat.st_size, stat.st_mtime_ns])
         except OSError as error:
             raise DataError(f"{self.path}: cannot read: {error.strerror or error}") from None
-        parts += [self.schema, self.task, [list(pair) for pair in self.columns]]
+        parts += [self.schema, self.task, [list(pair) for pair in self.columns], self.kind]
         return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -175,7 +178,7 @@ def iter_examples(spec: DataFile) -> Iterator[Example]:
     when the caller asks for the next one, so a large file is never held in memory whole, except a .json file
     holding one JSON array, which json must read whole (its records are still parsed one at a time). Every problem
     raises `DataError` naming the file, the line (record, row) and the field; a file with no examples is one."""
-    return _examples(spec, _container(spec.path))
+    return _examples(spec, spec.kind or _container(spec.path))
 
 
 # --- settings -----------------------------------------------------------------------------------------------------
