@@ -1,5 +1,6 @@
 """Each benchmark runs end to end in its --quick configuration and prints the table it promises (no timings checked)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -45,3 +46,38 @@ def test_startup_benchmark_times_help_and_tasks_against_a_bare_python():
     assert header[:2] == ["command", "median s"]
     assert [row[0] for row in body] == ["python -c pass", "rlora --help", "rlora tasks"]
     assert all(float(row[1]) > 0 for row in body)
+
+
+@pytest.mark.slow  # one training step of the embedded model in a fresh process (10–25 s on 2 cores)
+def test_data_scale_benchmark_times_one_training_step_on_a_generated_mixture(tmp_path, model_cache_dir):
+    import bench_data_scale
+
+    out = tmp_path / "rows.json"
+    args = ["--sizes", "2000", "--paths", "new", "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    args += ["--threads", "1", "--cache-dir", str(model_cache_dir)]  # one thread: steady on a busy machine
+    rows = table_rows(bench_data_scale.main(args))
+    header, body = rows[0], rows[1:]
+    assert header[:5] == ["examples", "data MB", "path", "rev", "time to first step s"]
+    assert "peak RSS GB" in header and "total s" in header
+    assert [row[:3] for row in body] == [["2,000", body[0][1], "new"]]
+
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert (row["size"], row["path"], row["repeats"], row["error"]) == (2000, "new", 1, None)
+    assert 0 < row["first_step_s"] <= row["total_s"] and row["cpu_s"] > 0
+    assert row["peak_rss_bytes"] > 10**8 and 0 < row["rss_at_first_step_bytes"] <= row["peak_rss_bytes"]
+    assert row["runs"][0]["data_cache_bytes"] >= 0 and data["settings"]["data_cache"] == "cold"
+    assert data["settings"]["imports"]["new"].startswith(str(Path(__file__).resolve().parents[1] / "src"))
+    assert data["machine"]["cpus"] >= 1 and data["machine"]["torch"]
+
+    (data_dir,) = (tmp_path / "work").glob("data-2000-*")
+    counts = {f.stem: len(f.read_text().splitlines()) for f in data_dir.glob("*.jsonl")}
+    assert counts == dict.fromkeys(bench_data_scale.TASKS, 500)
+    lines = [json.loads(line) for f in data_dir.glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert sum("choices" in r for r in lines) == 500 and all(r["prompt"].strip() for r in lines)
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [data_dir.name]  # no run folder left behind
+    before = {f: f.stat().st_mtime_ns for f in data_dir.glob("*.jsonl")}
+    files, _ = bench_data_scale.mixture_files(tmp_path / "work", 2000, 0)  # reused, not written again
+    assert {f: f.stat().st_mtime_ns for f in files} == before
+    bench_data_scale.write_mixture(tmp_path / "again", 2000, 0)  # the same seed writes the same bytes
+    assert all((tmp_path / "again" / f.name).read_bytes() == f.read_bytes() for f in files)
