@@ -57,9 +57,10 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError, DataError
 from .example import FORMATS, Example, labelling_problem
@@ -358,6 +359,23 @@ def _open(path: Path):
         raise DataError(f"{path}: cannot read: {error.strerror or error}") from error
 
 
+def _decoded(where: str, locate: Callable[[json.JSONDecodeError], str], decode: Callable, *args, pair=False) -> Any:
+    """`decode(*args)`'s JSON object (with `pair`: its (object, end) pair), or a DataError naming `where`; `locate`
+    says where in the record a syntax error is."""
+    try:
+        result = decode(*args)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: invalid JSON: {error.msg} {locate(error)}") from None
+    except _FieldTwice as error:
+        raise DataError(f"{where}: field {error.args[0]!r} is given twice") from None
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON: nested too deeply") from None
+    record = result[0] if pair else result
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return result
+
+
 def _jsonl_records(path: Path, note: str = "") -> Iterator[tuple[str, int, dict]]:
     """JSON Lines; `note` follows the message of a line that is not valid JSON."""
     decode = _DECODER.decode
@@ -367,16 +385,7 @@ def _jsonl_records(path: Path, note: str = "") -> Iterator[tuple[str, int, dict]
                 continue
             line = line.rstrip("\r\n")  # as str.splitlines: a JSON error's column counts in the line alone
             where = f"{path}:{number}"
-            try:
-                record = decode(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: invalid JSON: {error.msg} (column {error.colno}){note}") from error
-            except _FieldTwice as error:
-                raise DataError(f"{where}: field {error.args[0]!r} is given twice") from None
-            except RecursionError:
-                raise DataError(f"{where}: invalid JSON: nested too deeply") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            record = _decoded(where, lambda error: f"(column {error.colno}){note}", decode, line)
             yield where, number, record
 
 
@@ -419,16 +428,8 @@ def _json_records(path: Path) -> Iterator[tuple[str, int, dict]]:
     else:
         for number in range(1, sys.maxsize):
             where = f"{path}: record {number}"
-            try:
-                record, index = _DECODER.raw_decode(text, index)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: invalid JSON: {error.msg} ({position(error.pos)})") from None
-            except _FieldTwice as error:
-                raise DataError(f"{where}: field {error.args[0]!r} is given twice") from None
-            except RecursionError:
-                raise DataError(f"{where}: invalid JSON: nested too deeply") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            locate = lambda error: f"({position(error.pos)})"  # noqa: E731
+            record, index = _decoded(where, locate, _DECODER.raw_decode, text, index, pair=True)
             yield where, number, record
             index = _WHITESPACE.match(text, index).end()
             if text.startswith(",", index):
