@@ -113,3 +113,24 @@ def test_show_marks_every_reply_of_a_conversation(tmp_path, capsys):
         "=== chat/1 (train) ===\nUser: Say red.\n\nAssistant:[[ red]]\n\nUser: Say blue.\n\nAssistant: [[blue]]\n\n"
     )
     assert capsys.readouterr().out == expected
+
+
+def test_data_loader_workers_read_the_mapped_tables_and_train_the_same_adapter(tmp_path, workspace):
+    """Worker processes read the memory-mapped tables themselves; the order and the features are the same as in the
+    main process, so the trained adapter is bitwise the same."""
+    from safetensors.torch import load_file
+
+    files = [_alpaca(tmp_path / "repeat.json"), _sharegpt(tmp_path / "chat.jsonl")]
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {workspace / 'model'}\n")
+    adapters = []
+    for workers in (0, 2):
+        out = tmp_path / f"run{workers}"
+        overrides = _overrides(out, files, f"training.dataloader_workers={workers}")
+        assert main(["train", str(config), *overrides]) == 0
+        adapters.append(load_file(out / "adapter" / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, tensor in adapters[0].items():
+        assert (tensor == adapters[1][name]).all(), name
+    start = load_file(tmp_path / "run0" / "adapter_init" / "adapter_model.safetensors")
+    assert any((start[name] != tensor).any() for name, tensor in adapters[0].items())  # the steps did train
