@@ -86,7 +86,7 @@ class DataPlan:
 
     def manifest(self) -> dict:
         d = self.cfg.data
-        split = {"method": "sha256 of task, prompt, choices, answer", "salt": SPLIT_SALT}
+        split = {"method": "sha256 of task, prompt, choices, answer (and a conversation's turns)", "salt": SPLIT_SALT}
         mixture = {"strategy": d.mixture, "temperature": d.temperature, "max_train_per_task": d.max_train_per_task}
         used = {t: {"train_used": self.counts[t], "test_evaluated": len(self.test[t])} for t in self.sizes}
         return {
@@ -106,7 +106,7 @@ class DataPlan:
 
 class TrainingSet:
     """The training mixture for the Trainer: item i is the i-th example's training feature, tokenized when read;
-    `lengths` holds every item's token length (for `group_by_length`), computed up front in batches."""
+    `lengths` holds every item's length for `group_by_length` (see `_lengths`), computed up front."""
 
     def __init__(self, plan: DataPlan, tokenizer) -> None:
         d = plan.cfg.data
@@ -124,7 +124,7 @@ class TrainingSet:
     def _lengths(self) -> np.ndarray:
         """The length of each item, in mixture order: in tokens, exactly, for up to `EXACT_LENGTHS_MAX` items (each
         task's used examples read in row order and tokenized in batches); beyond, in characters of the example's
-        texts (`TaskData.text_lengths`), which groups as well and costs no tokenizing."""
+        texts (`TaskData.text_lengths`, stored when a file is read): a stand-in that costs no tokenizing."""
         task_of, position = self.plan.mixture
         exact = len(task_of) <= EXACT_LENGTHS_MAX
         if not exact:
