@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 from .._io import atomic_dir, is_complete
 from ..errors import DataError
@@ -167,7 +168,8 @@ def _write_table(spec: DataFile, folder: Path) -> None:
     keys, chars, codes = array("d"), array("l"), array("l")
     names: dict[str, int] = {}
     with pa.OSFile(str(folder / TABLE_FILE), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
-        for batch in _batches(iter_examples(spec)):
+        examples = tqdm(iter_examples(spec), desc=f"reading {spec.path.name}", unit=" examples", delay=2, leave=False)
+        for batch in _batches(examples):
             writer.write_batch(pa.RecordBatch.from_pylist([_row(e) for e in batch], schema=SCHEMA))
             keys.extend(split_key(e) for e in batch)
             chars.extend(_chars(e) for e in batch)
