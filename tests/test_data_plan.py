@@ -126,3 +126,28 @@ def test_data_jsonl_reads_json_lines_whatever_the_suffix(tmp_path):
     path.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": "a"}) + "\n" for i in range(20)))
     plan = plan_data(_config(tmp_path, "data.tasks=[]", f"data.jsonl=[{path}]"))
     assert list(plan.tasks) == ["mine"] and plan.sizes["mine"]["total"] == 20
+
+
+def test_rlora_cache_lists_the_tables_and_removes_the_stale_ones(tmp_path, monkeypatch, capsys):
+    from rlora.cli import main
+    from rlora.data import store
+
+    monkeypatch.setenv("RLORA_DATA_CACHE", str(tmp_path / "cache"))
+    kept, edited = tmp_path / "kept.jsonl", tmp_path / "edited.jsonl"
+    for path in (kept, edited):
+        path.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": "a"}) + "\n" for i in range(30)))
+        load_file(store.DataFile(path, schema="rlora"))
+    edited.write_text(json.dumps({"prompt": "new", "answer": "a"}) + "\n")  # its table is now stale
+    tables = store.cached_tables()
+    assert sorted((t.source["path"], t.source["examples"], t.stale) for t in tables) == [
+        (str(edited), 30, True),
+        (str(kept), 30, False),
+    ]
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert f"{edited}: stale (its file changed or is gone)" in out and f"{kept}: 30 examples" in out
+    assert "2 tables" in out and "rlora cache --clear-stale removes the stale ones" in out
+    assert main(["cache", "--clear-stale"]) == 0
+    assert [t.source["path"] for t in store.cached_tables()] == [str(kept)]
+    assert main(["cache", "--clear"]) == 0
+    assert store.cached_tables() == [] and capsys.readouterr().out.endswith("0 tables, 0.0 MB; removed 1\n")

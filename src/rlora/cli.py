@@ -104,6 +104,43 @@ def _split_keys(examples) -> list[float]:
     return np.array([split_key(e) for e in examples])
 
 
+def _cache(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .data.store import cached_tables, data_cache
+
+    tables = cached_tables(args.cache_dir)
+    removed = [t for t in tables if args.clear or (args.clear_stale and t.stale)]
+    for table in removed:
+        shutil.rmtree(table.folder, ignore_errors=True)
+    kept = [t for t in tables if t not in removed]
+    print(f"data cache: {data_cache(args.cache_dir)}")
+    for table in kept:
+        source = table.source or {}
+        state = "stale (its file changed or is gone)" if table.stale else f"{source.get('examples', '?')} examples"
+        print(f"  {table.bytes / 1e6:8.1f} MB  {source.get('path', table.folder.name)}: {state}")
+    mb = sum(t.bytes for t in kept) / 1e6
+    print(f"{len(kept)} tables, {mb:.1f} MB" + (f"; removed {len(removed)}" if removed else ""))
+    if any(t.stale for t in kept):
+        print("rlora cache --clear-stale removes the stale ones")
+    return 0
+
+
+def _add_cache(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "cache", help="list the data cache (your files read into Arrow tables) and remove stale or all tables"
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--clear-stale", action="store_true", help="remove the tables of files changed or gone")
+    group.add_argument("--clear", action="store_true", help="remove every table (files are read again when used)")
+    parser.add_argument(
+        "--cache-dir",
+        help="rlora's cache, whose data/ folder holds the tables (default: $RLORA_DATA_CACHE, else "
+        "$RLORA_CACHE_DIR/data)",
+    )
+    parser.set_defaults(func=_cache)
+
+
 def _add_tasks(subparsers) -> None:
     parser = subparsers.add_parser("tasks", help="list the tasks with their sizes (total/train/test)")
     parser.add_argument("--mmlu", action="store_true", help="also list the MMLU subjects")
@@ -436,6 +473,7 @@ def _add_lm_eval(subparsers) -> None:
 
 SUBCOMMANDS = (
     _add_tasks,
+    _add_cache,
     _add_show,
     _add_train,
     _add_eval,

@@ -209,7 +209,7 @@ def load_run(
         raise RunFolderError(f"{folder.root}: a plain LoRA run has one head and no router; analyze a multi-head run")
     if adapter:
         check_adapter(folder.adapter, cfg)
-    plan = plan_data(cfg)
+    plan = plan_data(cfg, cache_dir)
     model, tokenizer = _load_model(cfg, cache_dir)
     if adapter:
         model = load_adapter(model, folder.adapter, peft_type=PEFT_TYPES[cfg.method])
@@ -268,7 +268,7 @@ def evaluate_config(cfg: RunConfig, cache_dir: str | None = None) -> dict:
     folder = RunFolder(cfg.output_dir)
     folder.check_free()
     folder.check_config(cfg)
-    plan = plan_data(cfg)
+    plan = plan_data(cfg, cache_dir)
     with folder.writer():
         model, tokenizer = _load_model(cfg, cache_dir)
         folder.check_config(cfg)  # again: it may have been written while the model loaded

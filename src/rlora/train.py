@@ -205,7 +205,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
     if is_main:
         folder.check_free()
     _check_folder(folder, cfg, resume)
-    plan = plan_data(cfg)  # validates tasks and files, before any model is loaded
+    plan = plan_data(cfg, cache_dir)  # validates tasks and files, before any model is loaded
     logger.info("training mixture:\n%s", plan.counts_table())
     tokenizer = models.load_tokenizer(cfg.model, cache_dir, chat_template=cfg.data.chat_template)
     train_dataset = plan.train_dataset(tokenizer)  # every example fits data.max_length

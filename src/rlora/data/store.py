@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 STORE_VERSION = "2"  # bump when the table layout below changes: every cached table is then read again
 BATCH_ROWS = 8192  # rows per Arrow record batch while a file is read
 TABLE_FILE = "examples.arrow"
+SOURCE_FILE = "source.json"  # what the table was read from, for `rlora cache`
 
 _STRINGS = pa.list_(pa.string())
 SCHEMA = pa.schema(
@@ -154,9 +155,13 @@ def _row_type(n: int) -> type:
     return np.int32 if n < 2**31 else np.int64
 
 
+def _table_key(spec: DataFile) -> str:
+    return hashlib.sha256(f"{STORE_VERSION}:{spec.fingerprint()}".encode()).hexdigest()[:32]
+
+
 def load_file(spec: DataFile, cache_dir: str | os.PathLike | None = None) -> FileTable:
     """The file's table: mapped from the cache, or read (and checked) once and cached first."""
-    folder = data_cache(cache_dir) / hashlib.sha256(f"{STORE_VERSION}:{spec.fingerprint()}".encode()).hexdigest()[:32]
+    folder = data_cache(cache_dir) / _table_key(spec)
     if not is_complete(folder):
         logger.info("reading %s into %s", spec.path, folder)
         with atomic_dir(folder, shared=True) as tmp:
@@ -180,6 +185,33 @@ def _write_table(spec: DataFile, folder: Path) -> None:
     np.save(folder / "chars.npy", np.asarray(chars, dtype=np.int32))
     np.save(folder / "tasks.npy", np.asarray(codes, dtype=np.int32))
     (folder / "tasks.json").write_text(json.dumps(list(names), ensure_ascii=False), encoding="utf-8")
+    source = {"path": str(spec.path), "schema": spec.schema, "task": spec.task, "columns": spec.columns}
+    source |= {"kind": spec.kind, "examples": len(keys)}
+    (folder / SOURCE_FILE).write_text(json.dumps(source, ensure_ascii=False), encoding="utf-8")
+
+
+@dataclass
+class CachedTable:
+    folder: Path
+    bytes: int
+    source: dict | None  # what was read (path, settings, examples); None for a folder without its record
+    stale: bool  # its file changed or is gone since (or it is not a complete table): no run will map it again
+
+
+def cached_tables(cache_dir: str | os.PathLike | None = None) -> list[CachedTable]:
+    """The tables in the data cache, each with its size and whether it is stale."""
+    root = data_cache(cache_dir)
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        try:
+            source = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
+            spec = DataFile(Path(source["path"]), source["schema"], source["task"], source["columns"], source["kind"])
+            stale = not is_complete(folder) or _table_key(spec) != folder.name
+        except (OSError, ValueError, KeyError, TypeError, DataError):
+            source, stale = None, True
+        found.append(CachedTable(folder, size, source, stale))
+    return found
 
 
 def _chars(example: Example) -> int:
