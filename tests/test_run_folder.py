@@ -41,6 +41,21 @@ def test_a_folder_made_with_another_config_is_refused(workspace, tmp_path):
         folder.check_config(other)
 
 
+def test_a_saved_config_without_a_key_added_since_is_the_same_config(workspace, tmp_path):
+    """A run saved before `data.files` (or any later key) existed: its missing key has the default, what it ran."""
+    cfg = load_run_config(write_config(workspace, tmp_path / "run"))
+    folder = RunFolder(cfg.output_dir)
+    folder.write_config(cfg)
+    text = folder.config.read_text()
+    assert "  files: []\n" in text
+    folder.config.write_text(text.replace("  files: []\n", ""))
+    folder.check_config(cfg)
+    (tmp_path / "x.csv").write_text("instruction,output\ni,o\n")
+    other = load_run_config(write_config(workspace, tmp_path / "run"), [f"data.files=[{tmp_path / 'x.csv'}]"])
+    with pytest.raises(ConfigError, match="was made with a different config"):
+        folder.check_config(other)
+
+
 def test_results_are_written_as_json_and_markdown_and_read_back(tmp_path):
     results = {"method": "rlora", "tasks": {"t": {"n": 2, "acc_ll": 0.5, "acc_norm": None, "acc_gen": 1.0}}}
     results["average"] = {"acc_ll": 0.5, "acc_norm": None, "acc_gen": 1.0}

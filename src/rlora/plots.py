@@ -79,8 +79,9 @@ def plot_comparison(summary: dict, path: str | Path) -> None:
     95% CI error bars."""
     metrics = list(summary["metrics"])
     tasks = [*summary["tasks"], "average"]
-    fig = Figure(figsize=(1.6 + 1.3 * len(tasks), 3.2 * len(metrics)))
+    fig = Figure(figsize=(1.6 + 1.3 * len(tasks), 0.6 + 3.0 * len(metrics)), layout="constrained")
     axes = fig.subplots(len(metrics), 1, squeeze=False)
+    fig.suptitle(f"mean ± 95% CI over {len(summary['seeds'])} seeds")
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
         per_method, scale = summary["metrics"][metric]["per_method"], METRIC_SCALES[metric]
         width = 0.8 / len(per_method)
@@ -90,9 +91,9 @@ def plot_comparison(summary: dict, path: str | Path) -> None:
             xs = [i + (j - (len(per_method) - 1) / 2) * width for i in range(len(tasks))]
             ax.bar(xs, means, width, yerr=errs, capsize=2, label=method)
         ax.set_xticks(range(len(tasks)), tasks)
-        ax.set_ylabel(METRIC_TITLES[metric])
-        ax.set_title(f"mean ± 95% CI over {len(summary['seeds'])} seeds")
-        ax.legend(fontsize=7, ncol=min(5, len(per_method)))
+        ax.set_title(METRIC_TITLES[metric], fontsize=9)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", fontsize=7, ncol=min(5, len(labels)))
     save_png(fig, path)
 
 

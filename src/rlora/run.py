@@ -72,8 +72,9 @@ class RunFolder:
 
     def check_config(self, cfg: RunConfig) -> None:
         """Refuses to continue, reuse or overwrite a run folder that was made with another config, and to write a run
-        into a folder that holds other files (hidden ones aside: a lock, a temporary file)."""
-        if self.config.is_file() and self.config.read_text() != dump_run_config(cfg):
+        into a folder that holds other files (hidden ones aside: a lock, a temporary file). A saved config that lacks
+        a key added to rlora since (its default is what the run did) is the same config."""
+        if self.config.is_file() and not self._same_config(cfg):
             raise ConfigError(
                 f"{self.root} was made with a different config ({self.config}); use the same config and overrides, "
                 "or another output_dir"
@@ -85,6 +86,11 @@ class RunFolder:
                     f"{self.root} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
                     "and no run (no config.yaml); choose a new or empty output_dir"
                 )
+
+    def _same_config(self, cfg: RunConfig) -> bool:
+        if self.config.read_text() == dump_run_config(cfg):
+            return True
+        return self.read_config().to_dict() == cfg.to_dict()  # read: defaults filled in for keys it lacks
 
     def check_free(self) -> None:
         """Refuses a folder that another process is writing (`writer`), naming it."""
