@@ -32,6 +32,7 @@ from .data import (
     with_default_format,
 )
 from .data.files import DataFile
+from .data.mixture import index_dtype
 from .data.split import SPLIT_SALT
 from .data.store import TaskData, file_tasks
 from .errors import DataError
@@ -173,7 +174,7 @@ def plan_data(cfg: RunConfig, cache_dir: str | None = None) -> DataPlan:
     splits = {}
     for name, task in tasks.items():
         is_test = task.split_keys() < d.test_fraction
-        kind = np.int32 if len(is_test) < 2**31 else np.int64  # 4 bytes an example: millions are kept all run
+        kind = index_dtype(len(is_test))
         splits[name] = (np.flatnonzero(~is_test).astype(kind), np.flatnonzero(is_test).astype(kind))
     sizes = {t: {"total": len(tr) + len(te), "train": len(tr), "test": len(te)} for t, (tr, te) in splits.items()}
     for task, (train, test) in splits.items():

@@ -25,6 +25,7 @@ from transformers.training_args import ParallelMode
 
 from . import models
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir
+from .data.mixture import index_dtype
 from .data_plan import plan_data
 from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError
 from .methods import adapter_config
@@ -64,9 +65,7 @@ class LengthGroupedIndices(torch.utils.data.Sampler):
         n = len(self.lengths)
         mult = min(n // (self.batch_size * 4), 50) or 1
         size = mult * self.batch_size
-        indices = torch.randperm(n).numpy()
-        if n < 2**31:
-            indices = indices.astype(np.int32)  # 4 bytes an item: it is kept for the whole epoch
+        indices = torch.randperm(n).numpy().astype(index_dtype(n), copy=False)  # kept for the whole epoch
         starts = range(0, n, size)
         for start in starts:  # each mega-batch by length, longest first; equal lengths keep their order
             block = indices[start : start + size]

@@ -90,6 +90,12 @@ def _water_fill(available: Mapping[str, int], weights: Mapping[str, float], tota
     return counts
 
 
+def index_dtype(n: int) -> type:
+    """The integer type for indices below `n`: 4 bytes while they fit (index arrays over millions of examples are
+    kept for a whole run), else 8."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 def mixture_positions(
     sizes: Mapping[str, int], counts: Mapping[str, int], seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +115,7 @@ def mixture_positions(
     flat = np.frombuffer(picks, dtype=np.int64)
     task_of = np.searchsorted(offsets, flat, side="right") - 1
     position = flat - offsets[task_of]
-    return task_of.astype(np.int32), position.astype(np.int32 if max(sizes.values(), default=0) < 2**31 else np.int64)
+    return task_of.astype(np.int32), position.astype(index_dtype(max(sizes.values(), default=0)))
 
 
 def sample_range(rng: random.Random, n: int, k: int) -> array:

@@ -32,6 +32,7 @@ from .._io import atomic_dir, is_complete
 from ..errors import DataError
 from .example import Example
 from .files import DataFile, iter_examples
+from .mixture import index_dtype
 from .split import split_key
 
 logger = logging.getLogger(__name__)
@@ -145,14 +146,10 @@ class FileTable:
         names = json.loads((self.folder / "tasks.json").read_text(encoding="utf-8"))
         codes = self.column("tasks")
         if len(names) == 1:
-            return {names[0]: np.arange(len(codes), dtype=_row_type(len(codes)))}
-        order = np.argsort(codes, kind="stable").astype(_row_type(len(codes)))
+            return {names[0]: np.arange(len(codes), dtype=index_dtype(len(codes)))}
+        order = np.argsort(codes, kind="stable").astype(index_dtype(len(codes)))
         bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
         return {name: order[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
-
-
-def _row_type(n: int) -> type:
-    return np.int32 if n < 2**31 else np.int64
 
 
 def _table_key(spec: DataFile) -> str:
