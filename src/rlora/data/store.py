@@ -138,8 +138,9 @@ class FileTable:
         return out
 
     def column(self, name: str) -> np.ndarray:
-        """A per-row array, read whole: "keys" (split keys), "tasks" (task codes), "chars" (characters)."""
-        return np.load(self.folder / f"{name}.npy")
+        """A per-row array, mapped: "keys" (split keys), "tasks" (task codes), "chars" (characters). Index it for a
+        task's rows; the map goes with the returned array, so a file of many tasks is not read whole per task."""
+        return np.load(self.folder / f"{name}.npy", mmap_mode="r")
 
     def tasks(self) -> dict[str, np.ndarray]:
         """The rows of each task in the file, tasks in order of first appearance."""
