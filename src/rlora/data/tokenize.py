@@ -133,9 +133,8 @@ def _chat_conversation(tokenizer, example: Example) -> Spans:
                 "so the assistant's tokens cannot be found; use plain mode (no chat template)"
             )
         stop = len(upto)
-        if (
-            tokenizer.eos_token_id in full[len(before) : stop]
-        ):  # what the template adds after the end of turn is dropped
+        # the turn ends at its end-of-turn token: what the template adds after it (a newline) is not trained
+        if tokenizer.eos_token_id in full[len(before) : stop]:
             stop = full.index(tokenizer.eos_token_id, len(before)) + 1
         spans.append((len(before), stop))
         labels[len(before) : stop] = full[len(before) : stop]
@@ -185,7 +184,7 @@ def training_feature(spans: Spans) -> dict:
         "input_ids": input_ids,
         "attention_mask": [1] * len(input_ids),
         "labels": prompt_labels + spans.answer + spans.end,
-        "length": len(input_ids),  # read by Trainer's group_by_length (length_column_name="length")
+        "length": len(input_ids),  # the sequence's length (training groups batches by `TrainingSet.lengths`)
     }
 
 
