@@ -27,7 +27,7 @@ from .data import (
     with_default_format,
 )
 from .data.example import turn_pieces
-from .data.split import bad_test_fraction, split_key
+from .data.split import bad_test_fraction, split_keys
 from .errors import ConfigError, MissingPackage, RloraError, TrainingError
 from .methods import METHODS
 from .models import DEFAULT_MODEL
@@ -95,13 +95,9 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split_keys(examples) -> list[float]:
-    """The split key of each example of a task (a list, or a file's `TaskData`, which stores them)."""
-    import numpy as np
-
-    if hasattr(examples, "split_keys"):
-        return examples.split_keys()
-    return np.array([split_key(e) for e in examples])
+def _split_keys(examples):
+    """The split key of each example of a task: a built-in task's list, or a file's `TaskData`, which stores them."""
+    return examples.split_keys() if hasattr(examples, "split_keys") else split_keys(examples)
 
 
 def _cache(args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+import numpy as np
+
 from .example import Example
 
 SPLIT_SALT = "rlora-split-v1"
@@ -24,6 +26,11 @@ def split_key(example: Example) -> float:
         parts += [f"{role}\x1e{content}" for role, content in example.turns]
     digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_keys(examples: Iterable[Example]) -> np.ndarray:
+    """`split_key` of each example, as a float64 array (a file's tasks store theirs: `store.TaskData.split_keys`)."""
+    return np.array([split_key(e) for e in examples], dtype=np.float64)
 
 
 def is_test(example: Example, test_fraction: float = DEFAULT_TEST_FRACTION) -> bool:

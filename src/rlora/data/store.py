@@ -33,7 +33,7 @@ from ..errors import DataError
 from .example import Example
 from .files import DataFile, iter_examples
 from .mixture import index_dtype
-from .split import split_key
+from .split import split_key, split_keys
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class TaskData:
 
     def split_keys(self) -> np.ndarray:
         if self.table is None:
-            return np.array([split_key(e) for e in self.examples_list], dtype=np.float64)
+            return split_keys(self.examples_list)
         return self.table.column("keys")[self.rows]
 
     def text_lengths(self, positions: np.ndarray) -> np.ndarray:
