@@ -12,6 +12,8 @@ from rlora.data import IGNORE_INDEX, Example, encode_example
 from rlora.evaluate import evaluate_tasks, held_out_loss, perplexity
 from rlora.reports import comparison_markdown, format_metric, gain_line, results_table
 
+pytestmark = pytest.mark.numerics  # run again on other CPU kernel paths by scripts/test.sh
+
 
 def examples() -> list[Example]:
     """Free-form, RC, MC and a conversation, of different lengths (so a batch of them is padded)."""
