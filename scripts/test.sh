@@ -19,4 +19,4 @@ fi
 echo "== numerics tests again: ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41, 1 thread"
 ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 \
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
-    .venv/bin/python -m pytest -q -m "numerics and not slow" -p no:cacheprovider
+    .venv/bin/python -m pytest -q -m numerics -p no:cacheprovider
