@@ -6,6 +6,8 @@
   router's gates g(x) averaged over every real token
   and every adapted layer give a mean gate per head per task; the entropy of g(x) (in nats, at most ln K)
   says how concentrated the routing is.
+- Router health (`router_health`, in every multi-head run's eval.json): the gate entropy, the tasks' mean gates and
+  how far apart they are (Jensen-Shannon divergence), flagged when the router is inert (uniform) or collapsed.
 - Head map: the heads of one module type (e.g. every layer's up_proj), projected on their first two
   principal components, coloured by head index.
 
@@ -107,11 +109,63 @@ def router_usage(
         per_layer = {name: (sums[name] / tokens) for name in sums}
         usage[task] = {
             "mean_gate": torch.stack(list(per_layer.values())).mean(0).tolist(),
+            "mean_gate_per_layer": {name: g.tolist() for name, g in per_layer.items()},
             "entropy": float(sum(entropy.values()) / (tokens * len(entropy))),
             "entropy_per_layer": {name: float(entropy[name] / tokens) for name in entropy},
             "tokens": tokens,
         }
     return usage
+
+
+# When a router counts as inert (its gates are uniform: the heads act as one averaged update) or collapsed (one head
+# takes nearly all of the gate mass); see `router_health`.
+INERT_ENTROPY = 0.98  # the token gates' entropy, as a share of its maximum ln K, at least this
+COLLAPSED_SHARE = 0.9  # one head's share of a layer's mean gate at least this, in at least half of the layers
+
+
+def _entropy(p: Sequence[float]) -> float:
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def router_health(usage: dict[str, dict]) -> dict:
+    """How the routers route, from `router_usage`'s per-task numbers (every value in nats; each task weighs the same):
+
+    - `entropy`: the gates' entropy per token, averaged over tokens, layers and tasks; `normalized_entropy` the
+      same over its maximum ln K (1: uniform gates, 0: one head per token);
+    - `mean_gate`: per task, its mean gate per head (over tokens and layers);
+    - `task_divergence`: per layer, the Jensen-Shannon divergence of the tasks' mean gate vectors (the entropy of
+      their mean minus the mean of their entropies; 0 when every task uses the heads alike, at most
+      ln min(tasks, K)), averaged over layers: how far the routing is task-specific;
+    - `largest_share`: per layer, the largest head's share of the mean gate over every task, averaged over layers;
+      `collapsed_layers`: the layers where it is at least `COLLAPSED_SHARE`;
+    - `status`: "collapsed" when at least half the layers are, "inert" when `normalized_entropy` is at least
+      `INERT_ENTROPY`, else "active"."""
+    tasks = list(usage)
+    layers = list(usage[tasks[0]]["mean_gate_per_layer"])
+    k = len(usage[tasks[0]]["mean_gate"])
+    entropy = sum(usage[t]["entropy"] for t in tasks) / len(tasks)
+    divergence, shares = [], []
+    for layer in layers:
+        gates = [usage[t]["mean_gate_per_layer"][layer] for t in tasks]
+        pooled = [sum(g[h] for g in gates) / len(tasks) for h in range(k)]
+        divergence.append(_entropy(pooled) - sum(_entropy(g) for g in gates) / len(tasks))
+        shares.append(max(pooled))
+    collapsed = sum(share >= COLLAPSED_SHARE for share in shares)
+    normalized = entropy / math.log(k) if k > 1 else math.nan
+    status = "collapsed" if 2 * collapsed >= len(layers) else "inert" if normalized >= INERT_ENTROPY else "active"
+    return {
+        "num_heads": k,
+        "entropy": entropy,
+        "normalized_entropy": normalized,
+        "mean_gate": {t: usage[t]["mean_gate"] for t in tasks},
+        "task_divergence": sum(divergence) / len(layers),
+        "largest_share": sum(shares) / len(layers),
+        "collapsed_layers": collapsed,
+        "layers": len(layers),
+        "status": status,
+        "thresholds": {"inert_entropy": INERT_ENTROPY, "collapsed_share": COLLAPSED_SHARE},
+        "tokens": {t: usage[t]["tokens"] for t in tasks},
+    }
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from .data import (
 from .data.example import turn_pieces
 from .data.split import bad_test_fraction, split_keys
 from .errors import ConfigError, MissingPackage, RloraError, TrainingError
-from .methods import METHODS
+from .methods import METHOD_SPELLINGS, METHODS
 from .models import DEFAULT_MODEL
 
 
@@ -278,29 +278,59 @@ def _add_demo(subparsers) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare, parse_methods
+    from .compare import compare, parse_methods, parse_sweep
     from .reports import comparison_markdown
-    from .runconfig import load_run_config
+    from .runconfig import load_run_config, override_parts
 
     methods = parse_methods(args.methods)
+    sweep_items = [*([f"training.lr={args.lr}"] if args.lr else []), *args.sweep]
+    sweep = parse_sweep(sweep_items) if sweep_items else None
+    if sweep is not None:
+        fixed = {".".join(override_parts(o)[0]) for o in args.overrides}
+        both = [key for key in sweep.keys if key in fixed]
+        if both:
+            raise ConfigError(f"{both[0]} is both swept and set with {both[0]}=...; give it one way")
     base = load_run_config(args.config, args.overrides)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    summary = compare(base, methods, seeds, args.output or base.output_dir, cache_dir=args.cache_dir)
+    out = args.output or base.output_dir
+    summary = compare(base, methods, seeds, out, cache_dir=args.cache_dir, sweep=sweep)
     print(comparison_markdown(summary))
     return 0
 
 
 def _add_compare(subparsers) -> None:
-    parser = subparsers.add_parser("compare", help="train and evaluate several methods over seeds, with 95%% CIs")
+    parser = subparsers.add_parser(
+        "compare",
+        help="train and evaluate several methods over seeds, with 95%% CIs; with --lr each at its own best rate",
+        description="Trains and evaluates every method at every seed on the same data, split and budget, and writes "
+        "OUT/comparison.md/.json/.png (means, 95%% CIs, paired differences, router health). With --lr or --sweep, "
+        "each method first trains once per value at the first seed on the training examples minus a validation "
+        "split carved from them (never the test split), keeps the value with the lowest validation loss, then "
+        "runs every seed at it. Finished runs are reused.",
+    )
     parser.add_argument("config", help="a run config YAML file or preset: data, budget and adapter settings")
     parser.add_argument(
         "--methods",
         default="hydralora,rlora",
-        help=f"comma-separated, from {', '.join(METHODS)} (default: %(default)s)",
+        help=f"comma-separated, from {', '.join(METHODS)}, or {METHOD_SPELLINGS}; differences are taken to the "
+        "first (default: %(default)s)",
     )
     parser.add_argument("--seeds", type=positive_int, default=3, help="number of seeds (default: %(default)s)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ...")
     parser.add_argument("--output", help="comparison folder (default: the config's output_dir)")
+    parser.add_argument(
+        "--lr",
+        metavar="V1,V2,...",
+        help="learning rates to choose from per method on the validation split (--sweep training.lr=V1,V2,...)",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a training.* or adapter.* setting to choose per method the same way (repeat for a grid), e.g. "
+        "adapter.r=4,8; the validation split is data.validation_fraction of the training examples",
+    )
     _add_run_options(parser)
     parser.set_defaults(func=_compare)
 

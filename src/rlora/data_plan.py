@@ -33,7 +33,7 @@ from .data import (
 )
 from .data.files import DataFile
 from .data.mixture import index_dtype
-from .data.split import SPLIT_SALT
+from .data.split import SPLIT_SALT, split_sides
 from .data.store import TaskData, file_tasks
 from .errors import DataError
 from .runconfig import RunConfig
@@ -64,8 +64,10 @@ class MixtureView(Sequence):
 class DataPlan:
     cfg: RunConfig
     tasks: dict[str, TaskData]
-    test: dict[str, list[Example]]  # per task, the held-out examples that are evaluated
-    sizes: dict[str, dict[str, int]]  # per task: total, train, test (before any cap)
+    # per task, the held-out examples that are evaluated: of the test split, or of the validation split when the
+    # config's data.holdout is validation (then the test split is neither evaluated nor trained on)
+    test: dict[str, list[Example]]
+    sizes: dict[str, dict[str, int]]  # per task: total, train, test (and validation) before any cap
     counts: dict[str, int]  # per task: examples in the training mixture
     # the shuffled mixture, two arrays: each entry's task (an index into `tasks`) and example (an index into the task)
     mixture: tuple[np.ndarray, np.ndarray]
@@ -89,14 +91,21 @@ class DataPlan:
         d = self.cfg.data
         split = {"method": "sha256 of task, prompt, choices, answer (and a conversation's turns)", "salt": SPLIT_SALT}
         mixture = {"strategy": d.mixture, "temperature": d.temperature, "max_train_per_task": d.max_train_per_task}
-        used = {t: {"train_used": self.counts[t], "test_evaluated": len(self.test[t])} for t in self.sizes}
+        evaluated = f"{d.holdout}_evaluated"
+        used = {t: {"train_used": self.counts[t], evaluated: len(self.test[t])} for t in self.sizes}
         return {
-            "split": split | {"test_fraction": d.test_fraction},
+            "split": split | {"test_fraction": d.test_fraction} | self._holdout(),
             "format": d.format,
             "mixture": mixture | {"total_train": d.total_train, "seed": self.cfg.seed},
             "tasks": {t: self.sizes[t] | used[t] for t in self.sizes},
             "train_examples": len(self.mixture[0]),
         }
+
+    def _holdout(self) -> dict:
+        d = self.cfg.data
+        if d.holdout == "test":
+            return {"holdout": "test"}
+        return {"holdout": "validation", "validation_fraction": d.validation_fraction}
 
     def train_dataset(self, tokenizer) -> TrainingSet:
         return TrainingSet(self, tokenizer)
@@ -171,18 +180,26 @@ def load_tasks(cfg: RunConfig, cache_dir: str | None = None) -> dict[str, TaskDa
 def plan_data(cfg: RunConfig, cache_dir: str | None = None) -> DataPlan:
     d = cfg.data
     tasks = load_tasks(cfg, cache_dir)
-    splits = {}
+    validation = d.holdout == "validation"
+    splits, sizes = {}, {}
     for name, task in tasks.items():
-        is_test = task.split_keys() < d.test_fraction
-        kind = index_dtype(len(is_test))
-        splits[name] = (np.flatnonzero(~is_test).astype(kind), np.flatnonzero(is_test).astype(kind))
-    sizes = {t: {"total": len(tr) + len(te), "train": len(tr), "test": len(te)} for t, (tr, te) in splits.items()}
-    for task, (train, test) in splits.items():
-        if not len(train) or not len(test):
-            side = "training" if not len(train) else "test"
+        keys = task.split_keys()
+        train, held_val, held_test = split_sides(keys, d.test_fraction, d.validation_fraction if validation else 0.0)
+        held = held_val if validation else held_test  # with validation, no test example is evaluated or trained on
+        kind = index_dtype(len(keys))
+        splits[name] = (np.flatnonzero(train).astype(kind), np.flatnonzero(held).astype(kind))
+        sizes[name] = {"total": len(keys), "train": int(train.sum()), "test": int(held_test.sum())}
+        if validation:
+            sizes[name]["validation"] = int(held_val.sum())
+    for task, (train, held) in splits.items():
+        if not len(train) or not len(held):
+            side = "training" if not len(train) else d.holdout
+            fractions = f"test_fraction={d.test_fraction}" + (
+                f", validation_fraction={d.validation_fraction}" if validation else ""
+            )
             raise DataError(
                 f"task {task!r}: its {sizes[task]['total']} examples leave the {side} split empty "
-                f"(test_fraction={d.test_fraction}); give it more examples"
+                f"({fractions}); give it more examples"
             )
     train_sizes = {t: len(tr) for t, (tr, _) in splits.items()}
     counts = mixture_counts(train_sizes, d.mixture, d.temperature, d.max_train_per_task, d.total_train)
@@ -192,7 +209,7 @@ def plan_data(cfg: RunConfig, cache_dir: str | None = None) -> DataPlan:
         position[chosen] = train[position[chosen]]
     if len(tasks) < 2**15:
         task_of = task_of.astype(np.int16)  # every array here is kept for the whole run: millions of entries
-    test = {t: _cap(tasks[t], te, d.max_eval_per_task, d.format) for t, (_, te) in splits.items()}
+    test = {t: _cap(tasks[t], held, d.max_eval_per_task, d.format) for t, (_, held) in splits.items()}
     return DataPlan(cfg, tasks, test, sizes, counts, (task_of, position))
 
 

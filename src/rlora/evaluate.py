@@ -235,17 +235,19 @@ def evaluate_examples(
     max_length: int = 384,
     batch_size: int = 16,
     generate: bool = True,
+    accuracy: bool = True,
     **kwargs,
 ) -> TaskResult:
-    """The metrics of one task (see the module docstring)."""
+    """The metrics of one task (see the module docstring); without `accuracy` only the held-out loss (and its
+    perplexity), the accuracies None: what choosing settings on a validation split needs, at a fraction of the cost."""
     encoding = {"chat_template": chat_template, "max_length": max_length, "batch_size": batch_size}
-    predictions = predict(model, tokenizer, examples, generate=generate, **encoding, **kwargs)
+    predictions = predict(model, tokenizer, examples, generate=generate, **encoding, **kwargs) if accuracy else []
     loss = held_out_loss(model, tokenizer, examples, **encoding)
     n = len(examples)
     formats = {example_format(e) for e in examples}
     fmt = formats.pop() if len(formats) == 1 else "mixed"
-    pairs = list(zip(predictions, examples, strict=True))
-    is_mc = n > 0 and all(e.is_multiple_choice for e in examples)
+    pairs = list(zip(predictions, examples, strict=True)) if accuracy else []
+    is_mc = accuracy and n > 0 and all(e.is_multiple_choice for e in examples)
     generated = [normalize_answer(p.text) == normalize_answer(e.answer) for p, e in pairs if p.text is not None]
     return TaskResult(
         n=n,
@@ -279,8 +281,8 @@ def _average(results: Iterable[TaskResult]) -> dict[str, float | None]:
     return out
 
 
-def evaluate_plan(model, tokenizer, cfg, plan) -> dict:
-    """`evaluate_tasks` on a run's test sets (`plan.test`) with the run's encoding and evaluation settings."""
+def evaluate_plan(model, tokenizer, cfg, plan, accuracy: bool = True) -> dict:
+    """`evaluate_tasks` on a run's held-out sets (`plan.test`) with the run's encoding and evaluation settings."""
     e, d = cfg.eval, cfg.data
     return evaluate_tasks(
         model,
@@ -291,4 +293,5 @@ def evaluate_plan(model, tokenizer, cfg, plan) -> dict:
         batch_size=e.batch_size,
         generate=e.generate,
         max_new_tokens=e.max_new_tokens,
+        accuracy=accuracy,
     )

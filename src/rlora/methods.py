@@ -14,10 +14,15 @@ start needs (uniform gates). Zero heads with a zero router would be a saddle: th
 Plain LoRA's rank is matched to the multi-head methods' trainable parameter count unless given: per adapted
 linear layer the multi-head adapter trains r*d_in + K*r*d_out + K*d_in parameters and LoRA r'*(d_in + d_out),
 so r' = round(sum over layers of the former / sum of (d_in + d_out)), at least 1.
+
+A comparison may also name plain LoRA at another rank (`parse_method`): `lora@r=60` (rank 60) or `lora@x4` (four
+times the matched rank): the baseline a multi-head method must beat is not only LoRA of its own size.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
@@ -34,6 +39,40 @@ MULTI_HEAD = {
 }
 METHODS = (*MULTI_HEAD, "lora")
 PEFT_TYPES = {**dict.fromkeys(MULTI_HEAD, "RLORA"), "lora": "LORA"}  # the `peft_type` each method's adapters have
+
+
+_LORA_VARIANT = re.compile(r"lora@(?:r=(\d+)|x(\d+))")
+METHOD_SPELLINGS = "lora@r=N (plain LoRA of rank N), lora@xK (K times the matched rank)"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as a comparison names it: one of `METHODS`, or plain LoRA at a given rank or multiple of the matched
+    rank (the run's `method` is then `lora` and its `adapter.lora_r` that rank)."""
+
+    label: str
+    method: str
+    lora_r: int | None = None
+    rank_factor: int | None = None
+
+    def rank(self, matched: int | None) -> int | None:
+        """The `adapter.lora_r` of this method's runs (None: the config's own); `matched` is the matched rank."""
+        if self.rank_factor is None:
+            return self.lora_r
+        if matched is None:
+            raise ValueError(f"{self.label}: the matched LoRA rank is needed")
+        return self.rank_factor * matched
+
+
+def parse_method(label: str) -> MethodSpec:
+    """`label` as a `MethodSpec`; a ConfigError naming the label and the choices for anything else."""
+    if label in METHODS:
+        return MethodSpec(label, label)
+    found = _LORA_VARIANT.fullmatch(label)
+    if found is None or int(found[1] or found[2]) < 1:
+        raise ConfigError(f"unknown method {label!r}; choose from {', '.join(METHODS)} or {METHOD_SPELLINGS}")
+    rank, factor = found[1], found[2]
+    return MethodSpec(label, "lora", lora_r=int(rank) if rank else None, rank_factor=int(factor) if factor else None)
 
 
 def adapter_config(

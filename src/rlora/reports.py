@@ -117,11 +117,12 @@ def analysis_summary(data: dict) -> list[str]:
 
 
 def comparison_markdown(summary: dict) -> str:
-    """`compare.summarize`'s summary: per metric, mean ± 95% CI per task and method, and the paired differences
-    (method − reference: positive is better for accuracies, negative for the loss; each heading says which)."""
+    """`compare.compare`'s summary: with a sweep, each method's chosen settings and the whole sweep; per metric, mean
+    ± 95% CI per task and method, and the paired differences (method − reference: positive is better for accuracies,
+    negative for the loss; each heading says which); the routers' health."""
     seeds, tasks = summary["seeds"], [*summary["tasks"], "average"]
     names = [f"**{t}**" if t == "average" else t for t in tasks]
-    parts = []
+    parts = [selection_markdown(summary["selection"]), ""] if summary.get("selection") else []
     for metric, data in summary["metrics"].items():
         per_method, diffs = data["per_method"], data["differences"]
         parts += [
@@ -141,6 +142,67 @@ def comparison_markdown(summary: dict) -> str:
                 ),
             ]
         parts.append("")
+    if summary.get("router_health"):
+        parts += [router_health_markdown(summary["router_health"], seeds), ""]
+    return "\n".join(parts)
+
+
+def selection_markdown(selection: dict) -> str:
+    """The sweep of `compare.select_settings`: each method's validation loss at every point, the chosen one in bold."""
+    names = [row["name"] for row in next(iter(selection["per_method"].values()))["points"]]
+    rows = []
+    for method, s in selection["per_method"].items():
+        cells = [
+            f"**{row['validation']:.4f}**" if row["name"] == s["chosen_name"] else f"{row['validation']:.4f}"
+            for row in s["points"]
+        ]
+        rows.append([method, *cells, s["chosen_name"]])
+    return "\n".join(
+        [
+            f"### Settings chosen per method on the validation split ({100 * selection['validation_fraction']:g}% of "
+            f"the training examples, by hash; never the test split): validation loss, nats per token, mean over "
+            f"tasks, seed {selection['seed']}; the lowest (bold) is chosen",
+            "",
+            markdown_table(["method", *names, "chosen"], rows),
+        ]
+    )
+
+
+ROUTER_COLUMNS = {
+    "entropy": "gate entropy (nats)",
+    "normalized_entropy": "entropy / ln K",
+    "task_divergence": "task JSD (nats)",
+    "largest_share": "largest head share",
+}
+
+
+def router_health_markdown(health: dict, seeds: Sequence[int]) -> str:
+    """`compare.summarize`'s router health: per multi-head method its measures (mean ± 95% CI over seeds) and each
+    seed's status (`analysis.router_health`), then its mean gate per task and head."""
+    rows = [
+        [method, *(format_ci(h[m]["mean"], h[m]["ci95"], 1.0, 3) for m in ROUTER_COLUMNS), ", ".join(h["status"])]
+        for method, h in health.items()
+    ]
+    parts = [
+        f"### Router health on the evaluated examples: mean ± 95% CI over {len(seeds)} seeds "
+        f"({', '.join(map(str, seeds))})",
+        "",
+        "Gate entropy per token (at most ln K: uniform gates); task JSD: the Jensen-Shannon divergence of the tasks' "
+        "mean gates per layer, averaged over layers (0: every task routed alike); largest head share: of the mean "
+        "gate per layer. Status per seed: inert (entropy at least 98% of ln K), collapsed (one head at least 90% of "
+        "the gate in half the layers or more), else active.",
+        "",
+        markdown_table(["method", *ROUTER_COLUMNS.values(), "status per seed"], rows),
+        "",
+        "Mean gate per head and task (over tokens, layers and seeds):",
+        "",
+    ]
+    gate_rows = [
+        [method, task, " ".join(f"{g:.3f}" for g in gates)]
+        for method, h in health.items()
+        for task, gates in h["mean_gate"].items()
+    ]
+    parts.append(markdown_table(["method", "task", "mean gate per head"], gate_rows))
     return "\n".join(parts)
 
 

@@ -249,19 +249,38 @@ def check_adapter(path: Path, cfg: RunConfig) -> None:
             )
 
 
-def _evaluate(run: LoadedRun, base: bool) -> dict:
+def _evaluate(run: LoadedRun, base: bool, accuracy: bool = True) -> dict:
+    """The run's results on its held-out split; for a multi-head adapter its router's health there too (`router`:
+    `analysis.router_health` of the gates on every evaluated example's gold context and answer)."""
+    from .analysis import router_health, router_usage
     from .evaluate import evaluate_plan
 
     adapter = None if base else str(run.folder.adapter)
     results = {"model": run.cfg.model, "adapter": adapter, "method": run.cfg.method}
-    return results | evaluate_plan(run.model, run.tokenizer, run.cfg, run.plan)
+    results |= evaluate_plan(run.model, run.tokenizer, run.cfg, run.plan, accuracy=accuracy)
+    if not base and PEFT_TYPES[run.cfg.method] == "RLORA":
+        usage = router_usage(run.model, gold_sequences(run), batch_size=run.cfg.eval.batch_size)
+        results["router"] = router_health(usage)
+    return results
 
 
-def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, base: bool = False) -> dict:
+def gold_sequences(run: LoadedRun, max_per_task: int | None = None) -> dict[str, list[list[int]]]:
+    """Per task, the token ids of the first `max_per_task` (all: None) evaluated examples' gold context and answer,
+    as training reads them (RC or MC, as configured)."""
+    d = run.cfg.data
+    spans = {
+        task: [gold_spans(run.tokenizer, e, d.chat_template, d.max_length) for e in examples[:max_per_task]]
+        for task, examples in run.plan.test.items()
+    }
+    return {task: [s.prompt + s.answer for s in task_spans] for task, task_spans in spans.items()}
+
+
+def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, base: bool = False, accuracy: bool = True) -> dict:
     """Evaluates a trained run (or, with `base`, its base model alone) on its held-out split, writes the results
-    into the run folder (`RunFolder.results`) and returns them."""
+    into the run folder (`RunFolder.results`) and returns them; without `accuracy`, the held-out loss only (and
+    the router's health), as choosing settings on a validation split needs."""
     run = load_run(run_dir, cache_dir, adapter=not base)
-    results = _evaluate(run, base)
+    results = _evaluate(run, base, accuracy)
     run.folder.write_results(results, base)
     return results
 
@@ -301,13 +320,7 @@ def analyze_run(run_dir: str | Path, cache_dir: str | None = None, max_prompts_p
     if has_init:
         load_adapter(model, folder.adapter_init, "init", PEFT_TYPES[run.cfg.method])
         init = head_similarity(model, "init")
-    d = run.cfg.data
-    sequences = {  # what the model reads in training: the gold context and answer (RC or MC, as configured)
-        task: [gold_spans(run.tokenizer, e, d.chat_template, d.max_length) for e in examples[:max_prompts_per_task]]
-        for task, examples in run.plan.test.items()
-    }
-    prompts = {task: [s.prompt + s.answer for s in spans] for task, spans in sequences.items()}
-    usage = router_usage(model, prompts, batch_size=run.cfg.eval.batch_size)
+    usage = router_usage(model, gold_sequences(run, max_prompts_per_task), batch_size=run.cfg.eval.batch_size)
     projection = head_projection(model)
 
     out = run.folder.analysis

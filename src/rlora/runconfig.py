@@ -25,7 +25,7 @@ from .config import FIELD_RULES, field_error
 from .data.example import FORMATS
 from .data.files import DataFile
 from .data.mixture import STRATEGIES
-from .data.split import bad_test_fraction
+from .data.split import DEFAULT_VALIDATION_FRACTION, HOLDOUTS, bad_test_fraction
 from .errors import ConfigError
 from .methods import METHODS
 from .models import DEFAULT_MODEL, model_problem
@@ -43,6 +43,11 @@ class DataSettings:
     total_train: int | None = None
     max_eval_per_task: int | None = 200
     test_fraction: float = 0.2
+    # what a run evaluates: the test split, or a validation split carved from the training examples (for choosing
+    # settings without the test set: `rlora compare --sweep`); the run then trains on the training examples left
+    # (validation_fraction: the share of the training examples held out then)
+    holdout: str = "test"  # test | validation
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     max_length: int = 384
     chat_template: bool = False
     format: str = "rc"  # rc: cloze, each choice's text scored after the prompt | mc: lettered/word labels
@@ -111,6 +116,7 @@ CHOICES = {
     "method": METHODS,
     "data.mixture": STRATEGIES,
     "data.format": FORMATS,
+    "data.holdout": HOLDOUTS,
     "training.precision": ("auto", "fp32", "bf16", "fp16"),
     "training.scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
 }
@@ -160,22 +166,39 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
         path = resolve_config_path(path)
         source = str(path)
         raw = _read_yaml(path)
+    _apply_overrides(raw, overrides)
+    return validate_run_config(_build(RunConfig, raw, source, ""), source)
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...], source: str) -> RunConfig:
+    """A copy of `cfg` with `key=value` overrides applied and checked as `load_run_config` does; errors name
+    `source` (e.g. the command-line option that gave them)."""
+    raw = cfg.to_dict()
+    _apply_overrides(raw, overrides)
+    return validate_run_config(_build(RunConfig, raw, source, ""), source)
+
+
+def override_parts(item: str) -> tuple[list[str], Any]:
+    """The key path and the value (parsed as YAML, else the text itself) of a `key=value` override."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.lr=1e-4")
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except (yaml.YAMLError, RecursionError):
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
     given: list[list[str]] = []
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.lr=1e-4")
-        try:
-            parsed = yaml.safe_load(value) if value else None
-        except (yaml.YAMLError, RecursionError):
-            parsed = value
-        keys = key.strip().split(".")
+        keys, parsed = override_parts(item)
         twice = next((g for g in given if g[: len(keys)] == keys[: len(g)]), None)
         if twice is not None:
             raise ConfigError(f"override {item!r}: {'.'.join(twice)} is already set on the command line")
         given.append(keys)
         _set_path(raw, keys, parsed, item)
-    return validate_run_config(_build(RunConfig, raw, source, ""), source)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -322,6 +345,10 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
     if interval is not None:  # a run trains and tests: both sides of the split must be non-empty
         raise ConfigError(
             f"{source}: data.test_fraction: expected a number in {interval}, got {cfg.data.test_fraction}"
+        )
+    if not 0 < cfg.data.validation_fraction < 1:
+        raise ConfigError(
+            f"{source}: data.validation_fraction: expected a number in (0, 1), got {cfg.data.validation_fraction}"
         )
     if not cfg.data.tasks and not cfg.data.jsonl and not cfg.data.files:
         raise ConfigError(

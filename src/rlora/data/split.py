@@ -1,9 +1,16 @@
-"""A deterministic train/test split of each task by a hash of each example's content.
+"""A deterministic train/test split of each task by a hash of each example's content, and a validation split carved
+from the training side by the same hash.
 
 The built-in sets have no training split. Hashing the content (not the position, not Python's salted
 `hash`) makes the split the same on every machine, run and version, keeps duplicates together, and keeps
 an example on its side when others are added or removed. Changing `SPLIT_SALT` reshuffles every split:
 do it only on purpose.
+
+Each example's key is a number in [0, 1): test is [0, test_fraction), as it always was; validation, when asked for,
+is the next stretch [test_fraction, test_fraction + validation_fraction * (1 - test_fraction)), about
+`validation_fraction` of the training examples; training is the rest. So validation and test are disjoint by
+construction, and whether an example is in the validation split depends on its own content only: no test example
+is read to decide it (`split_sides`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from .example import Example
 
 SPLIT_SALT = "rlora-split-v1"
 DEFAULT_TEST_FRACTION = 0.2
+DEFAULT_VALIDATION_FRACTION = 0.1
+HOLDOUTS = ("test", "validation")  # what a run evaluates (`data.holdout`)
 
 
 def split_key(example: Example) -> float:
@@ -35,6 +44,16 @@ def split_keys(examples: Iterable[Example]) -> np.ndarray:
 
 def is_test(example: Example, test_fraction: float = DEFAULT_TEST_FRACTION) -> bool:
     return split_key(example) < test_fraction
+
+
+def split_sides(
+    keys: np.ndarray, test_fraction: float, validation_fraction: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boolean masks (train, validation, test) of the examples with split `keys` (see the module docstring); the
+    validation mask is all False with `validation_fraction` 0."""
+    test = keys < test_fraction
+    validation = ~test & (keys < test_fraction + validation_fraction * (1 - test_fraction))
+    return ~test & ~validation, validation, test
 
 
 def bad_test_fraction(test_fraction: float, both_sides: bool = False) -> str | None:
