@@ -291,6 +291,7 @@ def summarize(runs: dict[str, dict[int, dict]], methods: list[str], seeds: list[
         health[method] = {m: _ci(mean_ci([h[m] for h in per_seed.values()])) for m in ROUTER_MEASURES}
         health[method]["status"] = [per_seed[s]["status"] for s in seeds]
         health[method]["num_heads"] = per_seed[seeds[0]]["num_heads"]
+        health[method]["thresholds"] = per_seed[seeds[0]]["thresholds"]
         health[method]["mean_gate"] = {
             task: [sum(h["mean_gate"][task][k] for h in per_seed.values()) / len(seeds) for k in range(len(gates))]
             for task, gates in per_seed[seeds[0]]["mean_gate"].items()

@@ -183,14 +183,16 @@ def router_health_markdown(health: dict, seeds: Sequence[int]) -> str:
         [method, *(format_ci(h[m]["mean"], h[m]["ci95"], 1.0, 3) for m in ROUTER_COLUMNS), ", ".join(h["status"])]
         for method, h in health.items()
     ]
+    limits = next(iter(health.values()))["thresholds"]
     parts = [
         f"### Router health on the evaluated examples: mean ± 95% CI over {len(seeds)} seeds "
         f"({', '.join(map(str, seeds))})",
         "",
         "Gate entropy per token (at most ln K: uniform gates); task JSD: the Jensen-Shannon divergence of the tasks' "
         "mean gates per layer, averaged over layers (0: every task routed alike); largest head share: of the mean "
-        "gate per layer. Status per seed: inert (entropy at least 98% of ln K), collapsed (one head at least 90% of "
-        "the gate in half the layers or more), else active.",
+        f"gate per layer. Status per seed: inert (entropy at least {100 * limits['inert_entropy']:g}% of ln K), "
+        f"collapsed (one head at least {100 * limits['collapsed_share']:g}% of the gate in half the layers or more), "
+        "else active.",
         "",
         markdown_table(["method", *ROUTER_COLUMNS.values(), "status per seed"], rows),
         "",
