@@ -250,15 +250,16 @@ def check_adapter(path: Path, cfg: RunConfig) -> None:
 
 
 def _evaluate(run: LoadedRun, base: bool, accuracy: bool = True) -> dict:
-    """The run's results on its held-out split; for a multi-head adapter its router's health there too (`router`:
-    `analysis.router_health` of the gates on every evaluated example's gold context and answer)."""
+    """The run's results on its held-out split; for a multi-head adapter, unless only the loss is asked for
+    (`accuracy` False), its router's health there too (`router`: `analysis.router_health` of the gates on every
+    evaluated example's gold context and answer)."""
     from .analysis import router_health, router_usage
     from .evaluate import evaluate_plan
 
     adapter = None if base else str(run.folder.adapter)
     results = {"model": run.cfg.model, "adapter": adapter, "method": run.cfg.method}
     results |= evaluate_plan(run.model, run.tokenizer, run.cfg, run.plan, accuracy=accuracy)
-    if not base and PEFT_TYPES[run.cfg.method] == "RLORA":
+    if accuracy and not base and PEFT_TYPES[run.cfg.method] == "RLORA":
         usage = router_usage(run.model, gold_sequences(run), batch_size=run.cfg.eval.batch_size)
         results["router"] = router_health(usage)
     return results
@@ -277,8 +278,8 @@ def gold_sequences(run: LoadedRun, max_per_task: int | None = None) -> dict[str,
 
 def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, base: bool = False, accuracy: bool = True) -> dict:
     """Evaluates a trained run (or, with `base`, its base model alone) on its held-out split, writes the results
-    into the run folder (`RunFolder.results`) and returns them; without `accuracy`, the held-out loss only (and
-    the router's health), as choosing settings on a validation split needs."""
+    into the run folder (`RunFolder.results`) and returns them; without `accuracy`, the held-out loss only, as
+    choosing settings on a validation split needs."""
     run = load_run(run_dir, cache_dir, adapter=not base)
     results = _evaluate(run, base, accuracy)
     run.folder.write_results(results, base)
