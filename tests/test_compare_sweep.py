@@ -140,7 +140,9 @@ def test_compare_with_a_sweep_chooses_per_method_then_runs_every_seed_there(work
         assert chosen == rows[int(np.argmin(losses))]["point"]
         for row in rows:
             sweep_run = out / "sweep" / method / row["name"]
-            assert json.loads((sweep_run / "eval.json").read_text())["average"]["loss"] == row["validation"]
+            results = json.loads((sweep_run / "eval.json").read_text())  # the validation loss only
+            assert results["average"]["loss"] == row["validation"] and results["average"]["acc_ll"] is None
+            assert "router" not in results
             assert "holdout: validation" in (sweep_run / "config.yaml").read_text()
         for seed in (0, 1):
             run = out / method / chosen[0] / f"seed{seed}"

@@ -70,7 +70,9 @@ def test_summary_has_means_cis_and_differences_to_the_first_method():
 
 def test_methods_are_parsed_and_checked():
     assert parse_methods("lora, rlora") == ["lora", "rlora"]
-    with pytest.raises(ValueError, match="--methods: unknown method .dora.; choose from rlora, hydralora.* or lora@r=N"):
+    with pytest.raises(
+        ValueError, match="--methods: unknown method .dora.; choose from rlora, hydralora.* or lora@r=N"
+    ):
         parse_methods("rlora,dora")
     with pytest.raises(ValueError, match="names a method twice"):
         parse_methods("rlora,rlora")
