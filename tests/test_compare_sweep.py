@@ -13,7 +13,7 @@ from rlora.compare import parse_sweep, point_name, select_settings
 from rlora.data.jsonl import read_jsonl_tasks
 from rlora.data.split import split_key, split_sides
 from rlora.data_plan import plan_data
-from rlora.errors import ConfigError
+from rlora.errors import ConfigError, TrainingError
 from rlora.methods import parse_method
 from rlora.runconfig import load_run_config
 
@@ -208,3 +208,25 @@ def test_methods_and_sweeps_are_parsed():
     assert sweep.values == (("3e-4", "1e-3"), ("[q_proj,v_proj]", "all-linear"))
     assert len(sweep.points()) == 4 and sweep.points()[1] == ("training.lr=3e-4", "adapter.target_modules=all-linear")
     assert point_name(["training.lr=3e-4", "training.deepspeed=a/b"]) == "training.lr=3e-4,training.deepspeed=a%2Fb"
+
+
+def test_a_value_whose_training_stops_loses_and_is_not_trained_again(workspace, tmp_path, monkeypatch):
+    base = load_run_config(write_config(workspace, tmp_path / "run"), ["training.max_steps=1"])
+    trained = []
+    real = rlora.train.ensure_trained
+
+    def diverging(cfg, cache_dir=None):
+        trained.append(cfg.training.lr)
+        if cfg.training.lr > 1:  # as the Trainer stops at a non-finite loss
+            raise TrainingError("non-finite training loss (nan) at step 1; training stopped")
+        return real(cfg, cache_dir)
+
+    monkeypatch.setattr(rlora.train, "ensure_trained", diverging)
+    sweep, specs = parse_sweep(["training.lr=1e-3,5"]), [parse_method("rlora")]
+    first = select_settings(base, specs, sweep, 0, tmp_path / "out")["per_method"]["rlora"]
+    assert trained == [1e-3, 5.0] and first["chosen"] == ["training.lr=1e-3"]
+    assert first["points"][1]["validation"] is None and "non-finite training loss" in first["points"][1]["failed"]
+    again = select_settings(base, specs, sweep, 0, tmp_path / "out")["per_method"]["rlora"]
+    assert trained == [1e-3, 5.0] and again == first  # reused: the finished run and the recorded failure
+    with pytest.raises(TrainingError, match=r"rlora: no value of the sweep trained to a finite validation loss"):
+        select_settings(base, specs, parse_sweep(["training.lr=5,7"]), 0, tmp_path / "out")

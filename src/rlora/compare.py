@@ -41,7 +41,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ._io import atomic_write_json, atomic_write_text
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 from .evaluate import ACCURACY_METRICS
 from .methods import MethodSpec, parse_method
 from .plots import plot_comparison
@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 COMPARED_METRICS = (*ACCURACY_METRICS, "loss")
 SWEEPABLE = ("training.", "adapter.")  # how a method trains; what it is compared on (data, eval, seed) is fixed
 SELECTION_METRIC = "loss"  # the validation measure a sweep minimises (its mean over tasks)
+FAILED_FILE = "sweep_failed.txt"  # in a sweep's run folder whose training stopped: why
 ROUTER_MEASURES = ("entropy", "normalized_entropy", "task_divergence", "largest_share")
 
 
@@ -169,6 +170,20 @@ def _run(cfg: RunConfig, cache_dir: str | None, accuracy: bool = True) -> dict:
     return results
 
 
+def _selection_run(cfg: RunConfig, cache_dir: str | None) -> dict:
+    """`_run` with the loss only; training that stops (a diverging value) is recorded in the run folder
+    (`FAILED_FILE`), so that a resumed comparison does not train it again, and raised."""
+    failed = Path(cfg.output_dir) / FAILED_FILE
+    if failed.is_file():
+        RunFolder(cfg.output_dir).check_config(cfg)
+        raise TrainingError(failed.read_text(encoding="utf-8").strip())
+    try:
+        return _run(cfg, cache_dir, accuracy=False)
+    except TrainingError as error:
+        atomic_write_text(failed, f"{error}\n")
+        raise
+
+
 def select_settings(
     base: RunConfig,
     specs: list[MethodSpec],
@@ -187,20 +202,29 @@ def select_settings(
             tuned = with_overrides(base, [*point, "data.holdout=validation"], "--sweep " + ",".join(point))
             folder = out / "sweep" / spec.label / point_name(point)
             configs[spec.label, point] = run_config_for(tuned, folder, spec, seed, matched)
+    for cfg in configs.values():
+        validate_run_config(cfg, "compare")
     per_method = {}
     for spec in specs:
         rows = []
         for point in points:
-            results = _run(configs[spec.label, point], cache_dir, accuracy=False)
-            value = results["average"].get(SELECTION_METRIC)
-            if value is None or not math.isfinite(value):
-                raise ConfigError(
-                    f"{configs[spec.label, point].output_dir}: no finite validation {SELECTION_METRIC} to choose by "
-                    f"(got {value!r})"
-                )
-            per_task = {t: r.get(SELECTION_METRIC) for t, r in results["tasks"].items()}
-            rows.append({"point": list(point), "name": ",".join(point), "validation": value, "per_task": per_task})
-        best = min(range(len(rows)), key=lambda i: rows[i]["validation"])  # the first of equal minima
+            row = {"point": list(point), "name": ",".join(point), "validation": None, "per_task": {}, "failed": None}
+            try:
+                results = _selection_run(configs[spec.label, point], cache_dir)
+            except TrainingError as error:  # a value that diverges loses; the others still compete
+                row["failed"] = str(error)
+            else:
+                value = results["average"].get(SELECTION_METRIC)
+                row["validation"] = value if value is not None and math.isfinite(value) else None
+                row["per_task"] = {t: r.get(SELECTION_METRIC) for t, r in results["tasks"].items()}
+            rows.append(row)
+        scored = [i for i, row in enumerate(rows) if row["validation"] is not None]
+        if not scored:
+            raise TrainingError(
+                f"{spec.label}: no value of the sweep trained to a finite validation {SELECTION_METRIC} "
+                f"({'; '.join(row['failed'] or 'no loss' for row in rows)})"
+            )
+        best = min(scored, key=lambda i: rows[i]["validation"])  # the first of equal minima
         per_method[spec.label] = {"points": rows, "chosen": rows[best]["point"], "chosen_name": rows[best]["name"]}
     return {
         "keys": list(sweep.keys),
@@ -229,8 +253,6 @@ def compare(
     selection = None
     chosen: dict[str, tuple[str, ...]] = {spec.label: () for spec in specs}
     if sweep is not None:
-        for key in sweep.keys:  # a key that does not exist fails here, before anything trains
-            with_overrides(base, [f"{key}={sweep.values[sweep.keys.index(key)][0]}"], f"--sweep {key}")
         selection = select_settings(base, specs, sweep, seeds[0], out, matched, cache_dir)
         chosen = {label: tuple(s["chosen"]) for label, s in selection["per_method"].items()}
     configs = {}

@@ -153,7 +153,11 @@ def selection_markdown(selection: dict) -> str:
     rows = []
     for method, s in selection["per_method"].items():
         cells = [
-            f"**{row['validation']:.4f}**" if row["name"] == s["chosen_name"] else f"{row['validation']:.4f}"
+            "stopped"
+            if row["validation"] is None
+            else f"**{row['validation']:.4f}**"
+            if row["name"] == s["chosen_name"]
+            else f"{row['validation']:.4f}"
             for row in s["points"]
         ]
         rows.append([method, *cells, s["chosen_name"]])
@@ -161,7 +165,8 @@ def selection_markdown(selection: dict) -> str:
         [
             f"### Settings chosen per method on the validation split ({100 * selection['validation_fraction']:g}% of "
             f"the training examples, by hash; never the test split): validation loss, nats per token, mean over "
-            f"tasks, seed {selection['seed']}; the lowest (bold) is chosen",
+            f"tasks, seed {selection['seed']}; the lowest (bold) is chosen (stopped: training stopped, a non-finite "
+            "loss)",
             "",
             markdown_table(["method", *names, "chosen"], rows),
         ]
