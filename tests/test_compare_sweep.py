@@ -131,6 +131,7 @@ def test_compare_with_a_sweep_chooses_per_method_then_runs_every_seed_there(work
     out = tmp_path / "cmp"
     summary = json.loads((out / "comparison.json").read_text())
     selection = summary["selection"]
+    assert json.loads((out / "selection.json").read_text()) == selection
     assert selection["keys"] == ["training.lr"] and selection["seed"] == 0 and selection["holdout"] == "validation"
     assert summary["matched_lora_rank"] == 10  # as in test_compare_analyze: 3 heads of rank 4 on the MLP
     for method in ("hydralora", "lora@x2"):

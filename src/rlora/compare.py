@@ -18,6 +18,7 @@ setting; several keys make a grid) chooses each method's value first:
     OUT/sweep/<method>/<key>=<value>/   one run per value at the first seed, trained on the training split minus a
                                         validation split carved from it by hash (`data.holdout: validation`,
                                         `data/split.py`), evaluated on that validation split (held-out loss only)
+    OUT/selection.json                  each method's validation losses and choice, written before the seeds run
     OUT/<method>/<key>=<value>/seed<k>/ every seed at the chosen value, on the whole training split, evaluated on the
                                         test split
 
@@ -254,7 +255,10 @@ def compare(
     chosen: dict[str, tuple[str, ...]] = {spec.label: () for spec in specs}
     if sweep is not None:
         selection = select_settings(base, specs, sweep, seeds[0], out, matched, cache_dir)
+        atomic_write_json(out / "selection.json", selection)  # the choices, before the seeds run
         chosen = {label: tuple(s["chosen"]) for label, s in selection["per_method"].items()}
+        for label, values in chosen.items():
+            logger.info("%s: chose %s on the validation split", label, ",".join(values))
     configs = {}
     for spec in specs:
         tuned = with_overrides(base, list(chosen[spec.label]), "--sweep") if chosen[spec.label] else base
