@@ -172,15 +172,18 @@ def _run(cfg: RunConfig, cache_dir: str | None, accuracy: bool = True) -> dict:
 
 
 def _selection_run(cfg: RunConfig, cache_dir: str | None) -> dict:
-    """`_run` with the loss only; training that stops (a diverging value) is recorded in the run folder
-    (`FAILED_FILE`), so that a resumed comparison does not train it again, and raised."""
-    failed = Path(cfg.output_dir) / FAILED_FILE
+    """`_run` with the loss only; training that stops (a diverging value) is recorded in the run folder (its config
+    and `FAILED_FILE`), so that a resumed comparison with the same config does not train it again, and raised."""
+    folder = RunFolder(cfg.output_dir)
+    failed = folder.root / FAILED_FILE
     if failed.is_file():
-        RunFolder(cfg.output_dir).check_config(cfg)
+        folder.check_config(cfg)
         raise TrainingError(failed.read_text(encoding="utf-8").strip())
     try:
         return _run(cfg, cache_dir, accuracy=False)
     except TrainingError as error:
+        if not folder.config.is_file():  # it stopped before writing the run's config
+            folder.write_config(cfg)
         atomic_write_text(failed, f"{error}\n")
         raise
 
