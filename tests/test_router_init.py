@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlora import RLoraConfig, RLoraLinear
-from rlora.config import RANDOM_START_WARNING
+from rlora.tuner.config import RANDOM_START_WARNING
 from rlora.methods import MULTI_HEAD, adapter_config
 
 SEEDS = [0, 1, 2]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import pad_ids
-from .layer import RLoraLinear
+from .tuner import RLoraLinear
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 

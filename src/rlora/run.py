@@ -36,7 +36,7 @@ from . import models
 from ._io import Busy, atomic_write_json, atomic_write_text, exclusive_lock, held_by, is_complete
 from .adapters import CONFIG_FILE, load_adapter, read_adapter
 from .data import gold_spans
-from .data_plan import DataPlan, plan_data
+from .data.plan import DataPlan, plan_data
 from .errors import AdapterError, ConfigError, RunFolderError
 from .methods import PEFT_TYPES, adapter_config
 from .reports import results_table, similarity_table
