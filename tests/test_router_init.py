@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlora import RLoraConfig, RLoraLinear
-from rlora.tuner.config import RANDOM_START_WARNING
 from rlora.methods import MULTI_HEAD, adapter_config
+from rlora.tuner.config import RANDOM_START_WARNING
 
 SEEDS = [0, 1, 2]
 

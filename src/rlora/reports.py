@@ -101,7 +101,7 @@ def _cosine(value: float | None) -> str:
 
 
 def analysis_summary(data: dict) -> list[str]:
-    """A short text summary of `run.analyze_run`'s data for the terminal."""
+    """A short text summary of `commands.analyze.analyze_run`'s data for the terminal."""
     lines = []
     for when in ("init", "trained"):
         values = [r["mean_cosine"] for r in data["head_similarity"][when] or [] if not math.isnan(r["mean_cosine"])]

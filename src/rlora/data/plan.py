@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError
+from ..runconfig import RunConfig
 from . import (
     CausalLMCollator,
     Example,
@@ -35,8 +37,6 @@ from .files import DataFile
 from .mixture import index_dtype
 from .split import SPLIT_SALT
 from .store import TaskData, file_tasks
-from ..errors import DataError
-from ..runconfig import RunConfig
 
 logger = logging.getLogger(__name__)
 

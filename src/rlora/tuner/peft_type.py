@@ -32,4 +32,3 @@ def _add_peft_type(name: str) -> PeftType:
 
 
 RLORA_PEFT_TYPE = _add_peft_type(NAME)
-
