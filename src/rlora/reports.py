@@ -1,7 +1,7 @@
 """Reports: every Markdown table and text summary rlora prints or writes, rendered from results already computed.
 
 Nothing here computes a metric or touches a file; the numbers come from `evaluate.py`, `analysis.py` and
-`compare.py`, and `run.py` / `compare.py` write the text where it belongs.
+`commands/compare.py`, and `run.py` and the commands (`commands/`) write the text where it belongs.
 """
 
 from __future__ import annotations
