@@ -9,10 +9,10 @@ from _tiny import write_config
 
 import rlora.train
 from rlora.cli import main
-from rlora.compare import parse_sweep, point_name, select_settings
+from rlora.commands.compare import parse_sweep, point_name, select_settings
 from rlora.data.jsonl import read_jsonl_tasks
+from rlora.data.plan import plan_data
 from rlora.data.split import split_key, split_sides
-from rlora.data_plan import plan_data
 from rlora.errors import ConfigError, TrainingError
 from rlora.methods import parse_method
 from rlora.runconfig import load_run_config

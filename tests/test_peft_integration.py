@@ -50,8 +50,9 @@ def test_import_registers_a_peft_type_that_behaves_like_a_builtin():
         "import rlora",  # PEFT is imported afterwards, by the check below
         "import peft; import rlora",
         "from rlora import RLoraModel",
-        "from rlora.config import RLoraConfig",
-        "from rlora.layer import RLoraLinear",
+        "from rlora.tuner.config import RLoraConfig",
+        "from rlora.tuner.layer import RLoraLinear",
+        "import rlora.tuner",
         "import rlora.cli; import rlora.runconfig",
     ],
 )

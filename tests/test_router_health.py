@@ -10,7 +10,7 @@ from peft import get_peft_model
 
 from rlora import RLoraConfig
 from rlora.analysis import adapted_layers, router_health, router_usage
-from rlora.compare import summarize
+from rlora.commands.compare import summarize
 from rlora.reports import comparison_markdown
 
 

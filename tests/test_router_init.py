@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlora import RLoraConfig, RLoraLinear
-from rlora.config import RANDOM_START_WARNING
 from rlora.methods import MULTI_HEAD, adapter_config
+from rlora.tuner.config import RANDOM_START_WARNING
 
 pytestmark = pytest.mark.numerics  # run again on other CPU kernel paths by scripts/test.sh
 

@@ -33,6 +33,7 @@ resumes from its last complete one.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import itertools
 import logging
@@ -41,15 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from ._io import atomic_write_json, atomic_write_text
-from .errors import ConfigError, TrainingError
-from .evaluate import ACCURACY_METRICS
-from .methods import MethodSpec, parse_method
-from .plots import plot_comparison
-from .reports import comparison_markdown
-from .run import RunFolder, evaluate_run
-from .runconfig import RunConfig, validate_run_config, with_overrides
-from .stats import mean_ci, paired_difference
+from .._io import atomic_write_json, atomic_write_text
+from ..errors import ConfigError, TrainingError
+from ..evaluate import ACCURACY_METRICS
+from ..methods import MethodSpec, parse_method
+from ..plots import plot_comparison
+from ..reports import comparison_markdown
+from ..run import RunFolder
+from ..runconfig import RunConfig, load_run_config, override_parts, validate_run_config, with_overrides
+from ..stats import mean_ci, paired_difference
+from .eval import evaluate_run
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +151,8 @@ def matched_rank(cfg: RunConfig, cache_dir: str | None = None) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .methods import matched_lora_rank
-    from .models import resolve_model
+    from ..methods import matched_lora_rank
+    from ..models import resolve_model
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(cfg.model, cache_dir)))
@@ -160,7 +162,7 @@ def matched_rank(cfg: RunConfig, cache_dir: str | None = None) -> int:
 
 def _run(cfg: RunConfig, cache_dir: str | None, accuracy: bool = True) -> dict:
     """The results of the run `cfg` describes: reused when its folder has them, else trained and evaluated."""
-    from .train import ensure_trained
+    from ..train import ensure_trained
 
     folder = RunFolder(cfg.output_dir)
     folder.check_config(cfg)
@@ -333,3 +335,19 @@ def summarize(runs: dict[str, dict[int, dict]], methods: list[str], seeds: list[
 def _ci(pair: tuple[float, float]) -> dict[str, float | None]:
     """JSON-safe: the half-width is None (not NaN) with a single seed."""
     return {"mean": pair[0], "ci95": None if math.isnan(pair[1]) else pair[1]}
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = parse_methods(args.methods)
+    sweep_items = [*([f"training.lr={args.lr}"] if args.lr else []), *args.sweep]
+    sweep = parse_sweep(sweep_items) if sweep_items else None
+    if sweep is not None:
+        fixed = {".".join(override_parts(o)[0]) for o in args.overrides}
+        both = [key for key in sweep.keys if key in fixed]
+        if both:
+            raise ConfigError(f"{both[0]} is both swept and set with {both[0]}=...; give it one way")
+    base = load_run_config(args.config, args.overrides)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    summary = compare(base, methods, seeds, args.output or base.output_dir, cache_dir=args.cache_dir, sweep=sweep)
+    print(comparison_markdown(summary))
+    return 0

@@ -1,0 +1,72 @@
+"""`rlora eval`: per-task accuracy and held-out loss of a trained run, or of a base model alone, written into the
+run folder (`RunFolder.results`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..analysis import router_health, router_usage
+from ..data.plan import plan_data
+from ..errors import ConfigError
+from ..evaluate import evaluate_plan
+from ..methods import PEFT_TYPES
+from ..reports import results_table
+from ..run import LoadedRun, RunFolder, gold_sequences, load_base_model, load_run
+from ..runconfig import RunConfig, load_run_config, validate_run_config
+
+
+def _evaluate(run: LoadedRun, base: bool, accuracy: bool = True) -> dict:
+    """The run's results on its held-out split; for a multi-head adapter, unless only the loss is asked for
+    (`accuracy` False), its router's health there too (`router`: `analysis.router_health` of the gates on every
+    evaluated example's gold context and answer)."""
+    adapter = None if base else str(run.folder.adapter)
+    results = {"model": run.cfg.model, "adapter": adapter, "method": run.cfg.method}
+    results |= evaluate_plan(run.model, run.tokenizer, run.cfg, run.plan, accuracy=accuracy)
+    if accuracy and not base and PEFT_TYPES[run.cfg.method] == "RLORA":
+        usage = router_usage(run.model, gold_sequences(run), batch_size=run.cfg.eval.batch_size)
+        results["router"] = router_health(usage)
+    return results
+
+
+def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, base: bool = False, accuracy: bool = True) -> dict:
+    """Evaluates a trained run (or, with `base`, its base model alone) on its held-out split, writes the results
+    into the run folder (`RunFolder.results`) and returns them; without `accuracy`, the held-out loss only, as
+    choosing settings on a validation split needs."""
+    run = load_run(run_dir, cache_dir, adapter=not base)
+    results = _evaluate(run, base, accuracy)
+    run.folder.write_results(results, base)
+    return results
+
+
+def evaluate_config(cfg: RunConfig, cache_dir: str | None = None) -> dict:
+    """Evaluates the base model of a run config on its held-out split (`rlora eval CONFIG`), into `cfg.output_dir`:
+    its config and base results, written once the model has loaded. A folder made with another config, or that
+    another process is writing, is refused first."""
+    validate_run_config(cfg, "run config")  # for a RunConfig made in Python: the file's checks
+    folder = RunFolder(cfg.output_dir)
+    folder.check_free()
+    folder.check_config(cfg)
+    plan = plan_data(cfg, cache_dir)
+    with folder.writer():
+        model, tokenizer = load_base_model(cfg, cache_dir)
+        folder.check_config(cfg)  # again: it may have been written while the model loaded
+        folder.write_config(cfg)
+        results = _evaluate(LoadedRun(folder, cfg, plan, model, tokenizer), base=True)
+        folder.write_results(results, base=True)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    if not Path(args.target).is_dir():  # a config: evaluate its base model alone, into its output_dir
+        cfg = load_run_config(args.target, args.overrides)
+        folder, args.base = RunFolder(cfg.output_dir), True
+        results = evaluate_config(cfg, args.cache_dir)
+    elif args.overrides:
+        raise ConfigError("overrides apply to a config file; a run folder is evaluated with its own config")
+    else:
+        folder = RunFolder(args.target)
+        results = evaluate_run(folder.root, args.cache_dir, base=args.base)
+    print(results_table({"base" if args.base else results["method"]: results}))
+    print(f"written to {folder.results(args.base)} and {folder.results(args.base, '.md')}")
+    return 0
