@@ -100,6 +100,10 @@ def test_a_qlora_run_trains_evaluates_and_resumes_to_the_uninterrupted_adapter(w
     loaded = load_run(run)  # the saved config loads the base 4-bit again, the adapter on top
     up = loaded.model.base_model.model.model.layers[0].mlp.up_proj
     assert isinstance(up, RLoraLinear) and type(up.get_base_layer()).__name__ == "Linear4bit"
+    readme = (run / "adapter" / "README.md").read_text()  # replaces PEFT's model card template
+    assert "loaded 4bit (bitsandbytes)" in readme and "fails with `KeyError: 'RLORA'`" in readme
+    assert "import rlora  # registers the RLORA adapter type" in readme
+    assert (run / "adapter_init" / "README.md").read_text() == readme
     losses = [r["loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 4 and all(0 < loss < 20 for loss in losses)
     results = evaluate_run(run)

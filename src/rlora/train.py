@@ -25,10 +25,11 @@ from transformers.training_args import ParallelMode
 
 from . import models
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir
+from .adapters import README_FILE, adapter_readme
 from .data.mixture import index_dtype
 from .data.plan import plan_data
 from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError
-from .methods import adapter_config
+from .methods import PEFT_TYPES, adapter_config
 from .run import RunFolder, checkpoint_dir, checkpoint_problem, complete_checkpoints, incomplete_checkpoints
 from .runconfig import RunConfig, validate_run_config
 
@@ -238,6 +239,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
             if not folder.adapter_init.exists():  # the heads at step 0, for `rlora analyze`
                 with atomic_dir(folder.adapter_init) as tmp:
                     model.save_pretrained(tmp)
+                    _write_readme(tmp, cfg)
         if resume:
             _drop_incomplete_checkpoints(folder.checkpoints, args.process_index)
         if is_main:
@@ -257,6 +259,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
         trainer.save_model(str(folder.adapter_staging))  # on every process: gathers ZeRO-3/FSDP shards; main writes
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
+            _write_readme(folder.adapter_staging, cfg)
             publish_dir(folder.adapter_staging, folder.adapter)  # the adapter appears whole or not at all
             log = "".join(json.dumps(record) + "\n" for record in trainer.state.log_history)
             atomic_write_text(folder.train_log, log)
@@ -264,6 +267,12 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
             metrics["final_loss"] = _last_logged_loss(trainer.state.log_history)
             atomic_write_json(folder.train_metrics, metrics)
     return folder.root
+
+
+def _write_readme(adapter: Path, cfg: RunConfig) -> None:
+    """Replaces PEFT's model card template with what a user of this adapter needs to know (`adapter_readme`)."""
+    text = adapter_readme(cfg.method, PEFT_TYPES[cfg.method], cfg.model, cfg.base.quantization)
+    atomic_write_text(Path(adapter) / README_FILE, text)
 
 
 def _check_folder(folder: RunFolder, cfg: RunConfig, resume: bool) -> None:
