@@ -217,6 +217,11 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
             "training.fsdp: FSDP shards the model over several processes; start them with torchrun or accelerate "
             "launch, or leave training.fsdp unset"
         )
+    if args.fsdp and not torch.cuda.is_available():
+        raise ConfigError(
+            "training.fsdp: FSDP through the Trainer needs GPUs; on CPU processes it would train data-parallel (DDP) "
+            "without sharding and without a word. Leave training.fsdp unset to train data-parallel on CPUs"
+        )
     is_main = args.process_index == 0  # the one process that writes the run folder (and holds its lock)
     if is_main:
         folder.check_free()
