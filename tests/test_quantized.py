@@ -13,8 +13,9 @@ from peft.utils.integrations import dequantize_bnb_weight
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from rlora import RLoraConfig, RLoraLinear
+from rlora.commands.eval import evaluate_run
 from rlora.models import BaseLoading, load_model, load_tokenizer
-from rlora.run import evaluate_run, load_run
+from rlora.run import load_run
 from rlora.runconfig import load_run_config
 from rlora.train import train
 
