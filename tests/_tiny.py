@@ -180,3 +180,32 @@ def untrained_runs(workspace, root: Path, perturb_scale: float = 0.1) -> dict[st
         model.save_pretrained(folder.adapter)
         made[method] = out
     return made
+
+
+def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """GPT-2 architecture: its attention and MLP layers are transformers' Conv1D (weight stored d_in x d_out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def tiny_phi3(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Phi-3 architecture: q, k, v fused in `qkv_proj`, gate and up in `gate_up_proj`."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Phi3Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return Phi3ForCausalLM(config).to(dtype).eval()

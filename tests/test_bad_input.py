@@ -278,6 +278,44 @@ CASES = [
         lambda c: ["train", c.config, "training.fsdp=full_shard", f"training.deepspeed={c.file('ds.json', '{}')}"],
         "{cfg}: training.fsdp: not together with training.deepspeed; give one of them",
     ),
+    # --- the base model's loading and the training engines ---
+    Case(
+        "quantization-unknown",
+        lambda c: ["train", c.config, "base.quantization=3bit"],
+        "{cfg}: base.quantization: expected one of none, 4bit, 8bit, got '3bit'",
+    ),
+    Case(
+        "quant-type-without-4bit",
+        lambda c: ["train", c.config, "base.quantization=8bit", "base.quant_type=fp4"],
+        "{cfg}: base.quant_type: only for base.quantization: 4bit (it is 8bit); leave it unset",
+    ),
+    Case(
+        "compute-dtype-unknown",
+        lambda c: ["train", c.config, "base.quantization=4bit", "base.compute_dtype=int8"],
+        "{cfg}: base.compute_dtype: expected one of float32, bfloat16, float16, got 'int8'",
+    ),
+    Case(
+        "attention-unknown",
+        lambda c: ["train", c.config, "base.attn_implementation=fast"],
+        "{cfg}: base.attn_implementation: expected one of eager, sdpa, flash_attention_2 or null, got 'fast'",
+    ),
+    Case(
+        "reentrant-without-checkpointing",
+        lambda c: ["train", c.config, "training.gradient_checkpointing_reentrant=true"],
+        "{cfg}: training.gradient_checkpointing_reentrant: only with training.gradient_checkpointing: true",
+    ),
+    Case(
+        "quantized-base-with-deepspeed",
+        lambda c: ["train", c.config, "base.quantization=4bit", f"training.deepspeed={c.file('ds.json', '{}')}"],
+        "{cfg}: base.quantization: a 4bit base is not sharded by rlora (training.deepspeed); train it data-parallel "
+        "(torchrun) or unquantized",
+    ),
+    Case(
+        "quantized-base-with-fsdp",
+        lambda c: ["train", c.config, "base.quantization=8bit", "training.fsdp=full_shard"],
+        "{cfg}: base.quantization: a 8bit base is not sharded by rlora (training.fsdp); train it data-parallel "
+        "(torchrun) or unquantized",
+    ),
     # --- paths ---
     Case(
         "output-dir-empty",
@@ -712,16 +750,63 @@ def test_bad_input_is_one_line_on_stderr_and_an_exit_code_writing_nothing(
     assert bool(loaded) == case.loads_model
 
 
-def test_precision_needs_an_accelerator(workspace, tmp_path, capsys):
+def test_fp16_needs_an_accelerator_and_flash_attention_a_gpu(workspace, tmp_path, capsys):
     if rlora.train._accelerator() is not None:
         pytest.skip("this machine has an accelerator")
     config = write_config(workspace, tmp_path / "run")
-    for precision in ("bf16", "fp16"):
-        assert main(["train", str(config), f"training.precision={precision}"]) == 2
-        assert capsys.readouterr().err == (
-            f"rlora: error: training.precision: {precision} needs a GPU (or another accelerator), and this machine "
-            "has none; use fp32 or auto\n"
-        )
+    assert main(["train", str(config), "training.precision=fp16"]) == 2
+    assert capsys.readouterr().err == (
+        "rlora: error: training.precision: fp16 needs a GPU (or another accelerator) and this machine has none (on a "
+        "CPU the Trainer would silently train in fp32); use bf16, fp32 or auto\n"
+    )
+    assert main(["train", str(config), "base.attn_implementation=flash_attention_2"]) == 2
+    assert capsys.readouterr().err == (
+        f"rlora: error: {config}: base.attn_implementation: flash_attention_2 needs a CUDA GPU and this machine has "
+        "none; use sdpa\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_over_cpu_processes_is_refused_instead_of_training_as_ddp(workspace, tmp_path, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from transformers import TrainingArguments
+    from transformers.training_args import ParallelMode
+
+    # as under torchrun --nproc_per_node=2 on a CPU machine, where the Trainer's fsdp setting falls back to DDP
+    monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda self: ParallelMode.DISTRIBUTED))
+    config = write_config(workspace, tmp_path / "run")
+    assert main(["train", str(config), "training.fsdp=full_shard auto_wrap"]) == 2
+    assert capsys.readouterr().err == (
+        "rlora: error: training.fsdp: FSDP through the Trainer needs GPUs; on CPU processes it would train "
+        "data-parallel (DDP) without sharding and without a word. Leave training.fsdp unset to train data-parallel on "
+        "CPUs\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_quantization_without_bitsandbytes_and_compiling_without_a_compiler_are_refused(
+    workspace, tmp_path, capsys, monkeypatch
+):
+    config = write_config(workspace, tmp_path / "run")
+    real_find_spec = rlora.models.importlib.util.find_spec
+    monkeypatch.setattr(
+        rlora.models.importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real_find_spec(n, *a)
+    )
+    assert main(["train", str(config), "base.quantization=4bit"]) == 2
+    assert capsys.readouterr().err == (
+        f"rlora: error: {config}: base.quantization: 4bit needs the bitsandbytes package, not installed; pip install "
+        "'rlora[quant]' (bitsandbytes)\n"
+    )
+    monkeypatch.undo()
+    if torch.cuda.is_available():
+        return
+    monkeypatch.setattr(rlora.models.shutil, "which", lambda name: None)
+    assert main(["train", str(config), "training.torch_compile=true"]) == 2
+    assert capsys.readouterr().err == (
+        f"rlora: error: {config}: training.torch_compile: on a CPU torch.compile builds C++ code and no C++ compiler "
+        "(c++, g++, clang++) is on PATH; install one or set training.torch_compile: false\n"
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -81,3 +81,17 @@ def test_data_scale_benchmark_times_one_training_step_on_a_generated_mixture(tmp
     assert {f: f.stat().st_mtime_ns for f in files} == before
     bench_data_scale.write_mixture(tmp_path / "again", 2000, 0)  # the same seed writes the same bytes
     assert all((tmp_path / "again" / f.name).read_bytes() == f.read_bytes() for f in files)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_quantized_benchmark_has_every_base_method_and_checkpointing_with_ratios_to_float32():
+    pytest.importorskip("bitsandbytes")
+    import bench_quantized
+
+    rows = table_rows(bench_quantized.main(["--quick"]))
+    header, body = rows[0], rows[1:]
+    assert header[:5] == ["base", "method", "checkpointing", "step ms", "time ratio"]
+    expected = [[b, m, c] for b in bench_quantized.BASES for m in bench_quantized.METHODS for c in ("off", "on")]
+    assert [row[:3] for row in body] == expected
+    assert all(row[4] == "1.00" and row[6] == "1.00" for row in body if row[0] == "float32" and row[2] == "off")
+    assert all(float(row[6]) < 1 for row in body if row[0] != "float32")  # quantized weights take less memory

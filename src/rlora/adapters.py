@@ -26,6 +26,41 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "adapter_config.json"  # PEFT's names (peft.utils.CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
 WEIGHTS_FILE = "adapter_model.safetensors"
+README_FILE = "README.md"
+
+
+def adapter_readme(method: str, peft_type: str, model: str, quantization: str) -> str:
+    """The README.md written next to a run's adapter: what it is and how to load it, above all where rlora is not
+    imported (PEFT then knows no `RLORA` type and fails with a bare `KeyError: 'RLORA'`)."""
+    base = f"`{model}`" + ("" if quantization == "none" else f", loaded {quantization} (bitsandbytes) in training")
+    lines = [
+        f"# {method} adapter (rlora)",
+        "",
+        f"A PEFT adapter of type `{peft_type}`, trained with rlora on the base model {base}.",
+        "",
+        "```python",
+        "import rlora  # registers the RLORA adapter type with PEFT: import it before loading",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("BASE_MODEL"), "THIS_FOLDER")',
+        "```",
+        "",
+    ]
+    if peft_type == "RLORA":
+        lines += [
+            "Code that has not imported rlora (transformers' `model.load_adapter(...)`, a bare "
+            "`PeftModel.from_pretrained`, lm-eval-harness, a server) fails with `KeyError: 'RLORA'`: PEFT itself does "
+            "not know this adapter type. Install rlora (`pip install rlora`) and `import rlora` first in that "
+            "process (`rlora lm-eval` does it for lm-eval-harness). With fixed gates the adapter is a plain LoRA: "
+            "`merge_with_fixed_gates` gives a base model with the update merged, which loads anywhere (an "
+            "approximation: the trained router mixes the heads per token).",
+            "",
+        ]
+    else:
+        lines += ["This is PEFT's own LoRA: it loads without rlora too.", ""]
+    lines += ["`rlora eval`, `rlora analyze` and `rlora generate` on the run folder load it with the run's base.", ""]
+    return "\n".join(lines)
 
 
 def read_adapter(folder: str | Path, peft_type: str | None = None) -> tuple[PeftConfig, dict[str, tuple[int, ...]]]:

@@ -82,7 +82,7 @@ def adapter_config(
     lora_alpha: float,
     num_heads: int,
     lora_dropout: float,
-    target_modules: list[str] | str,
+    target_modules: list[str] | str | None,
     init_gamma: float = 64.0,
     use_rslora: bool = True,
     lora_r: int | None = None,
@@ -107,6 +107,10 @@ def adapter_config(
         return RLoraConfig(r=r, num_heads=num_heads, init_gamma=init_gamma, **shared, **settings)
     if method != "lora":
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if target_modules is None and model is not None:  # the same layers as the multi-head methods (model.py's table)
+        from .tuner.model import default_target_modules
+
+        shared["target_modules"] = target_modules = default_target_modules(model)
     if lora_r is None:
         if model is None:
             raise ValueError("method 'lora': give lora_r, or the model to match the multi-head parameter count")
@@ -117,16 +121,17 @@ def adapter_config(
 def matched_lora_rank(model: nn.Module, target_modules: list[str] | str, r: int, num_heads: int) -> int:
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
-    from torch import nn
+
+    from .tuner.layer import base_shape, is_adaptable
 
     probe = LoraConfig(target_modules=target_modules)
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     multi_head, per_rank = 0, 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not is_adaptable(module):
             continue
         if target_modules == "all-linear" and module is not output_layer or check_target_module_exists(probe, name):
-            d_in, d_out = module.in_features, module.out_features
+            d_in, d_out = base_shape(module)
             multi_head += r * d_in + num_heads * r * d_out + num_heads * d_in
             per_rank += d_in + d_out
     if per_rank == 0:

@@ -23,13 +23,14 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._io import atomic_dir, is_complete
-from .errors import MissingPackage, ModelError
+from .errors import ConfigError, MissingPackage, ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +63,97 @@ WHAT_MODELS = (
     f"give an embedded model ({', '.join(EMBEDDED_MODELS)}: converted once, on first use), a local model folder "
     "(config.json and weights, as save_pretrained writes them) or a Hugging Face Hub id (org/name)"
 )
+
+
+QUANTIZATIONS = ("none", "4bit", "8bit")
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("eager", "sdpa", "flash_attention_2")
+QUANT_EXTRA = "pip install 'rlora[quant]' (bitsandbytes)"
+
+
+@dataclass
+class BaseLoading:
+    """How the base model is loaded: the run config's `base` section. A run's saved config loads its base the same way
+    again (`rlora eval`, `analyze`, `generate`, `compare`)."""
+
+    # none | 4bit | 8bit: the frozen base weights stored quantized by bitsandbytes (its CPU backend works too), and
+    # prepared for training as PEFT's `prepare_model_for_kbit_training` does; 4bit with an adapter is QLoRA
+    quantization: str = "none"
+    quant_type: str = "nf4"  # 4bit only: nf4 (QLoRA's NormalFloat4) | fp4
+    double_quant: bool = True  # 4bit only: quantize the per-block scales too (QLoRA's double quantization)
+    # 4bit only: the dtype each 4-bit weight is dequantized to for its matmul: float32 | bfloat16 | float16
+    compute_dtype: str = "float32"
+    # eager | sdpa | flash_attention_2 (a CUDA GPU and the flash-attn package); null: transformers' own choice
+    attn_implementation: str | None = None
+
+
+def loading_problem(loading: BaseLoading) -> tuple[str, str] | None:
+    """None if `loading` can be used on this machine, else (its key, what is wrong): a choice out of range, a 4-bit
+    setting without 4-bit, a package or a GPU that is missing. Looks at installed packages and devices only."""
+    choices = {"quantization": QUANTIZATIONS, "quant_type": QUANT_TYPES, "compute_dtype": COMPUTE_DTYPES}
+    for key, allowed in choices.items():
+        if getattr(loading, key) not in allowed:
+            return key, f"expected one of {', '.join(allowed)}, got {getattr(loading, key)!r}"
+    attention = loading.attn_implementation
+    if attention is not None and attention not in ATTENTION:
+        return "attn_implementation", f"expected one of {', '.join(ATTENTION)} or null, got {attention!r}"
+    if loading.quantization != "4bit":
+        for key in ("quant_type", "double_quant", "compute_dtype"):
+            if getattr(loading, key) != getattr(BaseLoading, key):
+                return key, f"only for base.quantization: 4bit (it is {loading.quantization}); leave it unset"
+    if loading.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        return "quantization", f"{loading.quantization} needs the bitsandbytes package, not installed; {QUANT_EXTRA}"
+    if loading.attn_implementation == "flash_attention_2":
+        if not _cuda():
+            return "attn_implementation", "flash_attention_2 needs a CUDA GPU and this machine has none; use sdpa"
+        if importlib.util.find_spec("flash_attn") is None:
+            return "attn_implementation", "flash_attention_2 needs the flash-attn package, not installed; use sdpa"
+    return None
+
+
+def check_loading(loading: BaseLoading, where: str) -> None:
+    """Raises what `loading_problem` finds as a one-line error naming `where` and the key (a missing package as
+    `MissingPackage`)."""
+    problem = loading_problem(loading)
+    if problem is not None:
+        key, message = problem
+        error = MissingPackage if "not installed" in message else ConfigError
+        raise error(f"{where}: base.{key}: {message}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def has_cpp_compiler() -> bool:
+    """torch.compile's CPU code (inductor) is C++ built at run time."""
+    return any(shutil.which(name) for name in ("c++", "g++", "clang++"))
+
+
+def _loading_kwargs(loading: BaseLoading) -> dict:
+    """`from_pretrained` keyword arguments for `loading`."""
+    import torch
+
+    kwargs: dict = {}
+    if loading.attn_implementation is not None:
+        kwargs["attn_implementation"] = loading.attn_implementation
+    if loading.quantization == "none":
+        return kwargs
+    from transformers import BitsAndBytesConfig
+
+    kwargs["quantization_config"] = BitsAndBytesConfig(
+        load_in_4bit=loading.quantization == "4bit",
+        load_in_8bit=loading.quantization == "8bit",
+        bnb_4bit_quant_type=loading.quant_type,
+        bnb_4bit_use_double_quant=loading.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, loading.compute_dtype),
+    )
+    # bitsandbytes quantizes a weight as it moves to its device: this process's GPU, or the CPU
+    kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else "cpu"
+    return kwargs
 
 
 class EmbeddedModelMissing(MissingPackage):
@@ -231,13 +323,21 @@ def load_tokenizer(
 
 
 def load_model(
-    name_or_path: str, tokenizer, dtype: torch.dtype | None = None, cache_dir: str | os.PathLike | None = None
+    name_or_path: str,
+    tokenizer,
+    dtype: torch.dtype | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    loading: BaseLoading | None = None,
 ):
-    """The model, ready for training (float32 unless `dtype` says otherwise), padding with `tokenizer`'s pad token."""
+    """The model, ready for training (float32 unless `dtype` says otherwise), padding with `tokenizer`'s pad token;
+    quantized and with the attention kernel that `loading` gives (checked first: `check_loading`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = _load(AutoModelForCausalLM, name_or_path, cache_dir, dtype=dtype or torch.float32)
+    loading = loading or BaseLoading()
+    check_loading(loading, "model")
+    kwargs = _loading_kwargs(loading)
+    model = _load(AutoModelForCausalLM, name_or_path, cache_dir, dtype=dtype or torch.float32, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -248,11 +348,12 @@ def load_model_and_tokenizer(
     dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
     chat_template: bool = False,
+    loading: BaseLoading | None = None,
 ):
     """(model, tokenizer): `load_model` and `load_tokenizer`, the tokenizer first (it is quick, and says at once when
     the model cannot be found)."""
     tokenizer = load_tokenizer(name_or_path, cache_dir, chat_template)
-    return load_model(name_or_path, tokenizer, dtype, cache_dir), tokenizer
+    return load_model(name_or_path, tokenizer, dtype, cache_dir, loading), tokenizer
 
 
 def _load(auto_class, name_or_path: str, cache_dir: str | os.PathLike | None, **kwargs):

@@ -224,8 +224,11 @@ def load_run(
 
 
 def load_base_model(cfg: RunConfig, cache_dir: str | None = None) -> tuple[Any, Any]:
-    """The run's base model and tokenizer (with the chat template the run config asks for), without any adapter."""
-    return models.load_model_and_tokenizer(cfg.model, cache_dir=cache_dir, chat_template=cfg.data.chat_template)
+    """The run's base model and tokenizer (with the chat template the run config asks for, loaded as its `base`
+    section says: quantized or not), without any adapter."""
+    return models.load_model_and_tokenizer(
+        cfg.model, cache_dir=cache_dir, chat_template=cfg.data.chat_template, loading=cfg.base
+    )
 
 
 ADAPTER_FIELDS = ("r", "num_heads", "lora_alpha", "lora_dropout", "head_init", "head_dropout", "router_init")
@@ -241,8 +244,8 @@ def check_adapter(path: Path, cfg: RunConfig) -> None:
         settings["lora_r"] = found.r
     expected = adapter_config(cfg.method, **settings)
     for name in ADAPTER_FIELDS:
-        if not hasattr(expected, name) or name == "target_modules" and isinstance(cfg.adapter.target_modules, str):
-            continue  # PEFT saves the names that a regex or "all-linear" matched, not the pattern
+        if not hasattr(expected, name) or name == "target_modules" and not isinstance(cfg.adapter.target_modules, list):
+            continue  # PEFT saves the names that a regex, "all-linear" or the architecture's default matched
         want, got = getattr(expected, name), getattr(found, name, None)
         if got != want:
             want, got = (sorted(v) if isinstance(v, set) else v for v in (want, got))

@@ -27,7 +27,7 @@ from .data.mixture import STRATEGIES
 from .data.split import DEFAULT_VALIDATION_FRACTION, HOLDOUTS, bad_test_fraction
 from .errors import ConfigError
 from .methods import METHODS
-from .models import DEFAULT_MODEL, model_problem
+from .models import DEFAULT_MODEL, BaseLoading, check_loading, has_cpp_compiler, model_problem
 from .tuner.config import FIELD_RULES, field_error
 
 
@@ -61,7 +61,9 @@ class AdapterSettings:
     lora_alpha: float = 32
     num_heads: int = 5
     lora_dropout: float = 0.1
-    target_modules: list[str] | str = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    # names or name suffixes, a regex, "all-linear", or null: the architecture's defaults (PEFT's LoRA table, see
+    # model.py); the GPT-2 family's Conv1D layers (c_attn, c_fc, c_proj) adapt like linear ones
+    target_modules: list[str] | str | None = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     init_gamma: float = 64.0
     use_rslora: bool = True
     lora_r: int | None = None  # rank of plain LoRA; None = matched to the multi-head parameter count
@@ -83,11 +85,17 @@ class TrainingSettings:
     logging_steps: int = 5
     save_steps: int = 50
     save_total_limit: int = 2
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 ("auto": bf16 on CUDA devices that support it)
+    # auto | fp32 | bf16 | fp16 ("auto": bf16 on CUDA devices that support it, else fp32). bf16 runs on any CPU too
+    # (torch's CPU autocast; fast where the CPU has AVX-512 BF16 or AMX); fp16 needs a GPU
+    precision: str = "auto"
     group_by_length: bool = True
     deepspeed: str | None = None  # path of a DeepSpeed JSON config, passed to the Trainer
     fsdp: str | None = None  # FSDP options string, passed to the Trainer (e.g. "full_shard auto_wrap")
     dataloader_workers: int = 0
+    # recompute each layer's activations in the backward pass instead of keeping them (less memory, ~1/3 more time)
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_reentrant: bool = False  # torch's older reentrant checkpoint instead of the default one
+    torch_compile: bool = False  # compile the model with torch.compile (inductor; on a CPU it needs a C++ compiler)
 
 
 @dataclass
@@ -103,6 +111,7 @@ class RunConfig:
     output_dir: str = "runs/run"
     seed: int = 0
     method: str = "rlora"
+    base: BaseLoading = field(default_factory=BaseLoading)  # how the base model loads: quantization, attention
     data: DataSettings = field(default_factory=DataSettings)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
@@ -307,10 +316,11 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
         if expected is not None:
             raise ConfigError(f"{source}: adapter.{name}: expected {expected}, got {value!r}")
     targets = cfg.adapter.target_modules
-    if not targets or not all(t.strip() for t in ([targets] if isinstance(targets, str) else targets)):
+    names = [] if targets is None else [targets] if isinstance(targets, str) else targets
+    if targets is not None and (not targets or not all(t.strip() for t in names)):
         raise ConfigError(
-            f"{source}: adapter.target_modules: expected a non-empty list of module names, a regex or 'all-linear', "
-            f"got {targets!r}"
+            f"{source}: adapter.target_modules: expected a non-empty list of module names, a regex, 'all-linear' or "
+            f"null, got {targets!r}"
         )
     positive = ["training.batch_size", "training.grad_accum", "training.save_steps", "training.logging_steps"]
     positive += ["eval.batch_size", "eval.max_new_tokens", "data.max_length", "training.save_total_limit"]
@@ -359,6 +369,7 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
     files = [DataFile.from_config(f, f"{source}: data.files[{i}]") for i, f in enumerate(cfg.data.files)]
     if cfg.training.deepspeed is not None and cfg.training.fsdp:
         raise ConfigError(f"{source}: training.fsdp: not together with training.deepspeed; give one of them")
+    _check_engines(cfg, source)
     if cfg.training.deepspeed is not None:
         _check_deepspeed(Path(cfg.training.deepspeed).expanduser(), f"{source}: training.deepspeed")
     _check_output_dir(cfg.output_dir, f"{source}: output_dir")
@@ -373,6 +384,33 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
     if cfg.output_dir.startswith("~"):
         cfg.output_dir = str(Path(cfg.output_dir).expanduser())
     return cfg
+
+
+def _check_engines(cfg: RunConfig, source: str) -> None:
+    """The base's loading and the training engines, together and on this machine (packages, compiler)."""
+    check_loading(cfg.base, source)
+    t = cfg.training
+    if t.gradient_checkpointing_reentrant and not t.gradient_checkpointing:
+        raise ConfigError(
+            f"{source}: training.gradient_checkpointing_reentrant: only with training.gradient_checkpointing: true"
+        )
+    if cfg.base.quantization != "none" and (t.deepspeed is not None or t.fsdp):
+        engine = "training.deepspeed" if t.deepspeed is not None else "training.fsdp"
+        raise ConfigError(
+            f"{source}: base.quantization: a {cfg.base.quantization} base is not sharded by rlora ({engine}); "
+            "train it data-parallel (torchrun) or unquantized"
+        )
+    if t.torch_compile and not has_cpp_compiler() and not _has_gpu():
+        raise ConfigError(
+            f"{source}: training.torch_compile: on a CPU torch.compile builds C++ code and no C++ compiler (c++, g++, "
+            "clang++) is on PATH; install one or set training.torch_compile: false"
+        )
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _check_file(path: Path, where: str) -> None:

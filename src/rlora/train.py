@@ -19,16 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import get_peft_model
+from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 
 from . import models
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir
+from .adapters import README_FILE, adapter_readme
 from .data.mixture import index_dtype
 from .data.plan import plan_data
 from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError
-from .methods import adapter_config
+from .methods import PEFT_TYPES, adapter_config
 from .run import RunFolder, checkpoint_dir, checkpoint_problem, complete_checkpoints, incomplete_checkpoints
 from .runconfig import RunConfig, validate_run_config
 
@@ -120,14 +121,14 @@ class _FiniteLossTrainer(Trainer):
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
-    """The Trainer's bf16/fp16 flags; mixed precision without any accelerator is a ConfigError (the Trainer would
-    only say so once the model has loaded)."""
+    """The Trainer's bf16/fp16 flags. bf16 without an accelerator runs on the CPU (torch's CPU autocast; the Trainer
+    needs `use_cpu` for it); fp16 there is a ConfigError: accelerate would train in fp32 without a word."""
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    if precision != "fp32" and _accelerator() is None:
+    if precision == "fp16" and _accelerator() is None:
         raise ConfigError(
-            f"training.precision: {precision} needs a GPU (or another accelerator), and this machine has none; "
-            "use fp32 or auto"
+            "training.precision: fp16 needs a GPU (or another accelerator) and this machine has none (on a CPU the "
+            "Trainer would silently train in fp32); use bf16, fp32 or auto"
         )
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
@@ -144,14 +145,27 @@ def _multi_process_without_gpu() -> bool:
 
 
 def build_peft_model(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
-    """Adds the configured method's adapter; the adapter's random init is seeded by `cfg.seed`."""
+    """Adds the configured method's adapter; the adapter's random init is seeded by `cfg.seed`. A quantized base is
+    prepared for training first, as PEFT's `prepare_model_for_kbit_training` does (its norms and other float weights
+    in float32, gradients reaching the adapters through the frozen embeddings)."""
+    if cfg.base.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs=_checkpointing_kwargs(cfg),
+        )
     peft_config = adapter_config(cfg.method, **dataclasses.asdict(cfg.adapter), model=model)
     set_seed(cfg.seed)
     return get_peft_model(model, peft_config)
 
 
+def _checkpointing_kwargs(cfg: RunConfig) -> dict[str, bool]:
+    return {"use_reentrant": cfg.training.gradient_checkpointing_reentrant}
+
+
 def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
     t = cfg.training
+    flags = precision_flags(t.precision)
     return TrainingArguments(
         output_dir=str(folder.checkpoints),
         num_train_epochs=t.epochs,
@@ -177,8 +191,11 @@ def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
         deepspeed=t.deepspeed,
         fsdp=t.fsdp or "",
         disable_tqdm=False,
-        use_cpu=_multi_process_without_gpu(),
-        **precision_flags(t.precision),
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs=_checkpointing_kwargs(cfg) if t.gradient_checkpointing else None,
+        torch_compile=t.torch_compile,
+        use_cpu=_multi_process_without_gpu() or flags["bf16"] and _accelerator() is None,
+        **flags,
     )
 
 
@@ -200,6 +217,11 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
             "training.fsdp: FSDP shards the model over several processes; start them with torchrun or accelerate "
             "launch, or leave training.fsdp unset"
         )
+    if args.fsdp and not torch.cuda.is_available():
+        raise ConfigError(
+            "training.fsdp: FSDP through the Trainer needs GPUs; on CPU processes it would train data-parallel (DDP) "
+            "without sharding and without a word. Leave training.fsdp unset to train data-parallel on CPUs"
+        )
     is_main = args.process_index == 0  # the one process that writes the run folder (and holds its lock)
     if is_main:
         folder.check_free()
@@ -214,7 +236,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
         checkpoints = folder.complete_checkpoints()
         if resume and not checkpoints:
             logger.warning("%s holds no complete checkpoint yet: training starts from step 0", folder.root)
-        model = build_peft_model(cfg, models.load_model(cfg.model, tokenizer, cache_dir=cache_dir))
+        model = build_peft_model(cfg, models.load_model(cfg.model, tokenizer, cache_dir=cache_dir, loading=cfg.base))
         if is_main:
             model.print_trainable_parameters()
             folder.write_config(cfg)
@@ -222,6 +244,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
             if not folder.adapter_init.exists():  # the heads at step 0, for `rlora analyze`
                 with atomic_dir(folder.adapter_init) as tmp:
                     model.save_pretrained(tmp)
+                    _write_readme(tmp, cfg)
         if resume:
             _drop_incomplete_checkpoints(folder.checkpoints, args.process_index)
         if is_main:
@@ -241,6 +264,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
         trainer.save_model(str(folder.adapter_staging))  # on every process: gathers ZeRO-3/FSDP shards; main writes
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
+            _write_readme(folder.adapter_staging, cfg)
             publish_dir(folder.adapter_staging, folder.adapter)  # the adapter appears whole or not at all
             log = "".join(json.dumps(record) + "\n" for record in trainer.state.log_history)
             atomic_write_text(folder.train_log, log)
@@ -248,6 +272,12 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
             metrics["final_loss"] = _last_logged_loss(trainer.state.log_history)
             atomic_write_json(folder.train_metrics, metrics)
     return folder.root
+
+
+def _write_readme(adapter: Path, cfg: RunConfig) -> None:
+    """Replaces PEFT's model card template with what a user of this adapter needs to know (`adapter_readme`)."""
+    text = adapter_readme(cfg.method, PEFT_TYPES[cfg.method], cfg.model, cfg.base.quantization)
+    atomic_write_text(Path(adapter) / README_FILE, text)
 
 
 def _check_folder(folder: RunFolder, cfg: RunConfig, resume: bool) -> None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 
 from .config import RLoraConfig
@@ -44,6 +45,26 @@ MERGE_ERROR = (
     "gates that depend on each token's input, so the update is not a fixed matrix. Keep the adapter unmerged, or "
     "use `merge_with_fixed_gates(...)` for an explicit approximation with one fixed head mixture."
 )
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2 family): a linear layer whose weight is stored transposed, (d_in, d_out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A layer R-LoRA adapts: a `torch.nn.Linear` (bitsandbytes' 4/8-bit ones included) or a `Conv1D`."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def base_shape(base: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an adaptable layer."""
+    if is_conv1d(base):
+        d_in, d_out = base.weight.shape  # stored (d_in, d_out): PEFT's LoRA calls this fan_in_fan_out
+        return d_in, d_out
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    raise TypeError(f"R-LoRA adapts torch.nn.Linear and Conv1D layers only, got {type(base).__name__}")
 
 
 class RLoraLayer(BaseTunerLayer):
@@ -74,9 +95,7 @@ class RLoraLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"R-LoRA supports torch.nn.Linear layers only, got {type(base).__name__}")
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = base_shape(base)
 
     def update_layer(self, adapter_name: str, config: RLoraConfig, inference_mode: bool = False) -> None:
         r, k = config.r, config.num_heads
@@ -178,6 +197,36 @@ class RLoraLinear(nn.Module, RLoraLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(MERGE_ERROR)
+
+    @torch.no_grad()
+    def add_to_base_weight(self, delta: torch.Tensor) -> float:
+        """Adds `delta` (d_out x d_in) to the base layer's weight, in its own layout: transposed for a Conv1D; a
+        bitsandbytes 4-bit or 8-bit weight is dequantized, summed in float32 and quantized again, as PEFT's LoRA
+        merges into such weights. Returns the largest error that re-quantizing left in the merged weight (0 for a
+        float weight)."""
+        base = self.get_base_layer()
+        weight = base.weight
+        if is_conv1d(base):
+            delta = delta.t()
+        kind = get_bnb_param_type(weight)
+        if not kind:
+            weight += delta.to(weight.dtype)
+            return 0.0
+        import bitsandbytes as bnb
+
+        state = getattr(base, "state", None)
+        merged = dequantize_bnb_weight(weight, state).float() + delta.to(weight.device, torch.float32)
+        if kind == "4bit":
+            settings = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
+            settings |= {"requires_grad": False, "bnb_quantized": False}
+            new = bnb.nn.Params4bit(merged.to("cpu"), **settings).to(weight.device)
+        else:
+            new = bnb.nn.Int8Params(merged.to("cpu"), requires_grad=False, has_fp16_weights=weight.has_fp16_weights)
+            new = new.to(weight.device)
+            state.reset_grads()
+            state.SCB = new.SCB
+        base.weight = new
+        return (dequantize_bnb_weight(new, state).float() - merged).abs().max().item()
 
     def unmerge(self) -> None:
         pass  # nothing is ever merged

@@ -12,6 +12,7 @@ What this relies on from PEFT 0.21 beyond its public functions, and what a PEFT 
 from __future__ import annotations
 
 import itertools
+import logging
 
 import torch
 from peft import NoMatchingPeftModuleError
@@ -21,7 +22,31 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import RLoraConfig
-from .layer import MERGE_ERROR, RLoraLayer, RLoraLinear
+from .layer import MERGE_ERROR, RLoraLayer, RLoraLinear, is_adaptable
+
+logger = logging.getLogger(__name__)
+
+
+# The modules adapted when `target_modules` is None: PEFT's LoRA defaults, and those of architectures it lacks.
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING | {
+    "phi3": ["qkv_proj"],  # attention's q, k and v fused in one linear layer, as for bloom's query_key_value
+}
+
+
+def default_target_modules(model: nn.Module) -> list[str] | str:
+    """The modules adapted in `model` when `target_modules` is None (`DEFAULT_TARGET_MODULES` by its model type)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise ConfigError(
+            f"target_modules: no default for model type {model_type!r}; give target_modules (its linear modules are "
+            f"named: {', '.join(adaptable_names(model))}, or 'all-linear')"
+        )
+    return DEFAULT_TARGET_MODULES[model_type]
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """The last name part of every layer R-LoRA can adapt, sorted, for error messages."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_adaptable(m)})
 
 
 class RLoraModel(BaseTuner):
@@ -29,7 +54,17 @@ class RLoraModel(BaseTuner):
 
     prefix: str = "rlora_"
     tuner_layer_cls = RLoraLayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _prepare_adapter_config(self, peft_config: RLoraConfig, model_config: dict) -> RLoraConfig:
+        """`target_modules` None: the architecture's defaults (`DEFAULT_TARGET_MODULES`), or a ConfigError naming the
+        model type and its linear modules where there are none (PEFT says only "Please specify")."""
+        if peft_config.target_modules is None:
+            try:
+                default_target_modules(self.model)
+            except ConfigError as error:
+                raise ConfigError(f"RLoraConfig.{error}") from None
+        return super()._prepare_adapter_config(peft_config, model_config)
 
     def _create_and_replace(
         self, config: RLoraConfig, adapter_name, target, target_name, parent, current_key, **kwargs
@@ -38,9 +73,10 @@ class RLoraModel(BaseTuner):
             target.update_layer(adapter_name, config, inference_mode=config.inference_mode)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
+        if not is_adaptable(base):
             raise ConfigError(
-                f"target module {current_key!r} is a {type(base).__name__}; R-LoRA adapts torch.nn.Linear layers only"
+                f"target module {current_key!r} is a {type(base).__name__}; R-LoRA adapts torch.nn.Linear layers "
+                "(bitsandbytes' 4/8-bit ones too) and transformers' Conv1D layers only"
             )
         new_module = RLoraLinear(target, adapter_name, config)
         if adapter_name != self.active_adapter:
@@ -65,7 +101,7 @@ class RLoraModel(BaseTuner):
             config = self.peft_config[adapter_name]
             if config.exclude_modules or not config.target_modules:  # PEFT's message says what happened
                 raise
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            names = adaptable_names(model)
             targets = config.target_modules
             targets = sorted(targets) if isinstance(targets, set) else targets
             raise ConfigError(
@@ -84,8 +120,14 @@ class RLoraModel(BaseTuner):
         matrix cannot. Use it only where a plain model is required and measure what is lost.
         """
         adapter_name = adapter_name or self.active_adapters[0]
+        error = 0.0
         for module in self.model.modules():
             if isinstance(module, RLoraLinear) and adapter_name in module.rlora_A:
-                weight = module.get_base_layer().weight
-                weight += module.get_delta_weight(adapter_name, gates).to(weight.dtype)
+                error = max(error, module.add_to_base_weight(module.get_delta_weight(adapter_name, gates)))
+        if error > 0:
+            logger.warning(
+                "merge_with_fixed_gates: the base is quantized; the merged weights were quantized again, which moved "
+                "them by up to %.3g from the float merge",
+                error,
+            )
         return self.unload()
