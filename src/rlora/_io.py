@@ -59,6 +59,12 @@ def mark_complete(folder: str | Path, note: str = "") -> None:
     atomic_write_text(Path(folder) / COMPLETE_MARKER, note)
 
 
+def unmark_complete(folder: str | Path) -> None:
+    """Takes the mark off (before a complete folder is removed: a removal cut short leaves an unmarked one)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path(folder) / COMPLETE_MARKER)
+
+
 def is_complete(folder: str | Path) -> bool:
     return (Path(folder) / COMPLETE_MARKER).is_file()
 

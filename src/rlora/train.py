@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 
 from . import models
-from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir
+from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir, unmark_complete
 from .data.mixture import index_dtype
 from .data_plan import plan_data
 from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError
@@ -36,7 +36,12 @@ logger = logging.getLogger(__name__)
 
 
 class _MarkComplete(TrainerCallback):
-    """After the Trainer has written a checkpoint (state last), mark it complete; resume only trusts marked ones."""
+    """After the Trainer has written a checkpoint (state last), mark it complete; resume only trusts marked ones.
+    Then, and only then, the oldest complete checkpoints beyond `keep` are removed (the Trainer's own rotation,
+    which runs before this callback, is off): a kill at any moment leaves at least one complete checkpoint."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
         if args.distributed_state is not None:
@@ -45,18 +50,35 @@ class _MarkComplete(TrainerCallback):
             folder = checkpoint_dir(Path(args.output_dir), state.global_step)
             if folder.is_dir():
                 mark_complete(folder, f"{state.global_step}\n")
+            for old in complete_checkpoints(Path(args.output_dir))[: -self.keep]:
+                unmark_complete(old)  # first: a kill during the removal leaves an incomplete one, never trusted
+                shutil.rmtree(old, ignore_errors=True)
         return control
 
 
 class LengthGroupedIndices(torch.utils.data.Sampler):
     """transformers' `LengthGroupedSampler` order (a random permutation, cut into mega-batches of 50 batches at
     most, each sorted by length, longest first, and the longest item moved to the very first batch), in index
-    arrays: the same indices for the same torch seed, without the lists of Python integers it builds (hundreds of
-    MB for millions of items). `tests/test_data_plan.py` checks it against transformers' function."""
+    arrays: the same indices for the same permutation, without the lists of Python integers it builds (hundreds of
+    MB for millions of items). `tests/test_data_plan.py` checks it against transformers' function.
 
-    def __init__(self, lengths, batch_size: int) -> None:
+    The permutation of each epoch is drawn from a generator seeded by `seed` and the epoch (`set_epoch`, called by
+    the Trainer before each epoch), never from the global generator: a run resumed in any epoch sees the order the
+    uninterrupted run saw there, whatever the random draws before it."""
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def generator(self) -> torch.Generator:
+        """The generator of this epoch's permutation, a function of (seed, epoch) only."""
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -65,7 +87,8 @@ class LengthGroupedIndices(torch.utils.data.Sampler):
         n = len(self.lengths)
         mult = min(n // (self.batch_size * 4), 50) or 1
         size = mult * self.batch_size
-        indices = torch.randperm(n).numpy().astype(index_dtype(n), copy=False)  # kept for the whole epoch
+        indices = torch.randperm(n, generator=self.generator()).numpy()
+        indices = indices.astype(index_dtype(n), copy=False)  # kept for the whole epoch
         starts = range(0, n, size)
         for start in starts:  # each mega-batch by length, longest first; equal lengths keep their order
             block = indices[start : start + size]
@@ -90,7 +113,9 @@ class _FiniteLossTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             return LengthGroupedIndices(
-                dataset.lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps
+                dataset.lengths,
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             )
         return super()._get_train_sampler(train_dataset)
 
@@ -166,7 +191,7 @@ def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # rotation after a checkpoint is marked complete: _MarkComplete
         seed=cfg.seed,
         data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
@@ -234,7 +259,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
             train_dataset=train_dataset,
             data_collator=plan.collator(tokenizer),
             processing_class=tokenizer,
-            callbacks=[_MarkComplete()],
+            callbacks=[_MarkComplete(keep=cfg.training.save_total_limit)],
             router_lr_scale=cfg.training.router_lr_scale,
         )
         result = trainer.train(resume_from_checkpoint=str(last) if last else None)
