@@ -162,7 +162,7 @@ def test_rlora_cache_lists_the_tables_and_removes_the_stale_ones(tmp_path, monke
     assert main(["cache"]) == 0
     out = capsys.readouterr().out
     assert f"{edited}: stale (its file changed or is gone)" in out and f"{kept}: 30 examples" in out
-    assert "2 tables" in out and "rlora cache --clear-stale removes the stale ones" in out
+    assert "2 tables" in out and "rlora cache --clear-stale removes the stale, damaged and partial ones" in out
     assert main(["cache", "--clear-stale"]) == 0
     assert [t.source["path"] for t in store.cached_tables()] == [str(kept)]
     assert main(["cache", "--clear"]) == 0

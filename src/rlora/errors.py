@@ -38,3 +38,7 @@ class ModelError(RloraError, OSError):
 
 class TrainingError(RloraError, RuntimeError):
     """Training stopped or cannot start; the message says why and what was kept."""
+
+
+class CacheError(RloraError, OSError):
+    """A cache folder that cannot be used (not a folder, not writable, its disk full); the message names it."""
