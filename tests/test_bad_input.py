@@ -135,6 +135,12 @@ class Case:
     hub: Callable | None = field(default=None, repr=False)  # what asking the Hub about a model does
 
 
+# 9 anchors, each a list of 9 aliases of the one before: 9**9 values once expanded, in 10 short lines
+_ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)
+)
+
+
 def _no_network(*args, **kwargs):
     raise ConnectionError("no network")
 
@@ -175,6 +181,40 @@ CASES = [
         "config-nested-too-deeply",
         lambda c: ["train", c.file("deep.yaml", "seed: " + "[" * 5000 + "]" * 5000 + "\n")],
         "{tmp}/deep.yaml: not valid YAML: nested too deeply",
+    ),
+    Case(
+        "config-with-an-alias-bomb",
+        lambda c: ["train", c.file("bomb.yaml", _ALIAS_BOMB + "training: *a9\n")],
+        "{tmp}/bomb.yaml: refused: a YAML document with aliases that expand past 100,000 values (an alias bomb?)",
+    ),
+    Case(
+        "override-with-an-alias-bomb",
+        lambda c: ["train", c.config, "seed={" + _ALIAS_BOMB.replace("\n", ", ") + "b: *a9}"],
+        "override seed: refused: a YAML value with aliases that expand past 100,000 values (an alias bomb?)",
+    ),
+    Case(
+        "config-nested-past-the-limit",
+        lambda c: ["train", c.file("deep.yaml", "seed: " + "[" * 40 + "]" * 40 + "\n")],
+        "{tmp}/deep.yaml: refused: a YAML document with nesting deeper than 32 levels",
+    ),
+    Case(
+        "adapter-heads-that-cannot-fit",
+        lambda c: ["train", c.config, "adapter.num_heads=100000000"],
+        "adapter: r 4 x num_heads 100000000 on this model makes ... adapter weights, about ... GiB to train (with "
+        "gradients and optimizer state), more than the ... GiB free; lower adapter.r or adapter.num_heads",
+        loads_model=True,
+    ),
+    Case(
+        "adapter-rank-that-cannot-fit",
+        lambda c: ["train", c.config, "adapter.r=1000000000"],
+        "adapter: r 1000000000 x num_heads 3 on this model makes ... GiB free; lower adapter.r or adapter.num_heads",
+        loads_model=True,
+    ),
+    Case(
+        "max-length-past-the-models-context",
+        lambda c: ["train", c.config, "data.max_length=65"],
+        "data.max_length: 65 exceeds the model's context of 64 tokens; lower it",
+        loads_model=True,
     ),
     Case(
         "config-is-a-folder",

@@ -92,3 +92,19 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys, argv, message):
     assert len(err.splitlines()) == 1 and err.startswith("rlora: error: "), err
     assert message.format(**fill) in err
     assert not (tmp_path / "r.png").exists()
+
+
+def test_generate_refuses_an_empty_prompt_and_one_past_the_models_context(runs, capsys):
+    run = str(runs["rlora"])
+    assert main(["generate", run, "Answer: yes", "  "]) == 2
+    assert capsys.readouterr().err == "rlora: error: prompt 2 is empty; give the text to continue\n"
+    ids = load_run(run).tokenizer("Answer: yes")["input_ids"]
+    # the tiny model's context is 64 tokens (max_position_embeddings)
+    assert main(["generate", run, "Answer: yes", "--max-new-tokens", "1000000000"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"rlora: error: prompt 1: its {len(ids)} tokens and --max-new-tokens 1000000000 exceed the model's context "
+        "of 64 tokens; shorten the prompt or lower --max-new-tokens"
+    )
+    assert main(["generate", run, "yes " * 70, "--max-new-tokens", "1"]) == 2
+    assert "exceed the model's context of 64 tokens" in capsys.readouterr().err.splitlines()[-1]
+    assert main(["generate", run, "Answer: yes", "--max-new-tokens", str(64 - len(ids))]) == 0

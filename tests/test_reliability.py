@@ -181,3 +181,26 @@ def test_a_full_disk_under_the_data_cache_is_one_line_and_leaves_nothing_trusted
         with pytest.raises(CacheError, match=rf"^data cache {disk}: cannot write \(its disk is full; free space"):
             _served(path, disk)
         assert [p.name for p in disk.iterdir()] == []  # the partial build is gone, nothing left to trust
+
+
+def test_an_alias_bomb_is_refused_with_memory_flat(tmp_path):
+    import tracemalloc
+
+    from rlora.errors import ConfigError
+    from rlora.runconfig import load_run_config
+
+    levels = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)
+    )
+    config = tmp_path / "bomb.yaml"
+    config.write_text(levels + "training: *a9\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match="refused: a YAML document with aliases that expand past 100,000"):
+            load_run_config(config)
+        with pytest.raises(ConfigError, match="override seed: refused: a YAML value with aliases"):
+            load_run_config(None, ["seed={" + levels.replace("\n", ", ") + "b: *a9}"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000  # 9**9 values would take gigabytes; the node graph of 10 lines takes kilobytes

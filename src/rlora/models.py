@@ -230,6 +230,33 @@ def load_tokenizer(
     return tokenizer
 
 
+def free_memory(device) -> int | None:
+    """Bytes free on `device` (a CUDA device's free memory; for the CPU, the system's MemAvailable), None if
+    unknown."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def context_length(model) -> int | None:
+    """The most tokens (prompt and generated) the model reads, from its config; None if it does not say."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_model(
     name_or_path: str, tokenizer, dtype: torch.dtype | None = None, cache_dir: str | os.PathLike | None = None
 ):

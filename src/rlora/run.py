@@ -249,10 +249,22 @@ def check_adapter(path: Path, cfg: RunConfig) -> None:
             )
 
 
+def check_lengths(cfg: RunConfig, model) -> None:
+    """`data.max_length` and `eval.max_new_tokens` within the model's context (its `max_position_embeddings`): a
+    ConfigError naming both numbers otherwise (a model reads no position past its context)."""
+    context = models.context_length(model)
+    if context is None:
+        return
+    for key, value in (("data.max_length", cfg.data.max_length), ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        if value > context:
+            raise ConfigError(f"{key}: {value} exceeds the model's context of {context} tokens; lower it")
+
+
 def _evaluate(run: LoadedRun, base: bool) -> dict:
     from .evaluate import evaluate_plan
 
     adapter = None if base else str(run.folder.adapter)
+    check_lengths(run.cfg, run.model)
     results = {"model": run.cfg.model, "adapter": adapter, "method": run.cfg.method}
     return results | evaluate_plan(run.model, run.tokenizer, run.cfg, run.plan)
 

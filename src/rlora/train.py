@@ -28,8 +28,15 @@ from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete
 from .data.mixture import index_dtype
 from .data_plan import plan_data
 from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError
-from .methods import adapter_config
-from .run import RunFolder, checkpoint_dir, checkpoint_problem, complete_checkpoints, incomplete_checkpoints
+from .methods import adapter_config, adapter_sizes
+from .run import (
+    RunFolder,
+    check_lengths,
+    checkpoint_dir,
+    checkpoint_problem,
+    complete_checkpoints,
+    incomplete_checkpoints,
+)
 from .runconfig import RunConfig, validate_run_config
 
 logger = logging.getLogger(__name__)
@@ -169,10 +176,37 @@ def _multi_process_without_gpu() -> bool:
 
 
 def build_peft_model(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
-    """Adds the configured method's adapter; the adapter's random init is seeded by `cfg.seed`."""
+    """Adds the configured method's adapter; the adapter's random init is seeded by `cfg.seed`. An adapter that
+    cannot fit in the memory left is refused first (`check_adapter_fits`)."""
+    check_adapter_fits(cfg, model)
     peft_config = adapter_config(cfg.method, **dataclasses.asdict(cfg.adapter), model=model)
     set_seed(cfg.seed)
     return get_peft_model(model, peft_config)
+
+
+TRAINING_COPIES = 4  # an adapter weight in training: itself, its gradient and AdamW's two moments
+
+
+def check_adapter_fits(cfg: RunConfig, model: torch.nn.Module) -> None:
+    """Refuses (one line, before any allocation) an adapter whose weights, gradients and optimizer state would need
+    more memory than the device holding `model` has free: `adapter.num_heads` and `adapter.r` have no fixed ceiling,
+    the model's layer sizes and the machine set it."""
+    a = cfg.adapter
+    try:
+        heads, per_rank = adapter_sizes(model, a.target_modules, a.r, a.num_heads)
+    except ConfigError:  # no layer matches: PEFT says so, in its words
+        return
+    plain = cfg.method == "lora" and a.lora_r is not None
+    weights = per_rank * a.lora_r if plain else heads
+    what = f"lora_r {a.lora_r}" if plain else f"r {a.r} x num_heads {a.num_heads}"
+    need = weights * TRAINING_COPIES * 4  # float32
+    free = models.free_memory(next(model.parameters()).device)
+    if free is not None and need > free:
+        raise ConfigError(
+            f"adapter: {what} on this model makes {weights:,} adapter weights, about "
+            f"{need / 2**30:.1f} GiB to train (with gradients and optimizer state), more than the "
+            f"{free / 2**30:.1f} GiB free; lower adapter.r or adapter.num_heads"
+        )
 
 
 def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
@@ -239,7 +273,9 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
         checkpoints = folder.complete_checkpoints()
         if resume and not checkpoints:
             logger.warning("%s holds no complete checkpoint yet: training starts from step 0", folder.root)
-        model = build_peft_model(cfg, models.load_model(cfg.model, tokenizer, cache_dir=cache_dir))
+        base = models.load_model(cfg.model, tokenizer, cache_dir=cache_dir)
+        check_lengths(cfg, base)
+        model = build_peft_model(cfg, base)
         if is_main:
             model.print_trainable_parameters()
             folder.write_config(cfg)
