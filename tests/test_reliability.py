@@ -103,7 +103,7 @@ def test_a_source_edited_keeping_its_size_and_time_is_read_again(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="rlora"):
         served = _served(path, cache)
     assert served == _fresh(path) and served[0].answer == "ANSWER 000"
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         f"data cache: {_table(cache)}: stale (its source file's content changed); reading {path} again"
     ]
 
@@ -204,3 +204,58 @@ def test_an_alias_bomb_is_refused_with_memory_flat(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 5_000_000  # 9**9 values would take gigabytes; the node graph of 10 lines takes kilobytes
+
+
+def test_a_start_that_saved_nothing_does_not_block_the_corrected_config(workspace, tmp_path, monkeypatch):
+    import transformers
+    from _tiny import write_config
+
+    from rlora.run import RunFolder
+    from rlora.runconfig import load_run_config
+    from rlora.train import train
+
+    def stops(self, *args, **kwargs):
+        raise KeyboardInterrupt  # stopped before the first step, after the run's start was written
+
+    monkeypatch.setattr(transformers.Trainer, "train", stops)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_run_config(write_config(workspace, tmp_path / "run"), ["training.lr=5e-3"]))
+    folder = RunFolder(tmp_path / "run")
+    assert folder.config.is_file() and folder.adapter_init.is_dir() and folder.saved_nothing()
+    monkeypatch.undo()
+    fixed = load_run_config(write_config(workspace, tmp_path / "run"), ["training.max_steps=2"])
+    train(fixed)
+    assert folder.same_config(fixed) and folder.is_finished()
+    assert not folder.saved_nothing()  # now it holds a finished run: another config is refused again
+    with pytest.raises(ValueError, match="was made with a different config"):
+        folder.check_config(load_run_config(write_config(workspace, tmp_path / "run")), restart=True)
+
+
+def test_a_run_is_the_same_however_its_folder_is_spelled(workspace, tmp_path, monkeypatch):
+    from _tiny import write_config
+
+    from rlora.run import RunFolder
+    from rlora.runconfig import load_run_config
+
+    config = write_config(workspace, tmp_path / "x")
+    monkeypatch.chdir(tmp_path)
+    relative = load_run_config(config, ["output_dir=runs/a"])
+    RunFolder("runs/a").write_config(relative)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # --resume from another folder, naming the run absolutely
+    absolute = load_run_config(config, [f"output_dir={tmp_path / 'runs' / 'a'}"])
+    assert RunFolder(absolute.output_dir).same_config(absolute)
+    monkeypatch.chdir(tmp_path)
+    assert not RunFolder(absolute.output_dir).same_config(load_run_config(config, ["output_dir=runs/a", "seed=1"]))
+
+
+def test_a_damaged_results_file_is_named_and_evaluated_again(tmp_path, caplog):
+    from rlora.run import RunFolder
+
+    folder = RunFolder(tmp_path)
+    for text, problem in [('{"tasks": {"a"', "not readable JSON"), ("[1, 2]", "not rlora's results")]:
+        folder.results().write_text(text)
+        with caplog.at_level(logging.WARNING, logger="rlora"):
+            assert folder.read_results() is None
+        assert caplog.records[-1].getMessage().startswith(f"{folder.results()}: {problem}")
+        assert caplog.records[-1].getMessage().endswith("; evaluating the run again")

@@ -22,14 +22,16 @@ import functools
 import importlib.util
 import logging
 import os
+import pickle
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._io import atomic_dir, is_complete
-from .errors import MissingPackage, ModelError
+from ._io import atomic_dir, is_complete, waiting_lock
+from .errors import MissingPackage, ModelError, pickle_refusal
 
 if TYPE_CHECKING:
     import torch
@@ -180,12 +182,20 @@ def embedded_gguf_path(name: str) -> Path:
 
 
 def _convert_embedded(name: str, target: Path) -> None:
+    """Converts one embedded model at a time per cache (a lock beside it; a second process waits, then uses the
+    first's folder). With the lock held, the temporary folders of conversions that were killed are removed."""
     gguf = embedded_gguf_path(name)
-    logger.info("Converting the embedded model %s (%s) to %s, once (about 20-40 s)", name, gguf.name, target)
-    start = time.perf_counter()
-    with atomic_dir(target, shared=True) as tmp:
-        _gguf_to_safetensors(gguf, tmp)
-    logger.info("Converted %s in %.0f s", name, time.perf_counter() - start)
+    with waiting_lock(target.parent / f".{target.name}.converting", f"pid {os.getpid()}"):
+        if is_complete(target):
+            return
+        for left in target.parent.glob(f".{target.name}.*.tmp"):
+            logger.warning("removing %s, left by a conversion that was interrupted", left)
+            shutil.rmtree(left, ignore_errors=True)
+        logger.info("Converting the embedded model %s (%s) to %s, once (about 20-40 s)", name, gguf.name, target)
+        start = time.perf_counter()
+        with atomic_dir(target, shared=True) as tmp:
+            _gguf_to_safetensors(gguf, tmp)
+        logger.info("Converted %s in %.0f s", name, time.perf_counter() - start)
 
 
 def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
@@ -295,3 +305,5 @@ def _load(auto_class, name_or_path: str, cache_dir: str | os.PathLike | None, **
         return auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as error:  # transformers' errors for files it cannot find or read
         raise ModelError(f"model {name_or_path!r}: {' '.join(str(error).split())}") from error
+    except pickle.UnpicklingError as error:  # a .bin weights file that is more than tensors
+        raise ModelError(f"model {name_or_path!r}: a weights file was {pickle_refusal(error)}") from None

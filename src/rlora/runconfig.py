@@ -404,6 +404,8 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
     ]
     if cfg.training.deepspeed is not None:
         cfg.training.deepspeed = str(Path(cfg.training.deepspeed).expanduser().resolve())
+    if Path(cfg.model).expanduser().is_dir():  # a local model folder, named so that it works from anywhere
+        cfg.model = str(Path(cfg.model).expanduser().resolve())
     if cfg.output_dir.startswith("~"):
         cfg.output_dir = str(Path(cfg.output_dir).expanduser())
     return cfg

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from . import models
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir, unmark_complete
 from .data.mixture import index_dtype
 from .data_plan import plan_data
-from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError
+from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError, pickle_refusal
 from .methods import adapter_config, adapter_sizes
 from .run import (
     RunFolder,
@@ -270,6 +271,9 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
 
     with folder.writer() if is_main else contextlib.nullcontext():
         _check_folder(folder, cfg, resume)  # again, as the only writer: another process may have just written it
+        if is_main and folder.config.is_file() and not folder.same_config(cfg):  # a start that saved nothing
+            logger.warning("%s: replacing an earlier start with another config, which saved nothing", folder.root)
+            folder.clear_start()
         checkpoints = folder.complete_checkpoints()
         if resume and not checkpoints:
             logger.warning("%s holds no complete checkpoint yet: training starts from step 0", folder.root)
@@ -298,7 +302,15 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
             callbacks=[_MarkComplete(keep=cfg.training.save_total_limit)],
             router_lr_scale=cfg.training.router_lr_scale,
         )
-        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        except pickle.UnpicklingError as error:  # a checkpoint file (optimizer, scheduler, rng) planted or altered
+            if last is None:
+                raise
+            raise RunFolderError(
+                f"{last}: a file of the checkpoint was {pickle_refusal(error)}; remove {last} to resume from the one "
+                "before"
+            ) from None
         trainer.save_model(str(folder.adapter_staging))  # on every process: gathers ZeRO-3/FSDP shards; main writes
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
@@ -324,7 +336,7 @@ def _check_folder(folder: RunFolder, cfg: RunConfig, resume: bool) -> None:
         raise RunFolderError(
             f"--resume: {folder.root} holds no run to resume (no config.yaml); start it without --resume"
         )
-    folder.check_config(cfg)
+    folder.check_config(cfg, restart=True)
     checkpoints = folder.complete_checkpoints()
     problem = checkpoint_problem(checkpoints[-1], cfg) if resume and checkpoints else None
     if problem is not None:

@@ -29,7 +29,6 @@ import logging
 import os
 import shutil
 import socket
-import time
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from .._io import Busy, atomic_dir, exclusive_lock, held_by, is_complete, unmark_complete
+from .._io import atomic_dir, held_by, is_complete, unmark_complete, waiting_lock
 from ..errors import CacheError, DataError
 from .example import Example
 from .files import DataFile, iter_examples
@@ -237,6 +236,8 @@ def table_problem(folder: Path, source: str | None) -> str | None:
 def content_hash(path: Path) -> str:
     """blake2b of a file's bytes, or of a folder's files (their relative names and bytes, in name order)."""
     digest = hashlib.blake2b(digest_size=20)
+    if path.exists() and not path.is_dir() and not path.is_file():  # reading a FIFO would wait for a writer
+        raise DataError(f"{path}: not a regular file (a FIFO, a device or a socket); give a data file")
     try:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
@@ -277,18 +278,13 @@ def _building_lock(root: Path, key: str) -> Path:
 @contextlib.contextmanager
 def _building(root: Path, key: str) -> Iterator[None]:
     """Holds the lock of the table `key` while the block runs, waiting for another builder to finish first."""
-    holder = f"pid {os.getpid()} on {socket.gethostname()}"
-    while True:
-        try:
-            with exclusive_lock(_building_lock(root, key), holder):
-                yield
-            return
-        except Busy:
-            time.sleep(0.1)
-        except CacheError:
-            raise
-        except OSError as error:  # the lock's file cannot be made
-            raise _cache_error(root, error) from None
+    try:
+        with waiting_lock(_building_lock(root, key), f"pid {os.getpid()} on {socket.gethostname()}"):
+            yield
+    except CacheError:
+        raise
+    except OSError as error:  # the lock's file cannot be made
+        raise _cache_error(root, error) from None
 
 
 def _discard(folder: Path) -> None:
