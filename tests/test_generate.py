@@ -22,7 +22,8 @@ def runs(workspace, tmp_path_factory) -> dict[str, Path]:
 
 def test_generate_streams_text_and_draws_the_routing_map(runs, tmp_path, capsys):
     png = tmp_path / "routing.png"
-    code = main(["generate", str(runs["rlora"]), "Question: is the sky blue?", "Answer:", "--routing", str(png)])
+    prompts = ["Question: is the sky blue?", "Answer:"]
+    code = main(["generate", str(runs["rlora"]), *prompts, "--routing", str(png), "--max-new-tokens", "48"])
     assert code == 0
     out = capsys.readouterr().out
     assert "=== Question: is the sky blue?" in out and "=== Answer:" in out
@@ -48,7 +49,8 @@ def test_prompts_come_from_stdin_one_per_line(runs, monkeypatch, capsys):
 
 def test_routing_html_is_a_coloured_table(runs, tmp_path):
     html = tmp_path / "routing.html"
-    (result,) = generate_run(runs["rlora"], ["Answer: no"], routing=html, stream=False)
+    sampling = Sampling(max_new_tokens=48)  # within the tiny model's 64-token context
+    (result,) = generate_run(runs["rlora"], ["Answer: no"], sampling=sampling, routing=html, stream=False)
     text = html.read_text()
     assert text.startswith("<!DOCTYPE html>") and "head 0" in text and "head 2" in text
     assert text.count("<tr>") == len(result["tokens"]) + 1

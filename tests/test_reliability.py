@@ -259,3 +259,22 @@ def test_a_damaged_results_file_is_named_and_evaluated_again(tmp_path, caplog):
             assert folder.read_results() is None
         assert caplog.records[-1].getMessage().startswith(f"{folder.results()}: {problem}")
         assert caplog.records[-1].getMessage().endswith("; evaluating the run again")
+
+
+def test_a_conversion_killed_midway_leaves_nothing_the_next_one_does_not_remove(tmp_path, monkeypatch, caplog):
+    from rlora import models
+
+    def convert(gguf, folder):
+        (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_gguf_to_safetensors", convert)
+    left = tmp_path / "models" / f".{models.DEFAULT_MODEL}.k1ll3d.tmp"  # what a killed conversion leaves
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"\0" * 1000)
+    with caplog.at_level(logging.WARNING, logger="rlora"):
+        target = models.resolve_model(models.DEFAULT_MODEL, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [models.DEFAULT_MODEL]
+    assert (Path(target) / "config.json").is_file()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"removing {left}, left by a conversion that was interrupted"
+    ]

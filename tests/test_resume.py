@@ -63,3 +63,38 @@ def test_a_checkpoint_is_complete_before_the_one_before_it_is_removed(workspace,
     assert seen == [[], ["checkpoint-2"], ["checkpoint-4"]]  # checkpoints at steps 2, 4, 6 (max_steps 6)
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["checkpoint-6"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-6"]
+
+
+@pytest.mark.slow  # two short trainings in fresh processes: ~30 s idle
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_adapter_bitwise(workspace, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    one_task = [f"data.jsonl=[{workspace / 'colors.jsonl'}]", "training.max_steps=-1", "training.epochs=2"]
+    one_task += ["training.batch_size=8", "training.save_steps=2", "training.save_total_limit=1"]
+
+    def train_cli(out):
+        config = write_config(workspace, out)
+        return [sys.executable, "-m", "rlora", "train", str(config), *one_task]
+
+    whole = subprocess.run(train_cli(tmp_path / "whole"), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = subprocess.Popen(train_cli(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.poll() is None:
+        done = complete_checkpoints(checkpoints)
+        if done and int(done[-1].name.split("-")[1]) >= 6:  # past the first epoch (5 steps of 8 from 34 examples)
+            break
+        time.sleep(0.02)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "adapter").exists(), "the run ended before the kill"
+    resumed = subprocess.run([*train_cli(tmp_path / "killed"), "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got, expected = _adapter(tmp_path / "killed"), _adapter(tmp_path / "whole")
+    # bitwise: same machine, same kind of process, same ops and order (see the test above)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
