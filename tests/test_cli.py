@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import rlora.cli
+import rlora.commands.tasks
 from rlora.cli import main
 from rlora.errors import ConfigError, DataError, RloraError, RunFolderError, TrainingError
 
@@ -38,7 +38,7 @@ def test_errors_the_user_can_fix_are_one_line_and_an_exit_code(monkeypatch, caps
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(rlora.cli, "list_tasks", fail)
+    monkeypatch.setattr(rlora.commands.tasks, "list_tasks", fail)
     assert main(["tasks"]) == code
     assert capsys.readouterr().err == prefix + "\n"
 
@@ -48,7 +48,7 @@ def test_any_other_exception_is_a_bug_and_keeps_its_traceback(monkeypatch, bug):
     def fail(*args, **kwargs):
         raise bug
 
-    monkeypatch.setattr(rlora.cli, "list_tasks", fail)
+    monkeypatch.setattr(rlora.commands.tasks, "list_tasks", fail)
     with pytest.raises(type(bug), match="a bug"):
         main(["tasks"])
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from rlora import data_plan
 from rlora.data import encode_examples, load_task, read_jsonl_tasks, split_examples
+from rlora.data import plan as data_plan
+from rlora.data.plan import plan_data
 from rlora.data.store import load_file
-from rlora.data_plan import plan_data
 from rlora.errors import DataError
 from rlora.runconfig import load_run_config
 from rlora.train import LengthGroupedIndices

@@ -7,10 +7,12 @@ import torch
 from _tiny import F64, tiny_llama
 
 import rlora.evaluate
-from rlora.compare import summarize
+from rlora.commands.compare import summarize
 from rlora.data import IGNORE_INDEX, Example, encode_example
 from rlora.evaluate import evaluate_tasks, held_out_loss, perplexity
 from rlora.reports import comparison_markdown, format_metric, gain_line, results_table
+
+pytestmark = pytest.mark.numerics  # run again on other CPU kernel paths by scripts/test.sh
 
 
 def examples() -> list[Example]:

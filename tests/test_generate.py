@@ -10,7 +10,7 @@ from _tiny import adapted_layer_calls, untrained_runs
 
 from rlora.analysis import favoured_heads
 from rlora.cli import main
-from rlora.generate import Sampling, generate_run
+from rlora.commands.generate import Sampling, generate_run
 from rlora.run import load_run
 
 

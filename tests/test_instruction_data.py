@@ -9,7 +9,7 @@ from _tiny import tiny_tokenizer
 
 from rlora.cli import main
 from rlora.data import IGNORE_INDEX
-from rlora.data_plan import plan_data
+from rlora.data.plan import plan_data
 from rlora.runconfig import load_run_config
 
 COLORS = ["red", "blue", "green", "white", "black", "yellow"]

@@ -16,6 +16,8 @@ from torch import nn
 
 from rlora import RLoraConfig, RLoraLinear
 
+pytestmark = pytest.mark.numerics  # run again on other CPU kernel paths by scripts/test.sh
+
 VARIANTS = list(itertools.product(["random", "zeros"], [True, False]))
 # (seed, d_in, d_out, r, K, bias): several draws and shapes, a single head and a layer without bias among them
 CASES = [(0, 24, 40, 4, 3, True), (1, 9, 5, 2, 4, False), (2, 16, 16, 8, 1, True)]

@@ -13,7 +13,8 @@ from _tiny import perturb_adapter
 
 import rlora.models
 from rlora import RLoraConfig
-from rlora.cli import lm_eval_argv, main
+from rlora.cli import main
+from rlora.commands.lm_eval import lm_eval_argv
 
 TASK = "rlora_cli_tiny"
 

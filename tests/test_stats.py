@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from rlora.compare import parse_methods, summarize
+from rlora.commands.compare import parse_methods, summarize
 from rlora.reports import comparison_markdown, results_table
 from rlora.stats import format_ci, mean_ci, paired_difference, t_quantile_975
 

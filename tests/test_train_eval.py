@@ -77,6 +77,7 @@ def naive_choice_scores(model, tokenizer, example):
 
 @pytest.mark.parametrize("fmt", ["rc", "mc"])
 @pytest.mark.parametrize("generate", [True, False])
+@pytest.mark.numerics
 def test_batched_choice_scores_equal_unpadded_one_at_a_time_scoring(workspace, generate, fmt):
     """Padding, batching and the one-pass shortcut change nothing: the same sums in float64."""
     model = AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float64).eval()

@@ -2,9 +2,9 @@
 
 `import rlora` registers the method with PEFT, after which `get_peft_model`, `PeftModel.from_pretrained`,
 `PeftConfig.from_pretrained` and `save_pretrained` work with `RLoraConfig` as with `LoraConfig`. It does so without
-loading PEFT and torch when they are not loaded yet (`_peft_hook.py`), and the classes below load on first use, so
-that the `rlora` command starts fast. `load_adapter` is `PeftModel.from_pretrained` that first checks that the
-adapter folder is what it says (`adapters.py`).
+loading PEFT and torch when they are not loaded yet (`_peft_hook.py`), and the classes below (the method's package,
+`rlora.tuner`) load on first use, so that the `rlora` command starts fast. `load_adapter` is
+`PeftModel.from_pretrained` that first checks that the adapter folder is what it says (`adapters.py`).
 """
 
 import importlib
@@ -14,10 +14,10 @@ from . import _peft_hook
 __version__ = "0.1.0"
 __all__ = ["RLoraConfig", "RLoraLayer", "RLoraLinear", "RLoraModel", "__version__", "load_adapter"]
 _HOMES = {
-    "RLoraConfig": "config",
-    "RLoraLayer": "layer",
-    "RLoraLinear": "layer",
-    "RLoraModel": "model",
+    "RLoraConfig": "tuner",
+    "RLoraLayer": "tuner",
+    "RLoraLinear": "tuner",
+    "RLoraModel": "tuner",
     "load_adapter": "adapters",
 }
 

@@ -71,9 +71,8 @@ def _read_config(file: Path, peft_type: str | None) -> PeftConfig:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from peft.utils import PeftType
 
-    from ._registry import register
+    from . import tuner  # noqa: F401  (importing the method's package registers it with PEFT)
 
-    register()
     try:
         settings = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:

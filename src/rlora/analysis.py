@@ -9,8 +9,8 @@
 - Head map: the heads of one module type (e.g. every layer's up_proj), projected on their first two
   principal components, coloured by head index.
 
-Each function takes a model (and token ids) and returns numbers; `run.analyze_run` loads a run and writes them,
-`reports.py` and `plots.py` render them.
+Each function takes a model (and token ids) and returns numbers; `commands.analyze.analyze_run` loads a run and
+writes them, `reports.py` and `plots.py` render them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import pad_ids
-from .layer import RLoraLinear
+from .tuner import RLoraLinear
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 

@@ -18,9 +18,9 @@ Accuracies are fractions, higher is better; `loss` and `ppl` are lower-is-better
 The average is the unweighted mean over tasks of each metric that every averaged task has, except `ppl`:
 the average's `ppl` is exp(average `loss`), the perplexity of the mean loss, not the mean of the perplexities.
 
-Scoring is pure: examples and a model in, scores out; nothing here loads a model or writes a file (`run.py` does,
-and `reports.py` renders the tables). When an MC example's labels are single tokens after one shared prompt
-(the usual "A"/"B"/..., "yes"/"no"), all its choices come from one pass over the prompt; every other
+Scoring is pure: examples and a model in, scores out; nothing here loads a model or writes a file (`run.py` and
+`commands/eval.py` do, and `reports.py` renders the tables). When an MC example's labels are single tokens after one
+shared prompt (the usual "A"/"B"/..., "yes"/"no"), all its choices come from one pass over the prompt; every other
 continuation is scored in right-padded batches.
 """
 

@@ -55,7 +55,7 @@ def adapter_config(
     `router_init` overrides the method's own router init (for experiments; the methods' defaults are above)."""
     from peft import LoraConfig
 
-    from .config import RLoraConfig
+    from .tuner import RLoraConfig
 
     shared = {  # the settings plain LoRA takes too
         "lora_alpha": lora_alpha,

@@ -1,7 +1,7 @@
 """Reports: every Markdown table and text summary rlora prints or writes, rendered from results already computed.
 
 Nothing here computes a metric or touches a file; the numbers come from `evaluate.py`, `analysis.py` and
-`compare.py`, and `run.py` / `compare.py` write the text where it belongs.
+`commands/compare.py`, and `run.py` and the commands (`commands/`) write the text where it belongs.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _cosine(value: float | None) -> str:
 
 
 def analysis_summary(data: dict) -> list[str]:
-    """A short text summary of `run.analyze_run`'s data for the terminal."""
+    """A short text summary of `commands.analyze.analyze_run`'s data for the terminal."""
     lines = []
     for when in ("init", "trained"):
         values = [r["mean_cosine"] for r in data["head_similarity"][when] or [] if not math.isnan(r["mean_cosine"])]

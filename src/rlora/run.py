@@ -1,4 +1,4 @@
-"""A run folder: where each of its files lives, and loading, evaluating and analysing the run it holds.
+"""A run folder: where each of its files lives, its lock, its checkpoints, and loading the run it holds.
 
     RUN_DIR/config.yaml           the resolved run config (every default filled in)
     RUN_DIR/data_manifest.json    tasks, split, per-task counts of the training mixture and of the test sets
@@ -15,7 +15,8 @@
 
 Every other module asks a `RunFolder` for these paths; `load_run` is the one way to get a run's config, data,
 model and adapter back, and it checks that the adapter is the run's (`adapters.py`) before any model loads.
-Training writes the folder (`train.py`); everything is written atomically (`_io.py`).
+Training writes the folder (`train.py`), `rlora eval` and `rlora analyze` their results (`commands/`); everything
+is written atomically (`_io.py`).
 """
 
 from __future__ import annotations
@@ -37,12 +38,11 @@ from typing import Any
 from . import models
 from ._io import Busy, atomic_write_json, atomic_write_text, exclusive_lock, held_by, is_complete
 from .adapters import CONFIG_FILE, load_adapter, read_adapter
-from .data import gold_spans
-from .data_plan import DataPlan, plan_data
+from .data.plan import DataPlan, plan_data
 from .errors import AdapterError, ConfigError, RunFolderError
 from .methods import PEFT_TYPES, adapter_config
-from .reports import results_table, similarity_table
-from .runconfig import RunConfig, dump_run_config, load_run_config, validate_run_config
+from .reports import results_table
+from .runconfig import RunConfig, dump_run_config, load_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -260,13 +260,14 @@ def load_run(
     if adapter:
         check_adapter(folder.adapter, cfg)
     plan = plan_data(cfg, cache_dir)
-    model, tokenizer = _load_model(cfg, cache_dir)
+    model, tokenizer = load_base_model(cfg, cache_dir)
     if adapter:
         model = load_adapter(model, folder.adapter, peft_type=PEFT_TYPES[cfg.method])
     return LoadedRun(folder, cfg, plan, model, tokenizer)
 
 
-def _load_model(cfg: RunConfig, cache_dir: str | None):
+def load_base_model(cfg: RunConfig, cache_dir: str | None = None) -> tuple[Any, Any]:
+    """The run's base model and tokenizer (with the chat template the run config asks for), without any adapter."""
     return models.load_model_and_tokenizer(cfg.model, cache_dir=cache_dir, chat_template=cfg.data.chat_template)
 
 
@@ -312,75 +313,3 @@ def check_lengths(cfg: RunConfig, model) -> None:
             cfg.data.max_length,
             context,
         )
-
-
-def _evaluate(run: LoadedRun, base: bool) -> dict:
-    from .evaluate import evaluate_plan
-
-    adapter = None if base else str(run.folder.adapter)
-    check_lengths(run.cfg, run.model)
-    results = {"model": run.cfg.model, "adapter": adapter, "method": run.cfg.method}
-    return results | evaluate_plan(run.model, run.tokenizer, run.cfg, run.plan)
-
-
-def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, base: bool = False) -> dict:
-    """Evaluates a trained run (or, with `base`, its base model alone) on its held-out split, writes the results
-    into the run folder (`RunFolder.results`) and returns them."""
-    run = load_run(run_dir, cache_dir, adapter=not base)
-    results = _evaluate(run, base)
-    run.folder.write_results(results, base)
-    return results
-
-
-def evaluate_config(cfg: RunConfig, cache_dir: str | None = None) -> dict:
-    """Evaluates the base model of a run config on its held-out split (`rlora eval CONFIG`), into `cfg.output_dir`:
-    its config and base results, written once the model has loaded. A folder made with another config, or that
-    another process is writing, is refused first."""
-    validate_run_config(cfg, "run config")  # for a RunConfig made in Python: the file's checks
-    folder = RunFolder(cfg.output_dir)
-    folder.check_free()
-    folder.check_config(cfg)
-    plan = plan_data(cfg, cache_dir)
-    with folder.writer():
-        model, tokenizer = _load_model(cfg, cache_dir)
-        folder.check_config(cfg)  # again: it may have been written while the model loaded
-        folder.write_config(cfg)
-        results = _evaluate(LoadedRun(folder, cfg, plan, model, tokenizer), base=True)
-        folder.write_results(results, base=True)
-    return results
-
-
-def analyze_run(run_dir: str | Path, cache_dir: str | None = None, max_prompts_per_task: int = 64) -> dict:
-    """Writes RUN_DIR/analysis/: head similarity (init and trained) as table, JSON and line plot; router usage per
-    task on held-out examples as JSON and heatmap; the heads' PCA map. Returns the JSON data."""
-    from .analysis import head_projection, head_similarity, router_usage
-    from .plots import plot_head_projection, plot_router_usage, plot_similarity
-
-    folder = RunFolder(run_dir)
-    has_init = folder.adapter_init.is_dir()
-    if has_init:  # checked before any model loads, like the trained adapter
-        check_adapter(folder.adapter_init, folder.read_config())
-    run = load_run(run_dir, cache_dir, multi_head=True)
-    model = run.model.eval()
-    trained = head_similarity(model)
-    init = None
-    if has_init:
-        load_adapter(model, folder.adapter_init, "init", PEFT_TYPES[run.cfg.method])
-        init = head_similarity(model, "init")
-    d = run.cfg.data
-    sequences = {  # what the model reads in training: the gold context and answer (RC or MC, as configured)
-        task: [gold_spans(run.tokenizer, e, d.chat_template, d.max_length) for e in examples[:max_prompts_per_task]]
-        for task, examples in run.plan.test.items()
-    }
-    prompts = {task: [s.prompt + s.answer for s in spans] for task, spans in sequences.items()}
-    usage = router_usage(model, prompts, batch_size=run.cfg.eval.batch_size)
-    projection = head_projection(model)
-
-    out = run.folder.analysis
-    data = {"head_similarity": {"init": init, "trained": trained}, "router_usage": usage, "head_projection": projection}
-    atomic_write_json(out / "analysis.json", data)
-    atomic_write_text(out / "head_similarity.md", similarity_table(init, trained) + "\n")
-    plot_similarity(init, trained, out / "head_similarity.png")
-    plot_router_usage(usage, out / "router_usage.png")
-    plot_head_projection(projection, out / "heads_pca.png")
-    return data

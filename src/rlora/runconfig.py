@@ -21,7 +21,6 @@ from typing import Any
 
 import yaml
 
-from .config import FIELD_RULES, field_error
 from .data.example import FORMATS
 from .data.files import DataFile
 from .data.mixture import STRATEGIES
@@ -29,6 +28,7 @@ from .data.split import bad_test_fraction
 from .errors import ConfigError
 from .methods import METHODS
 from .models import DEFAULT_MODEL, model_problem
+from .tuner.config import FIELD_RULES, field_error
 
 
 @dataclass

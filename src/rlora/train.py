@@ -27,7 +27,7 @@ from transformers.training_args import ParallelMode
 from . import models
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir, unmark_complete
 from .data.mixture import index_dtype
-from .data_plan import plan_data
+from .data.plan import plan_data
 from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError, pickle_refusal
 from .methods import adapter_config, adapter_sizes
 from .run import (

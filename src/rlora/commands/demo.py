@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from ._io import atomic_write_text
-from .reports import gain_line, results_table
-from .run import RunFolder, evaluate_run
-from .runconfig import load_run_config
-from .train import ensure_trained
+import argparse
+
+from .._io import atomic_write_text
+from ..reports import gain_line, results_table
+from ..run import RunFolder
+from ..runconfig import load_run_config
+from ..train import ensure_trained
+from .eval import evaluate_run
 
 
 def run_demo(overrides: list[str] | tuple[str, ...] = (), cache_dir: str | None = None) -> str:
@@ -22,3 +25,8 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), cache_dir: str | None 
     table = results_table(results) + "\n\n" + gain_line(results["base"], results[cfg.method], cfg.method)
     atomic_write_text(folder.demo_table, table + "\n")
     return table
+
+
+def run(args: argparse.Namespace) -> int:
+    print(run_demo(args.overrides, args.cache_dir))
+    return 0

@@ -3,12 +3,14 @@ layer's router favours at every token, drawn as a map (PNG) or a coloured table 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ConfigError, ModelError, RunFolderError
-from .run import RunFolder, load_run
+from ..errors import ConfigError, ModelError, RunFolderError
+from ..run import RunFolder, load_run
 
 ROUTING_FORMATS = (".png", ".html")
 
@@ -53,8 +55,8 @@ def generate_run(
     import torch
     from transformers import TextStreamer
 
-    from .analysis import favoured_heads
-    from .data.tokenize import encode_context
+    from ..analysis import favoured_heads
+    from ..data.tokenize import encode_context
 
     if not prompts:
         raise ConfigError("no prompt: give prompts as arguments, or one per line on stdin")
@@ -119,12 +121,29 @@ def check_context(model, encoded: Sequence[list[int]], max_new_tokens: int) -> N
 
 
 def write_routing(maps: list[dict], path: str | Path) -> None:
-    from ._io import atomic_write_text
-    from .plots import plot_routing
-    from .reports import routing_html
+    from .._io import atomic_write_text
+    from ..plots import plot_routing
+    from ..reports import routing_html
 
     num_heads = maps[0]["num_heads"]
     if Path(path).suffix.lower() == ".html":
         atomic_write_text(path, routing_html(maps, num_heads))
     else:
         plot_routing(maps, num_heads, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_routing_path(args.routing)
+    prompts = args.prompts or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    sampling = Sampling(args.max_new_tokens, args.do_sample, args.temperature, args.top_p)
+    generate_run(
+        args.run_dir,
+        prompts,
+        sampling=sampling,
+        chat_template=args.chat_template,
+        routing=args.routing,
+        cache_dir=args.cache_dir,
+    )
+    if args.routing:
+        print(f"routing map written to {args.routing}")
+    return 0

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import (
+from ..errors import DataError
+from ..runconfig import RunConfig
+from . import (
     CausalLMCollator,
     Example,
     encode_example,
@@ -31,12 +33,10 @@ from .data import (
     token_lengths,
     with_default_format,
 )
-from .data.files import DataFile
-from .data.mixture import index_dtype
-from .data.split import SPLIT_SALT
-from .data.store import TaskData, file_tasks
-from .errors import DataError
-from .runconfig import RunConfig
+from .files import DataFile
+from .mixture import index_dtype
+from .split import SPLIT_SALT
+from .store import TaskData, file_tasks
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Making R-LoRA a PEFT method type.
+"""Making R-LoRA a PEFT method type: `PeftType.RLORA` (a leaf: it imports nothing of rlora).
 
 PEFT 0.21 keys every mapping (config class, tuner class, state-dict prefix) on a member of its `PeftType`
 enum and offers `register_peft_method` to fill them, but has no way for an outside package to add an enum
@@ -32,15 +32,3 @@ def _add_peft_type(name: str) -> PeftType:
 
 
 RLORA_PEFT_TYPE = _add_peft_type(NAME)
-
-
-def register() -> None:
-    """Registers R-LoRA with PEFT (config class, tuner class, state-dict prefix), once."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
-
-    from .config import RLoraConfig
-    from .model import RLoraModel
-
-    if RLORA_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
-        register_peft_method(name="rlora", config_cls=RLoraConfig, model_cls=RLoraModel)

@@ -19,8 +19,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from ..errors import ConfigError
 from .config import RLoraConfig
-from .errors import ConfigError
 from .layer import MERGE_ERROR, RLoraLayer, RLoraLinear
 
 

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from peft import PeftConfig
 
-from ._registry import RLORA_PEFT_TYPE
-from .errors import ConfigError
+from ..errors import ConfigError
+from .peft_type import RLORA_PEFT_TYPE
 
 HEAD_INITS = ("random", "zeros")
 ROUTER_INITS = ("zeros", "random")

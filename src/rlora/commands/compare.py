@@ -16,20 +16,22 @@ resumes from its last complete one.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import math
 from pathlib import Path
 
-from ._io import atomic_write_json, atomic_write_text
-from .errors import ConfigError
-from .evaluate import ACCURACY_METRICS
-from .methods import METHODS
-from .plots import plot_comparison
-from .reports import comparison_markdown
-from .run import RunFolder, evaluate_run
-from .runconfig import RunConfig, validate_run_config
-from .stats import mean_ci, paired_difference
+from .._io import atomic_write_json, atomic_write_text
+from ..errors import ConfigError
+from ..evaluate import ACCURACY_METRICS
+from ..methods import METHODS
+from ..plots import plot_comparison
+from ..reports import comparison_markdown
+from ..run import RunFolder
+from ..runconfig import RunConfig, load_run_config, validate_run_config
+from ..stats import mean_ci, paired_difference
+from .eval import evaluate_run
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def compare(
     base: RunConfig, methods: list[str], seeds: list[int], out: str | Path, cache_dir: str | None = None
 ) -> dict:
     """Trains and evaluates every (method, seed) not finished yet, then writes the comparison files."""
-    from .train import ensure_trained
+    from ..train import ensure_trained
 
     out = Path(out).expanduser()
     configs = {(method, seed): run_config_for(base, out, method, seed) for seed in seeds for method in methods}
@@ -118,3 +120,12 @@ def summarize(runs: dict[str, dict[int, dict]], methods: list[str], seeds: list[
 def _ci(pair: tuple[float, float]) -> dict[str, float | None]:
     """JSON-safe: the half-width is None (not NaN) with a single seed."""
     return {"mean": pair[0], "ci95": None if math.isnan(pair[1]) else pair[1]}
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = parse_methods(args.methods)
+    base = load_run_config(args.config, args.overrides)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    summary = compare(base, methods, seeds, args.output or base.output_dir, cache_dir=args.cache_dir)
+    print(comparison_markdown(summary))
+    return 0

@@ -1,0 +1,63 @@
+"""`rlora eval`: per-task accuracy and held-out loss of a trained run, or of a base model alone, written into the
+run folder (`RunFolder.results`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..data.plan import plan_data
+from ..errors import ConfigError
+from ..evaluate import evaluate_plan
+from ..reports import results_table
+from ..run import LoadedRun, RunFolder, check_lengths, load_base_model, load_run
+from ..runconfig import RunConfig, load_run_config, validate_run_config
+
+
+def _evaluate(run: LoadedRun, base: bool) -> dict:
+    adapter = None if base else str(run.folder.adapter)
+    check_lengths(run.cfg, run.model)
+    results = {"model": run.cfg.model, "adapter": adapter, "method": run.cfg.method}
+    return results | evaluate_plan(run.model, run.tokenizer, run.cfg, run.plan)
+
+
+def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, base: bool = False) -> dict:
+    """Evaluates a trained run (or, with `base`, its base model alone) on its held-out split, writes the results
+    into the run folder (`RunFolder.results`) and returns them."""
+    run = load_run(run_dir, cache_dir, adapter=not base)
+    results = _evaluate(run, base)
+    run.folder.write_results(results, base)
+    return results
+
+
+def evaluate_config(cfg: RunConfig, cache_dir: str | None = None) -> dict:
+    """Evaluates the base model of a run config on its held-out split (`rlora eval CONFIG`), into `cfg.output_dir`:
+    its config and base results, written once the model has loaded. A folder made with another config, or that
+    another process is writing, is refused first."""
+    validate_run_config(cfg, "run config")  # for a RunConfig made in Python: the file's checks
+    folder = RunFolder(cfg.output_dir)
+    folder.check_free()
+    folder.check_config(cfg)
+    plan = plan_data(cfg, cache_dir)
+    with folder.writer():
+        model, tokenizer = load_base_model(cfg, cache_dir)
+        folder.check_config(cfg)  # again: it may have been written while the model loaded
+        folder.write_config(cfg)
+        results = _evaluate(LoadedRun(folder, cfg, plan, model, tokenizer), base=True)
+        folder.write_results(results, base=True)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    if not Path(args.target).is_dir():  # a config: evaluate its base model alone, into its output_dir
+        cfg = load_run_config(args.target, args.overrides)
+        folder, args.base = RunFolder(cfg.output_dir), True
+        results = evaluate_config(cfg, args.cache_dir)
+    elif args.overrides:
+        raise ConfigError("overrides apply to a config file; a run folder is evaluated with its own config")
+    else:
+        folder = RunFolder(args.target)
+        results = evaluate_run(folder.root, args.cache_dir, base=args.base)
+    print(results_table({"base" if args.base else results["method"]: results}))
+    print(f"written to {folder.results(args.base)} and {folder.results(args.base, '.md')}")
+    return 0
