@@ -278,3 +278,27 @@ def test_a_conversion_killed_midway_leaves_nothing_the_next_one_does_not_remove(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         f"removing {left}, left by a conversion that was interrupted"
     ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_under_the_run_folder_stops_training_in_one_line_keeping_what_is_whole(workspace, tmp_path):
+    from _tiny import write_config
+
+    from rlora.run import checkpoint_problem, complete_checkpoints
+    from rlora.runconfig import load_run_config
+
+    with _small_disk(tmp_path / "disk", "160k") as disk:
+        config = write_config(workspace, disk / "run")
+        overrides = ["training.max_steps=40", "training.save_steps=1", "training.save_total_limit=100"]
+        result = subprocess.run(
+            [sys.executable, "-m", "rlora", "train", str(config), *overrides],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 1, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"rlora: training stopped: {disk / 'run'}: the disk is full; training stopped, "), last
+        cfg = load_run_config(config, overrides)
+        for checkpoint in complete_checkpoints(disk / "run" / "checkpoints"):  # whatever is marked is whole
+            assert checkpoint_problem(checkpoint, cfg) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import importlib.util
 import json
 import logging
@@ -28,7 +29,7 @@ from . import models
 from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir, unmark_complete
 from .data.mixture import index_dtype
 from .data.plan import plan_data
-from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError, pickle_refusal
+from .errors import ConfigError, MissingPackage, RloraError, RunFolderError, TrainingError, pickle_refusal
 from .methods import adapter_config, adapter_sizes
 from .run import (
     RunFolder,
@@ -269,7 +270,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
     tokenizer = models.load_tokenizer(cfg.model, cache_dir, chat_template=cfg.data.chat_template)
     train_dataset = plan.train_dataset(tokenizer)  # every example fits data.max_length
 
-    with folder.writer() if is_main else contextlib.nullcontext():
+    with folder.writer() if is_main else contextlib.nullcontext(), _full_disk(folder):
         _check_folder(folder, cfg, resume)  # again, as the only writer: another process may have just written it
         if is_main and folder.config.is_file() and not folder.same_config(cfg):  # a start that saved nothing
             logger.warning("%s: replacing an earlier start with another config, which saved nothing", folder.root)
@@ -321,6 +322,32 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
             metrics["final_loss"] = _last_logged_loss(trainer.state.log_history)
             atomic_write_json(folder.train_metrics, metrics)
     return folder.root
+
+
+FULL = 1 << 20  # bytes free below which a failed write is put down to a full disk (torch.save says "basic_ios")
+
+
+@contextlib.contextmanager
+def _full_disk(folder: RunFolder):
+    """A write that fails because the run folder's disk is full (ENOSPC, or torch.save's stream error with under
+    `FULL` bytes left) is a TrainingError naming the folder and the last complete checkpoint, which stays usable:
+    nothing half-written is marked complete."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RloraError):
+            raise
+        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        if not full and isinstance(error, RuntimeError):
+            with contextlib.suppress(OSError):
+                full = shutil.disk_usage(folder.root).free < FULL
+        if not full:
+            raise
+        last = complete_checkpoints(folder.checkpoints)
+        kept = f"the last complete checkpoint is {last[-1]}" if last else "no checkpoint was complete"
+        raise TrainingError(
+            f"{folder.root}: the disk is full; training stopped, {kept}. Free space there, then rerun with --resume"
+        ) from None
 
 
 def _check_folder(folder: RunFolder, cfg: RunConfig, resume: bool) -> None:

@@ -107,7 +107,7 @@ def generate_run(
 def check_context(model, encoded: Sequence[list[int]], max_new_tokens: int) -> None:
     """Refuses, before generating anything, a prompt whose tokens and `max_new_tokens` would run past the model's
     context (its `max_position_embeddings`): the model was never trained on positions past it."""
-    from .models import context_length
+    from ..models import context_length
 
     context = context_length(model)
     if context is None:
