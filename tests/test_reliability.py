@@ -287,7 +287,7 @@ def test_a_full_disk_under_the_run_folder_stops_training_in_one_line_keeping_wha
     from rlora.run import checkpoint_problem, complete_checkpoints
     from rlora.runconfig import load_run_config
 
-    with _small_disk(tmp_path / "disk", "160k") as disk:
+    with _small_disk(tmp_path / "disk", "1m") as disk:  # a few checkpoints of the tiny run fit, not 40
         config = write_config(workspace, disk / "run")
         overrides = ["training.max_steps=40", "training.save_steps=1", "training.save_total_limit=100"]
         result = subprocess.run(
@@ -297,8 +297,15 @@ def test_a_full_disk_under_the_run_folder_stops_training_in_one_line_keeping_wha
             timeout=600,
         )
         assert result.returncode == 1, result.stderr[-2000:]
-        last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"rlora: training stopped: {disk / 'run'}: the disk is full; training stopped, "), last
+        assert "Traceback" not in result.stderr, result.stderr[-2500:]
+        lines = [line[line.index("rlora: ") :] for line in result.stderr.splitlines() if "rlora: " in line]
+        assert len(lines) == 1, result.stderr[-3000:]  # (after a progress bar's carriage return)
+        line = lines[0]
+        assert line.startswith(f"rlora: training stopped: {disk / 'run'}: the disk is full; training stopped, "), line
         cfg = load_run_config(config, overrides)
-        for checkpoint in complete_checkpoints(disk / "run" / "checkpoints"):  # whatever is marked is whole
+        complete = complete_checkpoints(disk / "run" / "checkpoints")
+        assert complete and line.endswith(
+            f"the last complete checkpoint is {complete[-1]}. Free space there, then rerun with --resume"
+        )
+        for checkpoint in complete:  # whatever is marked complete is whole
             assert checkpoint_problem(checkpoint, cfg) is None

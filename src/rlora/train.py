@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import get_peft_model
+from safetensors import SafetensorError
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 
@@ -329,16 +330,16 @@ FULL = 1 << 20  # bytes free below which a failed write is put down to a full di
 
 @contextlib.contextmanager
 def _full_disk(folder: RunFolder):
-    """A write that fails because the run folder's disk is full (ENOSPC, or torch.save's stream error with under
-    `FULL` bytes left) is a TrainingError naming the folder and the last complete checkpoint, which stays usable:
-    nothing half-written is marked complete."""
+    """A write that fails because the run folder's disk is full (ENOSPC, safetensors' "No space left", or
+    torch.save's stream error with under `FULL` bytes left) is a TrainingError naming the folder and the last
+    complete checkpoint, which stays usable: nothing half-written is marked complete."""
     try:
         yield
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, SafetensorError) as error:
         if isinstance(error, RloraError):
             raise
-        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-        if not full and isinstance(error, RuntimeError):
+        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
+        if not full and not isinstance(error, OSError):
             with contextlib.suppress(OSError):
                 full = shutil.disk_usage(folder.root).free < FULL
         if not full:
