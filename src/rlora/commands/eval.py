@@ -10,12 +10,13 @@ from ..data.plan import plan_data
 from ..errors import ConfigError
 from ..evaluate import evaluate_plan
 from ..reports import results_table
-from ..run import LoadedRun, RunFolder, load_base_model, load_run
+from ..run import LoadedRun, RunFolder, check_lengths, load_base_model, load_run
 from ..runconfig import RunConfig, load_run_config, validate_run_config
 
 
 def _evaluate(run: LoadedRun, base: bool) -> dict:
     adapter = None if base else str(run.folder.adapter)
+    check_lengths(run.cfg, run.model)
     results = {"model": run.cfg.model, "adapter": adapter, "method": run.cfg.method}
     return results | evaluate_plan(run.model, run.tokenizer, run.cfg, run.plan)
 
