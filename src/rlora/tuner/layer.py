@@ -167,13 +167,29 @@ class RLoraLinear(nn.Module, RLoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, result, adapter_names)
         for name in self.active_adapters:
             if name in self.rlora_A:
                 result = self.delta(x, name, result)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """Row i of the batch gets adapter `adapter_names[i]` ("__base__": none), whatever the active adapter is; the
+        rows of one adapter go through `delta` together. PEFT passes `adapter_names` here (`RLoraModel`'s hook)."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names: {len(adapter_names)} names for a batch of {x.shape[0]} rows")
+        for name in dict.fromkeys(adapter_names):  # unique, in order of first use
+            if name not in self.rlora_A:  # "__base__", or an adapter that does not adapt this layer
+                continue
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            result[rows] = self.delta(x[rows], name, result[rows])
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
