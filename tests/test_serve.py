@@ -178,12 +178,12 @@ def test_concurrent_requests_for_both_runs_are_never_mixed(server, expected):
         ({"json": {"model": "alpha", "prompt": "hi", "max_tokens": 0}}, 400, "max_tokens: Input should be greater"),
         ({"json": {"model": "alpha", "prompt": "hi", "n": 2}}, 400, "n: Input should be less than or equal to 1"),
         (
-            {"json": {"model": "alpha", "prompt": "yes " * 80}},
+            {"json": {"model": "alpha", "prompt": " ".join(["yes"] * 80)}},
             400,
-            "This model's maximum context length is 64 tokens; the request has a prompt of 80 tokens",
+            "This model's maximum context length is 64 tokens; the request has a prompt of 80 tokens.",
         ),
         (
-            {"json": {"model": "alpha", "prompt": "yes " * 60, "max_tokens": 10}},
+            {"json": {"model": "alpha", "prompt": " ".join(["yes"] * 60), "max_tokens": 10}},
             400,
             "maximum context length is 64 tokens; the request has a prompt of 60 tokens and 10 tokens to generate",
         ),
@@ -206,4 +206,4 @@ def test_sigterm_stops_the_server_cleanly(server):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
     log = server["log"].read_text()
-    assert "Traceback" not in log and "serving alpha, beta on http://127.0.0.1:" in log
+    assert "Traceback" not in log and "serving alpha, beta on http://127.0.0.1:" in log and "stopped" in log

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -391,7 +392,19 @@ def serve(
     logger.info(
         "serving %s on http://%s:%d/v1 (context %d tokens)", ", ".join(served.ids), host, port, served.context_limit
     )
-    uvicorn.run(build_app(served), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    app = build_app(served)
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the handler it found: ours marks a
+    # SIGTERM as handled (the server has stopped), so the command ends normally instead of being killed.
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    logger.info("stopped")
+
+
+def _stopped(signum: int, frame: Any) -> None:
+    """SIGTERM once uvicorn has shut down (see `serve`): nothing left to do."""
 
 
 def run(args: argparse.Namespace) -> int:
