@@ -15,10 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _tiny import perturb_adapter, write_config
+from _tiny import perturb_adapter, untrained_runs, write_config
 from conftest import TINY_CHAT_TEMPLATE
 
 from rlora.commands.generate import Sampling, generate_run
+from rlora.commands.serve import load_served
+from rlora.errors import ConfigError
 
 RUNS = ("alpha", "beta")
 PROMPTS = ("Question: is the sky blue?", "Answer format: A/B. Answer:")
@@ -199,6 +201,14 @@ def test_bad_requests_get_openai_errors(server, request_args, status, message):
 def test_an_unknown_path_is_a_json_404(server):
     response = server["client"].get("/v1/nothing")
     assert response.status_code == 404 and response.json()["error"]["message"] == "Not Found"
+
+
+def test_runs_that_cannot_share_a_server_are_refused_before_loading(runs, workspace, tmp_path):
+    with pytest.raises(ConfigError, match="two runs are named 'alpha': every served run folder needs its own name"):
+        load_served([runs["alpha"], runs["alpha"]])
+    plain = untrained_runs(workspace, tmp_path)
+    with pytest.raises(ConfigError, match="a lora run cannot be served with the rlora run"):
+        load_served([plain["rlora"], plain["lora"]])
 
 
 def test_sigterm_stops_the_server_cleanly(server):

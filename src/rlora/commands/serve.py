@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ConfigError, MissingPackage
+from ..errors import ConfigError, MissingPackage, RunFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ def load_served(
     cfgs = [folder.read_config() for folder in folders]
     for folder, cfg in zip(folders, cfgs, strict=True):
         if not folder.is_finished():
-            raise ConfigError(f"{folder.root}: the run has no adapter yet; finish it with `rlora train ... --resume`")
+            raise RunFolderError(
+                f"{folder.root}: the run has no adapter yet; finish it with `rlora train ... --resume`"
+            )
         check_adapter(folder.adapter, cfg)
         if cfg.model != cfgs[0].model:
             raise ConfigError(
@@ -94,7 +96,8 @@ def load_served(
                 f"{folder.root}: a {cfg.method} run cannot be served with the {cfgs[0].method} run {folders[0].root} "
                 "(PEFT holds adapters of one type on a model); serve them separately"
             )
-    model, tokenizer = models.load_model_and_tokenizer(cfgs[0].model, cache_dir=cache_dir)
+    chat_template = any(cfg.data.chat_template for cfg in cfgs)  # a run trained with it needs it
+    model, tokenizer = models.load_model_and_tokenizer(cfgs[0].model, cache_dir=cache_dir, chat_template=chat_template)
     for folder, cfg, model_id in zip(folders, cfgs, ids, strict=True):
         model = load_adapter(model, folder.adapter, adapter_name=model_id, peft_type=PEFT_TYPES[cfg.method])
     model.eval()
@@ -108,7 +111,7 @@ def load_served(
 # ---- requests ----------------------------------------------------------------------------------------------------
 
 
-class Sampling(BaseModel):
+class GenerationRequest(BaseModel):
     """The settings both endpoints take; fields of OpenAI's API that do not apply here are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
@@ -134,12 +137,12 @@ class Message(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatRequest(Sampling):
+class ChatRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(GenerationRequest):
     prompt: str | list[str]
 
 
@@ -211,10 +214,7 @@ def completion_ids(served: Served, body) -> list[int]:
         if len(prompt) != 1:
             raise RequestError(400, f"prompt: expected one prompt, got {len(prompt)}", "prompt", "invalid_value")
         prompt = prompt[0]
-    use_chat = served.chat_template[body.model]
-    if use_chat and not getattr(served.tokenizer, "chat_template", None):
-        use_chat = False
-    return encode_context(served.tokenizer, prompt, use_chat)
+    return encode_context(served.tokenizer, prompt, served.chat_template[body.model])
 
 
 # ---- generation --------------------------------------------------------------------------------------------------
