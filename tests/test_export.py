@@ -53,6 +53,7 @@ def naive_fixed_gate_delta(layer, x: torch.Tensor, gates: torch.Tensor) -> torch
     return out
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("head_init", ["random", "zeros"])
 def test_the_exported_lora_is_the_fixed_gate_model_in_float64(head_init):
     rlora = get_peft_model(
@@ -127,6 +128,7 @@ print("rlora loaded:", any(name == "rlora" or name.startswith("rlora.") for name
 """
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("which", ["uniform", "tasks/colors"])
 def test_bare_peft_loads_the_export_in_a_fresh_process(exported, runs, workspace, tmp_path, which):
     folder = exported["uniform"] if which == "uniform" else exported["tasks"] / "colors"
@@ -157,6 +159,7 @@ def test_bare_peft_loads_the_export_in_a_fresh_process(exported, runs, workspace
         assert expected.abs().max() > 1e-2
 
 
+@pytest.mark.numerics
 def test_per_task_gates_are_each_tasks_mean_gates_over_its_training_tokens(exported, runs):
     run = load_run(runs["rlora"])
     model = run.model.eval()
@@ -196,6 +199,7 @@ def test_per_task_gates_are_each_tasks_mean_gates_over_its_training_tokens(expor
     assert first != second
 
 
+@pytest.mark.numerics
 def test_merged_export_is_the_base_model_plus_the_fixed_gate_update(runs, workspace, tmp_path):
     out = tmp_path / "merged"
     assert main(["export", str(runs["rlora"]), "--merged", "--out", str(out)]) == 0
