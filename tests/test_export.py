@@ -244,6 +244,13 @@ def test_bad_gates_are_one_line_errors(runs, tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_an_export_replaces_an_earlier_export_only(runs, tmp_path):
+    (folder,) = export_run(runs["rlora"], "uniform", tmp_path / "out")
+    assert export_run(runs["rlora"], "uniform", folder) == [folder]  # an earlier export: replaced
+    with pytest.raises(ConfigError, match=r"--out .*rlora: exists and is not an earlier export \(no gates.json\)"):
+        export_run(runs["rlora"], "uniform", runs["rlora"])
+
+
 def test_a_plain_lora_run_is_not_exported(runs, tmp_path):
     with pytest.raises(RunFolderError, match="a plain LoRA run's adapter is already a PEFT LoRA adapter"):
         export_run(runs["lora"], "uniform", tmp_path / "o")

@@ -72,6 +72,7 @@ def export_run(
             f"{folder.root}: a plain LoRA run's adapter is already a PEFT LoRA adapter ({folder.adapter}); "
             "export is for multi-head runs"
         )
+    _check_out(Path(out), per_task=gates == "per-task")
     run = load_run(run_dir, cache_dir, multi_head=True)
     run.model.eval()
     layers = adapted_modules(run.model)
@@ -94,6 +95,14 @@ def export_run(
             write_lora(run.model, layers, layer_gates, target, base_model=_base_model_path(run, cache_dir))
         written.append(target)
     return written
+
+
+def _check_out(out: Path, per_task: bool) -> None:
+    """An export replaces an earlier export (a folder with gates.json) or fills an empty or new folder, nothing else."""
+    folders = [p for p in out.iterdir() if p.is_dir()] if per_task and out.is_dir() else [out]
+    for folder in folders:
+        if folder.is_file() or folder.is_dir() and any(folder.iterdir()) and not (folder / GATES_FILE).is_file():
+            raise ConfigError(f"--out {folder}: exists and is not an earlier export (no {GATES_FILE}); choose another")
 
 
 def adapted_modules(model) -> dict[str, Any]:
