@@ -70,6 +70,19 @@ def test_a_mixed_batch_generates_each_rows_own_greedy_text(model):
     assert len({tuple(row.tolist()) for row in rows}) > 1  # the adapters steer generation apart
 
 
+def test_beam_search_keeps_each_rows_adapter_on_its_beams(model):
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(6))
+    beams = {"max_new_tokens": 4, "do_sample": False, "num_beams": 3, "pad_token_id": 0}
+    names = ["b", "default"]
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=names, **beams)
+        rows = [
+            alone(model, n, lambda i=i: model.generate(input_ids=ids[i : i + 1], **beams)[0])
+            for i, n in enumerate(names)
+        ]
+    assert [row.tolist() for row in mixed] == [row.tolist() for row in rows]
+
+
 def test_the_active_adapter_is_not_what_a_mixed_batch_uses(model):
     ids = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
