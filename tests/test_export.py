@@ -254,3 +254,27 @@ def test_an_export_replaces_an_earlier_export_only(runs, tmp_path):
 def test_a_plain_lora_run_is_not_exported(runs, tmp_path):
     with pytest.raises(RunFolderError, match="a plain LoRA run's adapter is already a PEFT LoRA adapter"):
         export_run(runs["lora"], "uniform", tmp_path / "o")
+
+
+def test_eval_adapter_scores_an_adapter_folder_as_rlora_eval_scores_the_run(runs, exported, capsys):
+    from rlora.run import evaluate_run
+
+    routed = evaluate_run(runs["rlora"])
+    assert main(["eval", str(runs["rlora"]), "--adapter", str(runs["rlora"] / "adapter")]) == 0
+    same = json.loads((runs["rlora"] / "adapter" / "eval.json").read_text())
+    for task, scores in routed["tasks"].items():  # the same model and examples, scored the same way
+        for metric, value in scores.items():
+            expected = value if isinstance(value, str) or value is None else pytest.approx(value, rel=1e-6)
+            assert same["tasks"][task][metric] == expected, (task, metric)
+    assert main(["eval", str(runs["rlora"]), "--adapter", str(exported["uniform"])]) == 0
+    written = json.loads((exported["uniform"] / "eval.json").read_text())
+    assert written["method"] == "rlora fixed gates" and written["adapter"] == str(exported["uniform"])
+    assert {t: r["n"] for t, r in written["tasks"].items()} == {t: r["n"] for t, r in routed["tasks"].items()}
+    assert "rlora fixed gates" in (exported["uniform"] / "eval.md").read_text()
+
+
+def test_eval_adapter_needs_a_run_folder_without_base(runs, exported, capsys):
+    assert main(["eval", str(runs["rlora"]), "--base", "--adapter", str(exported["uniform"])]) == 2
+    assert "--adapter: evaluates an adapter on a run folder's held-out data; give a run folder, no --base" in (
+        capsys.readouterr().err
+    )
