@@ -257,7 +257,7 @@ def test_a_plain_lora_run_is_not_exported(runs, tmp_path):
 
 
 def test_eval_adapter_scores_an_adapter_folder_as_rlora_eval_scores_the_run(runs, exported, capsys):
-    from rlora.run import evaluate_run
+    from rlora.commands.eval import evaluate_run
 
     routed = evaluate_run(runs["rlora"])
     assert main(["eval", str(runs["rlora"]), "--adapter", str(runs["rlora"] / "adapter")]) == 0
@@ -268,9 +268,9 @@ def test_eval_adapter_scores_an_adapter_folder_as_rlora_eval_scores_the_run(runs
             assert same["tasks"][task][metric] == expected, (task, metric)
     assert main(["eval", str(runs["rlora"]), "--adapter", str(exported["uniform"])]) == 0
     written = json.loads((exported["uniform"] / "eval.json").read_text())
-    assert written["method"] == "rlora fixed gates" and written["adapter"] == str(exported["uniform"])
+    assert written["method"] == "adapter uniform" and written["adapter"] == str(exported["uniform"])
     assert {t: r["n"] for t, r in written["tasks"].items()} == {t: r["n"] for t, r in routed["tasks"].items()}
-    assert "rlora fixed gates" in (exported["uniform"] / "eval.md").read_text()
+    assert "adapter uniform" in (exported["uniform"] / "eval.md").read_text()
 
 
 def test_eval_adapter_needs_a_run_folder_without_base(runs, exported, capsys):
