@@ -85,7 +85,8 @@ def router_usage(
     adapter_name: str = "default",
     batch_size: int = 16,
 ) -> dict[str, dict]:
-    """Per task: mean gate per head (averaged over real tokens and layers), mean gate entropy, per-layer entropy."""
+    """Per task: mean gate per head (averaged over real tokens and layers, and per layer), mean gate entropy,
+    per-layer entropy."""
     model.eval()
     device = next(model.parameters()).device
     usage = {}
@@ -107,6 +108,7 @@ def router_usage(
         per_layer = {name: (sums[name] / tokens) for name in sums}
         usage[task] = {
             "mean_gate": torch.stack(list(per_layer.values())).mean(0).tolist(),
+            "mean_gate_per_layer": {name: g.tolist() for name, g in per_layer.items()},
             "entropy": float(sum(entropy.values()) / (tokens * len(entropy))),
             "entropy_per_layer": {name: float(entropy[name] / tokens) for name in entropy},
             "tokens": tokens,
