@@ -132,7 +132,57 @@ class Case:
     error: str  # the whole stderr line after "rlora: error: "; {tmp} and {ws} are the case's folders, ... any text
     code: int = 2
     loads_model: bool = False  # the fault can only show against the loaded model
+    rewrites_run: bool = False  # a resume that the Trainer refuses has rewritten the run's config and manifest (same)
     hub: Callable | None = field(default=None, repr=False)  # what asking the Hub about a model does
+
+
+# 9 anchors, each a list of 9 aliases of the one before: 9**9 values once expanded, in 10 short lines
+_ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)
+)
+
+
+def _files_override(c: Ctx, record: str, settings: str) -> list[str]:
+    """`rlora train` on one data file of two copies of `record`, read with `settings` (a data.files entry's keys)."""
+    path = c.file("d.jsonl", f"{record}\n{record}\n")
+    return ["train", c.config, "data.jsonl=[]", f"data.files=[{{path: {path}, {settings}}}]"]
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: what a planted file would hold (refused unrun: `true` does nothing anyway)."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def _planted_optimizer(checkpoint: Path) -> None:
+    """A checkpoint whose trainer state is whole and whose optimizer file holds more than tensors."""
+    from transformers import TrainerState
+
+    TrainerState(global_step=2, max_steps=6, train_batch_size=4, logging_steps=1, save_steps=2).save_to_json(
+        str(checkpoint / "trainer_state.json")
+    )
+    for name in ("optimizer.pt", "scheduler.pt"):  # the Trainer loads them together
+        torch.save({"state": _RunsCode()}, checkpoint / name)
+
+
+def _saved_dataset(c: Ctx, state: str) -> str:
+    """A folder like datasets' save_to_disk writes, with `state` as its state.json."""
+    c.file("ds/data-00000-of-00001.arrow", b"")
+    return c.file("ds/state.json", state).removesuffix("/state.json")
+
+
+def _fifo(c: Ctx) -> str:
+    os.mkfifo(c.tmp / "f.jsonl")
+    return str(c.tmp / "f.jsonl")
+
+
+def _pickled_model(c: Ctx) -> str:
+    """The tiny model folder with its weights as a pytorch_model.bin that holds more than tensors."""
+    shutil.copytree(c.ws / "model", c.tmp / "model")
+    (c.tmp / "model" / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": _RunsCode()}, c.tmp / "model" / "pytorch_model.bin")
+    return str(c.tmp / "model")
 
 
 def _no_network(*args, **kwargs):
@@ -175,6 +225,89 @@ CASES = [
         "config-nested-too-deeply",
         lambda c: ["train", c.file("deep.yaml", "seed: " + "[" * 5000 + "]" * 5000 + "\n")],
         "{tmp}/deep.yaml: not valid YAML: nested too deeply",
+    ),
+    Case(
+        "config-with-an-alias-bomb",
+        lambda c: ["train", c.file("bomb.yaml", _ALIAS_BOMB + "training: *a9\n")],
+        "{tmp}/bomb.yaml: refused: a YAML document with aliases that expand past 100,000 values (an alias bomb?)",
+    ),
+    Case(
+        "override-with-an-alias-bomb",
+        lambda c: ["train", c.config, "seed={" + _ALIAS_BOMB.replace("\n", ", ") + "b: *a9}"],
+        "override seed: refused: a YAML value with aliases that expand past 100,000 values (an alias bomb?)",
+    ),
+    Case(
+        "config-nested-past-the-limit",
+        lambda c: ["train", c.file("deep.yaml", "seed: " + "[" * 40 + "]" * 40 + "\n")],
+        "{tmp}/deep.yaml: refused: a YAML document with nesting deeper than 32 levels",
+    ),
+    Case(
+        "adapter-heads-that-cannot-fit",
+        lambda c: ["train", c.config, "adapter.num_heads=100000000"],
+        "adapter: r 4 x num_heads 100000000 on this model makes ... adapter weights, about ... GiB to train (with "
+        "gradients and optimizer state), more than the ... GiB free; lower adapter.r or adapter.num_heads",
+        loads_model=True,
+    ),
+    Case(
+        "adapter-rank-that-cannot-fit",
+        lambda c: ["train", c.config, "adapter.r=1000000000"],
+        "adapter: r 1000000000 x num_heads 3 on this model makes ... GiB free; lower adapter.r or adapter.num_heads",
+        loads_model=True,
+    ),
+    Case(
+        "max-new-tokens-past-the-models-context",
+        lambda c: ["train", c.config, "eval.max_new_tokens=64"],
+        "eval.max_new_tokens: 64 leaves no room for a prompt in the model's context of 64 tokens; lower it",
+        loads_model=True,
+    ),
+    Case(
+        "columns-naming-a-column-the-file-lacks",
+        lambda c: _files_override(c, '{"instruction": "i", "input": "x", "output": "o"}', "columns: {input: contxt}"),
+        "{tmp}/d.jsonl: columns: input: the file has no column 'contxt' (none of its 2 records has a value there); "
+        "fix the column's name or drop the entry",
+    ),
+    Case(
+        "record-fitting-two-schemas",
+        lambda c: _files_override(c, '{"prompt": "p", "instruction": "i", "output": "o"}', "schema: auto"),
+        "{tmp}/d.jsonl:1: the fields fit two schemas, alpaca ('instruction') and rlora ('prompt'); set schema: to the "
+        "one to read",
+    ),
+    Case(
+        "save-to-disk-folder-with-a-bad-state",
+        lambda c: ["train", c.config, "data.jsonl=[]", f"data.files=[{_saved_dataset(c, '[]')}]"],
+        "{cfg}: data.files[0]: {tmp}/ds/state.json: not the state datasets' save_to_disk writes (a JSON object with "
+        "_data_files)",
+    ),
+    Case(
+        "data-file-that-is-a-fifo",
+        lambda c: ["train", c.config, "data.jsonl=[]", f"data.files=[{_fifo(c)}]"],
+        "{cfg}: data.files[0]: {tmp}/f.jsonl: not a regular file (a FIFO, a device or a socket); give a data file",
+    ),
+    Case(
+        "model-weights-that-are-a-pickle",
+        lambda c: ["train", c.config, f"model={_pickled_model(c)}"],
+        "model '{tmp}/model': a weights file was refused: it holds Python objects, not only tensors (a pickle that "
+        "could run code when loaded); torch's weights-only loading says: ...",
+        loads_model=True,
+    ),
+    Case(
+        "checkpoint-file-that-is-a-pickle",
+        lambda c: _unfinished_run(c, _planted_optimizer),
+        "{tmp}/run/checkpoints/checkpoint-2: a file of the checkpoint was refused: it holds Python objects, not only "
+        "tensors (a pickle that could run code when loaded); torch's weights-only loading says: ...; remove "
+        "{tmp}/run/checkpoints/checkpoint-2 to resume from the one before",
+        loads_model=True,
+        rewrites_run=True,
+    ),
+    Case(
+        "lm-eval-with-a-missing-model-folder",
+        lambda c: ["lm-eval", "--model", "hf", "--model_args", f"pretrained={c.tmp}/none", "--tasks", "x"],
+        "lm-eval: --model_args pretrained={tmp}/none: no such folder; give a model folder (config.json)",
+    ),
+    Case(
+        "lm-eval-with-a-wrong-adapter-path",
+        lambda c: ["lm-eval", "--model", "hf", "--model_args", f"pretrained={c.ws}/model,peft={c.tmp}", "--tasks", "x"],
+        "lm-eval: --model_args peft={tmp}: no adapter_config.json in it; give an adapter folder (adapter_config.json)",
     ),
     Case(
         "config-is-a-folder",
@@ -746,7 +879,14 @@ def test_bad_input_is_one_line_on_stderr_and_an_exit_code_writing_nothing(
         err = err.splitlines(keepends=True)[-1]
     assert _expected(case.error, tmp=tmp_path, ws=workspace, cfg=tmp_path / "run.yaml").fullmatch(err), err
     assert code == case.code
-    assert _tree(tmp_path) == before, "something was written"
+    if case.rewrites_run:
+        before = {p: t for p, t in before.items() if p not in ("run", "run/config.yaml", "run/data_manifest.json")}
+        after = {
+            p: t for p, t in _tree(tmp_path).items() if p not in ("run", "run/config.yaml", "run/data_manifest.json")
+        }
+        assert after == before, "something was written"
+    else:
+        assert _tree(tmp_path) == before, "something was written"
     assert bool(loaded) == case.loads_model
 
 

@@ -31,7 +31,7 @@ def test_compare_trains_every_method_and_seed_then_reuses_finished_runs(workspac
     seed_values = [
         json.loads((out / "rlora" / f"seed{s}" / "eval.json").read_text())["tasks"]["colors"]["acc_ll"] for s in (0, 1)
     ]
-    assert per_method["rlora"]["colors"]["values"] == seed_values
+    assert per_method["rlora"]["tasks"]["colors"]["values"] == seed_values
     assert (out / "comparison.png").read_bytes().startswith(PNG_MAGIC)
     assert "mean ± 95% CI over 2 seeds (0, 1)" in (out / "comparison.md").read_text()
 

@@ -85,10 +85,26 @@ def test_the_length_grouped_order_is_transformers_order(n, batch):
     rng = random.Random(n)
     lengths = [rng.randint(1, 30) for _ in range(n)]  # many equal lengths: the ties' order is checked too
     for seed in range(3):
-        torch.manual_seed(seed)
-        expected = get_length_grouped_indices(lengths, batch)
-        torch.manual_seed(seed)
-        assert list(LengthGroupedIndices(np.array(lengths), batch)) == expected
+        sampler = LengthGroupedIndices(np.array(lengths), batch, seed=seed)
+        sampler.set_epoch(seed + 1)
+        expected = get_length_grouped_indices(lengths, batch, generator=sampler.generator())
+        assert list(sampler) == expected
+
+
+def test_the_length_grouped_order_is_a_function_of_the_seed_and_the_epoch_only():
+    lengths = np.array([random.Random(1).randint(1, 30) for _ in range(200)])
+    orders = {}
+    for seed, epoch in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]:
+        sampler = LengthGroupedIndices(lengths, 4, seed=seed)
+        sampler.set_epoch(epoch)
+        orders[seed, epoch] = list(sampler)
+    torch.manual_seed(123)  # the global generator's history plays no part
+    torch.rand(7)
+    again = LengthGroupedIndices(lengths, 4, seed=0)
+    assert list(again) == orders[0, 0]
+    again.set_epoch(2)
+    assert list(again) == orders[0, 2]
+    assert len({tuple(o) for o in orders.values()}) == len(orders)  # every (seed, epoch) draws its own order
 
 
 def test_a_file_is_read_once_then_mapped_from_the_cache(tmp_path, monkeypatch):
@@ -146,7 +162,7 @@ def test_rlora_cache_lists_the_tables_and_removes_the_stale_ones(tmp_path, monke
     assert main(["cache"]) == 0
     out = capsys.readouterr().out
     assert f"{edited}: stale (its file changed or is gone)" in out and f"{kept}: 30 examples" in out
-    assert "2 tables" in out and "rlora cache --clear-stale removes the stale ones" in out
+    assert "2 tables" in out and "rlora cache --clear-stale removes the stale, damaged and partial ones" in out
     assert main(["cache", "--clear-stale"]) == 0
     assert [t.source["path"] for t in store.cached_tables()] == [str(kept)]
     assert main(["cache", "--clear"]) == 0

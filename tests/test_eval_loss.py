@@ -157,7 +157,7 @@ def test_comparison_table_of_the_loss_states_its_direction_and_old_runs_leave_it
     assert list(summary["metrics"]) == ["loss"]
     loss = summary["metrics"]["loss"]
     assert loss["per_method"]["rlora"]["average"]["values"] == [2.25, 2.25]
-    assert loss["differences"]["rlora"]["colors"]["mean"] == -0.25  # rlora's loss is lower: better
+    assert loss["differences"]["rlora"]["tasks"]["colors"]["mean"] == -0.25  # rlora's loss is lower: better
     text = comparison_markdown(summary)
     section = text[text.index("### held-out loss") :].splitlines()
     # half-widths: t_{0.975, 1} = 12.7062 times |a - b| / 2 (the sd of two values over sqrt 2)

@@ -22,7 +22,8 @@ def runs(workspace, tmp_path_factory) -> dict[str, Path]:
 
 def test_generate_streams_text_and_draws_the_routing_map(runs, tmp_path, capsys):
     png = tmp_path / "routing.png"
-    code = main(["generate", str(runs["rlora"]), "Question: is the sky blue?", "Answer:", "--routing", str(png)])
+    prompts = ["Question: is the sky blue?", "Answer:"]
+    code = main(["generate", str(runs["rlora"]), *prompts, "--routing", str(png), "--max-new-tokens", "48"])
     assert code == 0
     out = capsys.readouterr().out
     assert "=== Question: is the sky blue?" in out and "=== Answer:" in out
@@ -48,7 +49,8 @@ def test_prompts_come_from_stdin_one_per_line(runs, monkeypatch, capsys):
 
 def test_routing_html_is_a_coloured_table(runs, tmp_path):
     html = tmp_path / "routing.html"
-    (result,) = generate_run(runs["rlora"], ["Answer: no"], routing=html, stream=False)
+    sampling = Sampling(max_new_tokens=48)  # within the tiny model's 64-token context
+    (result,) = generate_run(runs["rlora"], ["Answer: no"], sampling=sampling, routing=html, stream=False)
     text = html.read_text()
     assert text.startswith("<!DOCTYPE html>") and "head 0" in text and "head 2" in text
     assert text.count("<tr>") == len(result["tokens"]) + 1
@@ -92,3 +94,19 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys, argv, message):
     assert len(err.splitlines()) == 1 and err.startswith("rlora: error: "), err
     assert message.format(**fill) in err
     assert not (tmp_path / "r.png").exists()
+
+
+def test_generate_refuses_an_empty_prompt_and_one_past_the_models_context(runs, capsys):
+    run = str(runs["rlora"])
+    assert main(["generate", run, "Answer: yes", "  "]) == 2
+    assert capsys.readouterr().err == "rlora: error: prompt 2 is empty; give the text to continue\n"
+    ids = load_run(run).tokenizer("Answer: yes")["input_ids"]
+    # the tiny model's context is 64 tokens (max_position_embeddings)
+    assert main(["generate", run, "Answer: yes", "--max-new-tokens", "1000000000"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"rlora: error: prompt 1: its {len(ids)} tokens and --max-new-tokens 1000000000 exceed the model's context "
+        "of 64 tokens; shorten the prompt or lower --max-new-tokens"
+    )
+    assert main(["generate", run, "yes " * 70, "--max-new-tokens", "1"]) == 2
+    assert "exceed the model's context of 64 tokens" in capsys.readouterr().err.splitlines()[-1]
+    assert main(["generate", run, "Answer: yes", "--max-new-tokens", str(64 - len(ids))]) == 0

@@ -85,3 +85,18 @@ def test_lm_eval_not_installed_is_one_line_naming_the_extra(monkeypatch, capsys)
     assert main(["lm-eval", "--model", "hf", "--tasks", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'pip install "rlora[lm-eval]"' in err, err
+
+
+def test_lm_eval_errors_are_one_line(workspace, capsys):
+    argv = [
+        "lm-eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={workspace / 'model'}",
+        "--tasks",
+        "no_such_task_x",
+    ]
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("rlora: error: lm-eval: ") and "no_such_task_x" in err, err

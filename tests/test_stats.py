@@ -5,7 +5,7 @@ import math
 import pytest
 
 from rlora.commands.compare import parse_methods, summarize
-from rlora.reports import comparison_markdown
+from rlora.reports import comparison_markdown, results_table
 from rlora.stats import format_ci, mean_ci, paired_difference, t_quantile_975
 
 
@@ -56,12 +56,12 @@ def test_summary_has_means_cis_and_differences_to_the_first_method():
     summary = summarize(runs, ["hydralora", "rlora"], [0, 1])
     assert list(summary["metrics"]) == ["acc_ll"]  # acc_norm and acc_gen were not measured
     hydra = summary["metrics"]["acc_ll"]["per_method"]["hydralora"]
-    assert hydra["a"]["mean"] == pytest.approx(0.6)
-    assert hydra["a"]["ci95"] == pytest.approx(12.7062 * math.sqrt(0.02) / math.sqrt(2))
+    assert hydra["tasks"]["a"]["mean"] == pytest.approx(0.6)
+    assert hydra["tasks"]["a"]["ci95"] == pytest.approx(12.7062 * math.sqrt(0.02) / math.sqrt(2))
     assert hydra["average"]["values"] == pytest.approx([0.55, 0.65])
     diff = summary["metrics"]["acc_ll"]["differences"]["rlora"]
-    assert diff["a"]["mean"] == pytest.approx(0.15)  # (0.1 + 0.2) / 2
-    assert diff["b"]["mean"] == pytest.approx(0.05)
+    assert diff["tasks"]["a"]["mean"] == pytest.approx(0.15)  # (0.1 + 0.2) / 2
+    assert diff["tasks"]["b"]["mean"] == pytest.approx(0.05)
     text = comparison_markdown(summary)
     assert "| task | hydralora | rlora |" in text
     assert "| a | 60.0 ± 127.1 | 75.0 ± 190.6 |" in text
@@ -76,3 +76,28 @@ def test_methods_are_parsed_and_checked():
         parse_methods("rlora,dora")
     with pytest.raises(ValueError, match="names a method twice"):
         parse_methods("rlora,rlora")
+
+
+def test_a_task_may_be_called_anything_average_and_table_breakers_included():
+    tasks = {"average": 0.2, "a|b\nc": 0.4, "**average**": 0.6}
+    unmeasured = {"acc_norm": None, "acc_gen": None, "loss": None, "ppl": None}
+    results = {"tasks": {t: {"n": 2, "acc_ll": v, **unmeasured} for t, v in tasks.items()}}
+    results["average"] = {"acc_ll": 0.4, **unmeasured}
+    summary = summarize({"rlora": {0: results}}, ["rlora"], [0])
+    rlora = summary["metrics"]["acc_ll"]["per_method"]["rlora"]
+    assert {t: c["mean"] for t, c in rlora["tasks"].items()} == tasks  # the task "average" keeps its own value
+    assert rlora["average"]["mean"] == 0.4
+    lines = comparison_markdown(summary).splitlines()
+    assert lines[4:8] == [
+        "| average | 20.0 |",
+        "| a\\|b c | 40.0 |",
+        "| \\*\\*average\\*\\* | 60.0 |",
+        "| **average** | 40.0 |",
+    ]
+    table = results_table({"rlora": results}, ["acc_ll"]).splitlines()
+    assert table[2:] == [
+        "| average | 2 | 20.0 |",
+        "| a\\|b c | 2 | 40.0 |",
+        "| \\*\\*average\\*\\* | 2 | 60.0 |",
+        "| **average** |  | 40.0 |",
+    ]

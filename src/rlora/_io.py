@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 def mark_complete(folder: str | Path, note: str = "") -> None:
     atomic_write_text(Path(folder) / COMPLETE_MARKER, note)
+
+
+def unmark_complete(folder: str | Path) -> None:
+    """Takes the mark off (before a complete folder is removed: a removal cut short leaves an unmarked one)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path(folder) / COMPLETE_MARKER)
 
 
 def is_complete(folder: str | Path) -> bool:
@@ -131,6 +138,21 @@ def exclusive_lock(path: str | Path, holder: str) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # while still locked: the next writer makes a new file
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | Path, holder: str, poll_s: float = 0.1) -> Iterator[None]:
+    """`exclusive_lock`, waiting while another process holds it (one builder of a shared folder at a time: the
+    others wait, then find its result)."""
+    while True:
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(exclusive_lock(path, holder))
+            except Busy:
+                time.sleep(poll_s)
+                continue
+            yield
+            return
 
 
 def _is_file_at(fd: int, path: str | Path) -> bool:

@@ -87,7 +87,8 @@ def router_usage(
     adapter_name: str = "default",
     batch_size: int = 16,
 ) -> dict[str, dict]:
-    """Per task: mean gate per head (averaged over real tokens and layers), mean gate entropy, per-layer entropy."""
+    """Per task: mean gate per head (averaged over real tokens and layers, and per layer), mean gate entropy,
+    per-layer entropy."""
     model.eval()
     device = next(model.parameters()).device
     usage = {}

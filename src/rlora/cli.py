@@ -133,6 +133,11 @@ def _add_eval(subparsers) -> None:
         "target", help="a run folder (from `rlora train`), or a config/preset to evaluate its base model"
     )
     parser.add_argument("--base", action="store_true", help="evaluate the run's base model without the adapter")
+    parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="evaluate this adapter folder (e.g. from `rlora export`) on the run's held-out data instead of the run's",
+    )
     _add_run_options(parser)
     parser.set_defaults(func=_command("eval"))
 
@@ -232,6 +237,55 @@ def _add_generate(subparsers) -> None:
     parser.set_defaults(func=_command("generate"))
 
 
+def _add_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="a multi-head run as plain PEFT LoRA adapters (exact for fixed gates) that vLLM, TGI, llama.cpp load",
+        description="Fixed gates make an R-LoRA/HydraLoRA layer exactly a plain LoRA layer (rank r, 2r with "
+        "R-LoRA's offset). The export loses the per-token routing: `rlora eval RUN_DIR --adapter DIR` says what that "
+        "costs.",
+    )
+    parser.add_argument("run_dir", help="a finished run folder of a multi-head method")
+    parser.add_argument(
+        "--gates",
+        default="uniform",
+        help="uniform (1/K every head), task:NAME (that task's mean gates per layer on its training examples), "
+        "per-task (one export per task, in OUT/<task>/), or a JSON file: K gates, or module name -> K gates "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--out", required=True, help="the folder to write (per-task: one folder per task inside)")
+    parser.add_argument(
+        "--merged", action="store_true", help="write a full model (safetensors) with the update merged in instead"
+    )
+    parser.add_argument(
+        "--max-examples",
+        type=positive_int,
+        default=256,
+        help="training examples per task that measure its mean gates (default: %(default)s)",
+    )
+    _add_cache_dir(parser)
+    parser.set_defaults(func=_command("export"))
+
+
+def _add_serve(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve trained runs with their routing behind an OpenAI-compatible API (/v1/chat/completions, ...)",
+        description="One base model, each run an adapter on it, chosen by the request's `model` (the run folder's "
+        "name). Stop with Ctrl-C or SIGTERM.",
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run folders sharing one base model")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)"
+    )
+    parser.add_argument("--port", type=positive_int, default=8000, help="(default: %(default)s)")
+    parser.add_argument(
+        "--max-model-len", type=positive_int, help="context limit in tokens (default: the model's position limit)"
+    )
+    _add_cache_dir(parser)
+    parser.set_defaults(func=_command("serve"))
+
+
 def _add_lm_eval(subparsers) -> None:
     parser = subparsers.add_parser(
         "lm-eval",
@@ -262,6 +316,8 @@ SUBCOMMANDS = (
     _add_compare,
     _add_analyze,
     _add_generate,
+    _add_export,
+    _add_serve,
     _add_lm_eval,
 )
 

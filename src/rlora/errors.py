@@ -38,3 +38,17 @@ class ModelError(RloraError, OSError):
 
 class TrainingError(RloraError, RuntimeError):
     """Training stopped or cannot start; the message says why and what was kept."""
+
+
+class CacheError(RloraError, OSError):
+    """A cache folder that cannot be used (not a folder, not writable, its disk full); the message names it."""
+
+
+def pickle_refusal(error: Exception) -> str:
+    """Why torch's weights-only loading refused a file, in one clause: the object it would not build."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
+    return (
+        "refused: it holds Python objects, not only tensors (a pickle that could run code when loaded); "
+        f"torch's weights-only loading says: {detail.rstrip('.')}"
+    )

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, Example, Spans, encode_example, example_spans, pad_ids, render_pairs
+from .errors import ConfigError
 
 ACCURACY_METRICS = ("acc_ll", "acc_norm", "acc_gen")  # fractions in [0, 1], higher is better
 LOSS_METRICS = ("loss", "ppl")  # nats per trained token and its exp, lower is better
@@ -159,6 +160,17 @@ def _one_pass(spans: list[Spans]) -> bool:
     return all(len(s.answer) == 1 and s.prompt == spans[0].prompt for s in spans)
 
 
+def _check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    from .models import context_length
+
+    context = context_length(model)
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise ConfigError(
+            f"eval: a prompt of {prompt_tokens} tokens and eval.max_new_tokens {max_new_tokens} exceed the model's "
+            f"context of {context} tokens; lower eval.max_new_tokens or data.max_length"
+        )
+
+
 @torch.no_grad()
 def predict(
     model,
@@ -189,6 +201,7 @@ def predict(
             ids, mask = pad_ids([spans[i][0].prompt for i in needs_prompt], pad_id, left=True)
             ids, mask = ids.to(device), mask.to(device)
             if any(to_generate[i] for i in needs_prompt):
+                _check_context(model, ids.shape[1], max_new_tokens)
                 out = model.generate(
                     input_ids=ids,
                     attention_mask=mask,

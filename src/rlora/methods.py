@@ -119,6 +119,13 @@ def adapter_config(
 
 
 def matched_lora_rank(model: nn.Module, target_modules: list[str] | str, r: int, num_heads: int) -> int:
+    multi_head, per_rank = adapter_sizes(model, target_modules, r, num_heads)
+    return max(1, round(multi_head / per_rank))
+
+
+def adapter_sizes(model: nn.Module, target_modules: list[str] | str, r: int, num_heads: int) -> tuple[int, int]:
+    """(weights of a multi-head adapter of rank `r` and `num_heads` heads on the targeted linear layers, weights of a
+    plain LoRA adapter per unit of rank on them), counted from the layers' shapes, before anything is allocated."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -136,4 +143,4 @@ def matched_lora_rank(model: nn.Module, target_modules: list[str] | str, r: int,
             per_rank += d_in + d_out
     if per_rank == 0:
         raise ConfigError(f"target_modules {target_modules!r} match no linear layer of {type(model).__name__}")
-    return max(1, round(multi_head / per_rank))
+    return multi_head, per_rank

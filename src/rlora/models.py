@@ -22,6 +22,7 @@ import functools
 import importlib.util
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._io import atomic_dir, is_complete
-from .errors import ConfigError, MissingPackage, ModelError
+from ._io import atomic_dir, is_complete, waiting_lock
+from .errors import ConfigError, MissingPackage, ModelError, pickle_refusal
 
 if TYPE_CHECKING:
     import torch
@@ -272,12 +273,20 @@ def embedded_gguf_path(name: str) -> Path:
 
 
 def _convert_embedded(name: str, target: Path) -> None:
+    """Converts one embedded model at a time per cache (a lock beside it; a second process waits, then uses the
+    first's folder). With the lock held, the temporary folders of conversions that were killed are removed."""
     gguf = embedded_gguf_path(name)
-    logger.info("Converting the embedded model %s (%s) to %s, once (about 20-40 s)", name, gguf.name, target)
-    start = time.perf_counter()
-    with atomic_dir(target, shared=True) as tmp:
-        _gguf_to_safetensors(gguf, tmp)
-    logger.info("Converted %s in %.0f s", name, time.perf_counter() - start)
+    with waiting_lock(target.parent / f".{target.name}.converting", f"pid {os.getpid()}"):
+        if is_complete(target):
+            return
+        for left in target.parent.glob(f".{target.name}.*.tmp"):
+            logger.warning("removing %s, left by a conversion that was interrupted", left)
+            shutil.rmtree(left, ignore_errors=True)
+        logger.info("Converting the embedded model %s (%s) to %s, once (about 20-40 s)", name, gguf.name, target)
+        start = time.perf_counter()
+        with atomic_dir(target, shared=True) as tmp:
+            _gguf_to_safetensors(gguf, tmp)
+        logger.info("Converted %s in %.0f s", name, time.perf_counter() - start)
 
 
 def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
@@ -320,6 +329,33 @@ def load_tokenizer(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def free_memory(device) -> int | None:
+    """Bytes free on `device` (a CUDA device's free memory; for the CPU, the system's MemAvailable), None if
+    unknown."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def context_length(model) -> int | None:
+    """The most tokens (prompt and generated) the model reads, from its config; None if it does not say."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_model(
@@ -369,3 +405,5 @@ def _load(auto_class, name_or_path: str, cache_dir: str | os.PathLike | None, **
         return auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as error:  # transformers' errors for files it cannot find or read
         raise ModelError(f"model {name_or_path!r}: {' '.join(str(error).split())}") from error
+    except pickle.UnpicklingError as error:  # a .bin weights file that is more than tensors
+        raise ModelError(f"model {name_or_path!r}: a weights file was {pickle_refusal(error)}") from None

@@ -78,19 +78,21 @@ def plot_comparison(summary: dict, path: str | Path) -> None:
     """`compare.summarize`'s summary: per metric (accuracy in %, loss in nats), the mean per task and method with
     95% CI error bars."""
     metrics = list(summary["metrics"])
-    tasks = [*summary["tasks"], "average"]
-    fig = Figure(figsize=(1.6 + 1.3 * len(tasks), 0.6 + 3.0 * len(metrics)), layout="constrained")
+    tasks = summary["tasks"]
+    labels = [*tasks, "(average)"]
+    fig = Figure(figsize=(1.6 + 1.3 * len(labels), 0.6 + 3.0 * len(metrics)), layout="constrained")
     axes = fig.subplots(len(metrics), 1, squeeze=False)
     fig.suptitle(f"mean ± 95% CI over {len(summary['seeds'])} seeds")
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
         per_method, scale = summary["metrics"][metric]["per_method"], METRIC_SCALES[metric]
         width = 0.8 / len(per_method)
         for j, (method, data) in enumerate(per_method.items()):
-            means = [scale * data[t]["mean"] for t in tasks]
-            errs = [0 if data[t]["ci95"] is None else scale * data[t]["ci95"] for t in tasks]
-            xs = [i + (j - (len(per_method) - 1) / 2) * width for i in range(len(tasks))]
+            cells = [data["tasks"][t] for t in tasks] + [data["average"]]
+            means = [scale * c["mean"] for c in cells]
+            errs = [0 if c["ci95"] is None else scale * c["ci95"] for c in cells]
+            xs = [i + (j - (len(per_method) - 1) / 2) * width for i in range(len(cells))]
             ax.bar(xs, means, width, yerr=errs, capsize=2, label=method)
-        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_xticks(range(len(labels)), labels)
         ax.set_title(METRIC_TITLES[metric], fontsize=9)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", fontsize=7, ncol=min(5, len(labels)))

@@ -32,6 +32,21 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+MARKDOWN_SPECIAL = frozenset("\\|*`[]<>#")
+
+
+def markdown_cell(text: str) -> str:
+    """`text` as one Markdown table cell shows it literally: `|`, `*`, backquotes, brackets, backslashes and an
+    underscore that could start or end emphasis (one beside a non-alphanumeric character; `arc_easy` stays) escaped,
+    line breaks made spaces. A task may be called anything, "**average**" or "a|b" included."""
+    text = " ".join(text.splitlines())
+    out = []
+    for i, c in enumerate(text):
+        inside = 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum()
+        out.append("\\" + c if c in MARKDOWN_SPECIAL or c == "_" and not inside else c)
+    return "".join(out)
+
+
 def percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -59,7 +74,7 @@ def results_table(columns: dict[str, dict], metric_names: Sequence[str] | None =
     header = ["task", "n"] + [f"{col} {METRIC_LABELS[m]}" for col in columns for m in metric_names]
     first = next(iter(columns.values()))
     rows = [
-        [task, str(r["n"])]
+        [markdown_cell(task), str(r["n"])]
         + [format_metric(m, columns[c]["tasks"][task].get(m)) for c in columns for m in metric_names]
         for task, r in first["tasks"].items()
     ]
@@ -120,8 +135,8 @@ def comparison_markdown(summary: dict) -> str:
     """`compare.compare`'s summary: with a sweep, each method's chosen settings and the whole sweep; per metric, mean
     ± 95% CI per task and method, and the paired differences (method − reference: positive is better for accuracies,
     negative for the loss; each heading says which); the routers' health."""
-    seeds, tasks = summary["seeds"], [*summary["tasks"], "average"]
-    names = [f"**{t}**" if t == "average" else t for t in tasks]
+    seeds, tasks = summary["seeds"], summary["tasks"]
+    names = [*map(markdown_cell, tasks), "**average**"]
     parts = [selection_markdown(summary["selection"]), ""] if summary.get("selection") else []
     for metric, data in summary["metrics"].items():
         per_method, diffs = data["per_method"], data["differences"]
@@ -216,9 +231,10 @@ def router_health_markdown(health: dict, seeds: Sequence[int]) -> str:
 def _ci_rows(metric: str, names: list[str], tasks: list[str], columns: Iterable[dict]) -> list[list[str]]:
     columns = list(columns)
     scale, digits = METRIC_SCALES[metric], METRIC_DIGITS[metric]
+    cells = [[col["tasks"][task] for task in tasks] + [col["average"]] for col in columns]
     return [
-        [name] + [format_ci(col[task]["mean"], col[task]["ci95"], scale, digits) for col in columns]
-        for name, task in zip(names, tasks, strict=True)
+        [name] + [format_ci(col[i]["mean"], col[i]["ci95"], scale, digits) for col in cells]
+        for i, name in enumerate(names)
     ]
 
 

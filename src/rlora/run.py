@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
+import shutil
 import socket
 import time
 import zipfile
@@ -42,6 +44,8 @@ from .errors import AdapterError, ConfigError, RunFolderError
 from .methods import PEFT_TYPES, adapter_config
 from .reports import results_table
 from .runconfig import RunConfig, dump_run_config, load_run_config
+
+logger = logging.getLogger(__name__)
 
 
 class RunFolder:
@@ -71,11 +75,12 @@ class RunFolder:
     def complete_checkpoints(self) -> list[Path]:
         return complete_checkpoints(self.checkpoints)
 
-    def check_config(self, cfg: RunConfig) -> None:
+    def check_config(self, cfg: RunConfig, restart: bool = False) -> None:
         """Refuses to continue, reuse or overwrite a run folder that was made with another config, and to write a run
         into a folder that holds other files (hidden ones aside: a lock, a temporary file). A saved config that lacks
-        a key added to rlora since (its default is what the run did) is the same config."""
-        if self.config.is_file() and not self._same_config(cfg):
+        a key added to rlora since (its default is what the run did) is the same config. With `restart` (training),
+        a run that saved nothing yet (`saved_nothing`) may be started again with another config."""
+        if self.config.is_file() and not self.same_config(cfg) and not (restart and self.saved_nothing()):
             raise ConfigError(
                 f"{self.root} was made with a different config ({self.config}); use the same config and overrides, "
                 "or another output_dir"
@@ -88,10 +93,26 @@ class RunFolder:
                     "and no run (no config.yaml); choose a new or empty output_dir"
                 )
 
-    def _same_config(self, cfg: RunConfig) -> bool:
+    def same_config(self, cfg: RunConfig) -> bool:
+        """The saved config is `cfg`'s: the same settings, and paths that name the same files however spelled (the
+        output_dir is this folder: relative to another working directory, or absolute, it is the same run)."""
         if self.config.read_text() == dump_run_config(cfg):
             return True
-        return self.read_config().to_dict() == cfg.to_dict()  # read: defaults filled in for keys it lacks
+        return _identity(self.read_config()) == _identity(cfg)  # read: defaults filled in for keys it lacks
+
+    def saved_nothing(self) -> bool:
+        """The run started but saved no progress and no result (it stopped before its first checkpoint, e.g. a
+        check that failed once the model was loaded): it holds only what a start writes."""
+        start = {self.config, self.manifest, self.adapter_init, self.checkpoints}
+        others = [p for p in self.root.iterdir() if not p.name.startswith(".") and p not in start]
+        return not others and not self.complete_checkpoints()
+
+    def clear_start(self) -> None:
+        """Removes what a start that saved nothing wrote (`saved_nothing`), before a start with another config."""
+        for path in (self.adapter_init, self.checkpoints):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in (self.config, self.manifest):
+            path.unlink(missing_ok=True)
 
     def check_free(self) -> None:
         """Refuses a folder that another process is writing (`writer`), naming it."""
@@ -140,8 +161,31 @@ class RunFolder:
         atomic_write_text(self.results(base, ".md"), results_table({column: results}) + "\n")
 
     def read_results(self, base: bool = False) -> dict | None:
+        """The saved results, or None when there are none, or when the file is damaged (not JSON, or without its
+        tasks and average): the caller evaluates again, and a warning names the file."""
         path = self.results(base)
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(results, dict) and isinstance(results.get("tasks"), dict) and "average" in results:
+                return results
+            problem = "not rlora's results (no tasks and average)"
+        except (OSError, ValueError) as error:
+            problem = f"not readable JSON ({error})"
+        logger.warning("%s: %s; evaluating the run again", path, problem)
+        return None
+
+
+def _identity(cfg: RunConfig) -> dict:
+    """What makes a run: its settings, with the output_dir left out (the folder holding the config is the run's) and a
+    local model folder resolved (a relative path names the same folder from anywhere it was valid)."""
+    d = cfg.to_dict()
+    d.pop("output_dir")
+    model = Path(d["model"]).expanduser()
+    if model.is_dir():
+        d["model"] = str(model.resolve())
+    return d
 
 
 def checkpoint_dir(checkpoints: Path, step: int) -> Path:
@@ -263,3 +307,24 @@ def gold_sequences(run: LoadedRun, max_per_task: int | None = None) -> dict[str,
         for task, examples in run.plan.test.items()
     }
     return {task: [s.prompt + s.answer for s in task_spans] for task, task_spans in spans.items()}
+
+
+def check_lengths(cfg: RunConfig, model) -> None:
+    """`eval.max_new_tokens` within the model's context (its `max_position_embeddings`), else a ConfigError naming
+    both numbers; a `data.max_length` past it is a warning (only examples longer than the context would be read at
+    positions the model was never trained on; each generation's prompt is checked in `evaluate.predict`)."""
+    context = models.context_length(model)
+    if context is None:
+        return
+    if cfg.eval.max_new_tokens >= context:
+        raise ConfigError(
+            f"eval.max_new_tokens: {cfg.eval.max_new_tokens} leaves no room for a prompt in the model's context of "
+            f"{context} tokens; lower it"
+        )
+    if cfg.data.max_length > context:
+        logger.warning(
+            "data.max_length %d exceeds the model's context of %d tokens: longer examples would be read at positions "
+            "the model was never trained on",
+            cfg.data.max_length,
+            context,
+        )

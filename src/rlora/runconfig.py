@@ -151,8 +151,65 @@ class _KeyTwice(Exception):
     pass
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last silently)."""
+YAML_MAX_NODES = 100_000  # values in a config once its aliases are expanded (a real one has hundreds)
+YAML_MAX_DEPTH = 32  # sections within sections (a real config has 4)
+
+
+class _TooLarge(Exception):
+    """A YAML document past `YAML_MAX_NODES` or `YAML_MAX_DEPTH`; the message says which."""
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a document whose aliases would expand past `YAML_MAX_NODES` values (an alias
+    bomb: a few lines that name a mapping of aliases of a mapping of aliases ...) or that nests deeper than
+    `YAML_MAX_DEPTH`, before constructing anything: the composed node graph holds each anchored node once, and its
+    expanded size is counted once per distinct node, so the check takes the document's time and memory."""
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_node_graph(node)
+        return self.construct_document(node)
+
+
+def _check_node_graph(root: yaml.Node) -> None:
+    sizes: dict[int, int] = {}  # id(node) -> values it expands to
+    depths: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:  # iterative post-order: a deep document must not exhaust Python's stack here
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = _children(node)
+        if not done:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+            continue
+        sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+        depths[id(node)] = 1 + max((depths[id(c)] for c in children), default=0)
+        if sizes[id(node)] > YAML_MAX_NODES:
+            raise _TooLarge(f"aliases that expand past {YAML_MAX_NODES:,} values (an alias bomb?)")
+        if depths[id(node)] > YAML_MAX_DEPTH:
+            raise _TooLarge(f"nesting deeper than {YAML_MAX_DEPTH} levels")
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _safe_load(text: str) -> Any:
+    """`yaml.safe_load` within the limits of `_LimitedLoader`."""
+    return yaml.load(text, Loader=_LimitedLoader)
+
+
+class _Loader(_LimitedLoader):
+    """YAML's safe loader within limits, except that a key given twice in one mapping is an error (YAML keeps the
+    last silently)."""
 
     def construct_mapping(self, node, deep=False):
         lines: dict[Any, int] = {}
@@ -193,9 +250,11 @@ def override_parts(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.lr=1e-4")
     try:
-        parsed = yaml.safe_load(value) if value else None
+        parsed = _safe_load(value) if value else None
     except (yaml.YAMLError, RecursionError):
         parsed = value
+    except _TooLarge as err:
+        raise ConfigError(f"override {key.strip()}: refused: a YAML value with {err}") from None
     return key.strip().split("."), parsed
 
 
@@ -230,6 +289,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    except _TooLarge as err:
+        raise ConfigError(f"{path}: refused: a YAML document with {err}") from None
     if raw is None or raw == {}:
         raise ConfigError(
             f"{path}: no settings (the file is empty or only comments); start from a preset "
@@ -381,6 +442,8 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
     ]
     if cfg.training.deepspeed is not None:
         cfg.training.deepspeed = str(Path(cfg.training.deepspeed).expanduser().resolve())
+    if Path(cfg.model).expanduser().is_dir():  # a local model folder, named so that it works from anywhere
+        cfg.model = str(Path(cfg.model).expanduser().resolve())
     if cfg.output_dir.startswith("~"):
         cfg.output_dir = str(Path(cfg.output_dir).expanduser())
     return cfg

@@ -9,35 +9,50 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import importlib.util
 import json
 import logging
 import math
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
+from safetensors import SafetensorError
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 
 from . import models
-from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir
+from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir, unmark_complete
 from .adapters import README_FILE, adapter_readme
 from .data.mixture import index_dtype
 from .data.plan import plan_data
-from .errors import ConfigError, MissingPackage, RunFolderError, TrainingError
-from .methods import PEFT_TYPES, adapter_config
-from .run import RunFolder, checkpoint_dir, checkpoint_problem, complete_checkpoints, incomplete_checkpoints
+from .errors import ConfigError, MissingPackage, RloraError, RunFolderError, TrainingError, pickle_refusal
+from .methods import PEFT_TYPES, adapter_config, adapter_sizes
+from .run import (
+    RunFolder,
+    check_lengths,
+    checkpoint_dir,
+    checkpoint_problem,
+    complete_checkpoints,
+    incomplete_checkpoints,
+)
 from .runconfig import RunConfig, validate_run_config
 
 logger = logging.getLogger(__name__)
 
 
 class _MarkComplete(TrainerCallback):
-    """After the Trainer has written a checkpoint (state last), mark it complete; resume only trusts marked ones."""
+    """After the Trainer has written a checkpoint (state last), mark it complete; resume only trusts marked ones.
+    Then, and only then, the oldest complete checkpoints beyond `keep` are removed (the Trainer's own rotation,
+    which runs before this callback, is off): a kill at any moment leaves at least one complete checkpoint."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
         if args.distributed_state is not None:
@@ -46,18 +61,35 @@ class _MarkComplete(TrainerCallback):
             folder = checkpoint_dir(Path(args.output_dir), state.global_step)
             if folder.is_dir():
                 mark_complete(folder, f"{state.global_step}\n")
+            for old in complete_checkpoints(Path(args.output_dir))[: -self.keep]:
+                unmark_complete(old)  # first: a kill during the removal leaves an incomplete one, never trusted
+                shutil.rmtree(old, ignore_errors=True)
         return control
 
 
 class LengthGroupedIndices(torch.utils.data.Sampler):
     """transformers' `LengthGroupedSampler` order (a random permutation, cut into mega-batches of 50 batches at
     most, each sorted by length, longest first, and the longest item moved to the very first batch), in index
-    arrays: the same indices for the same torch seed, without the lists of Python integers it builds (hundreds of
-    MB for millions of items). `tests/test_data_plan.py` checks it against transformers' function."""
+    arrays: the same indices for the same permutation, without the lists of Python integers it builds (hundreds of
+    MB for millions of items). `tests/test_data_plan.py` checks it against transformers' function.
 
-    def __init__(self, lengths, batch_size: int) -> None:
+    The permutation of each epoch is drawn from a generator seeded by `seed` and the epoch (`set_epoch`, called by
+    the Trainer before each epoch), never from the global generator: a run resumed in any epoch sees the order the
+    uninterrupted run saw there, whatever the random draws before it."""
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def generator(self) -> torch.Generator:
+        """The generator of this epoch's permutation, a function of (seed, epoch) only."""
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -66,7 +98,8 @@ class LengthGroupedIndices(torch.utils.data.Sampler):
         n = len(self.lengths)
         mult = min(n // (self.batch_size * 4), 50) or 1
         size = mult * self.batch_size
-        indices = torch.randperm(n).numpy().astype(index_dtype(n), copy=False)  # kept for the whole epoch
+        indices = torch.randperm(n, generator=self.generator()).numpy()
+        indices = indices.astype(index_dtype(n), copy=False)  # kept for the whole epoch
         starts = range(0, n, size)
         for start in starts:  # each mega-batch by length, longest first; equal lengths keep their order
             block = indices[start : start + size]
@@ -91,7 +124,9 @@ class _FiniteLossTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             return LengthGroupedIndices(
-                dataset.lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps
+                dataset.lengths,
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             )
         return super()._get_train_sampler(train_dataset)
 
@@ -147,7 +182,9 @@ def _multi_process_without_gpu() -> bool:
 def build_peft_model(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
     """Adds the configured method's adapter; the adapter's random init is seeded by `cfg.seed`. A quantized base is
     prepared for training first, as PEFT's `prepare_model_for_kbit_training` does (its norms and other float weights
-    in float32, gradients reaching the adapters through the frozen embeddings)."""
+    in float32, gradients reaching the adapters through the frozen embeddings). An adapter that cannot fit in the
+    memory left is refused first (`check_adapter_fits`)."""
+    check_adapter_fits(cfg, model)
     if cfg.base.quantization != "none":
         model = prepare_model_for_kbit_training(
             model,
@@ -161,6 +198,31 @@ def build_peft_model(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
 
 def _checkpointing_kwargs(cfg: RunConfig) -> dict[str, bool]:
     return {"use_reentrant": cfg.training.gradient_checkpointing_reentrant}
+
+
+TRAINING_COPIES = 4  # an adapter weight in training: itself, its gradient and AdamW's two moments
+
+
+def check_adapter_fits(cfg: RunConfig, model: torch.nn.Module) -> None:
+    """Refuses (one line, before any allocation) an adapter whose weights, gradients and optimizer state would need
+    more memory than the device holding `model` has free: `adapter.num_heads` and `adapter.r` have no fixed ceiling,
+    the model's layer sizes and the machine set it."""
+    a = cfg.adapter
+    try:
+        heads, per_rank = adapter_sizes(model, a.target_modules, a.r, a.num_heads)
+    except ConfigError:  # no layer matches: PEFT says so, in its words
+        return
+    plain = cfg.method == "lora" and a.lora_r is not None
+    weights = per_rank * a.lora_r if plain else heads
+    what = f"lora_r {a.lora_r}" if plain else f"r {a.r} x num_heads {a.num_heads}"
+    need = weights * TRAINING_COPIES * 4  # float32
+    free = models.free_memory(next(model.parameters()).device)
+    if free is not None and need > free:
+        raise ConfigError(
+            f"adapter: {what} on this model makes {weights:,} adapter weights, about "
+            f"{need / 2**30:.1f} GiB to train (with gradients and optimizer state), more than the "
+            f"{free / 2**30:.1f} GiB free; lower adapter.r or adapter.num_heads"
+        )
 
 
 def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
@@ -180,7 +242,7 @@ def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # rotation after a checkpoint is marked complete: _MarkComplete
         seed=cfg.seed,
         data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
@@ -231,12 +293,17 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
     tokenizer = models.load_tokenizer(cfg.model, cache_dir, chat_template=cfg.data.chat_template)
     train_dataset = plan.train_dataset(tokenizer)  # every example fits data.max_length
 
-    with folder.writer() if is_main else contextlib.nullcontext():
+    with folder.writer() if is_main else contextlib.nullcontext(), _full_disk(folder):
         _check_folder(folder, cfg, resume)  # again, as the only writer: another process may have just written it
+        if is_main and folder.config.is_file() and not folder.same_config(cfg):  # a start that saved nothing
+            logger.warning("%s: replacing an earlier start with another config, which saved nothing", folder.root)
+            folder.clear_start()
         checkpoints = folder.complete_checkpoints()
         if resume and not checkpoints:
             logger.warning("%s holds no complete checkpoint yet: training starts from step 0", folder.root)
-        model = build_peft_model(cfg, models.load_model(cfg.model, tokenizer, cache_dir=cache_dir, loading=cfg.base))
+        base = models.load_model(cfg.model, tokenizer, cache_dir=cache_dir, loading=cfg.base)
+        check_lengths(cfg, base)
+        model = build_peft_model(cfg, base)
         if is_main:
             model.print_trainable_parameters()
             folder.write_config(cfg)
@@ -257,10 +324,18 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
             train_dataset=train_dataset,
             data_collator=plan.collator(tokenizer),
             processing_class=tokenizer,
-            callbacks=[_MarkComplete()],
+            callbacks=[_MarkComplete(keep=cfg.training.save_total_limit)],
             router_lr_scale=cfg.training.router_lr_scale,
         )
-        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        except pickle.UnpicklingError as error:  # a checkpoint file (optimizer, scheduler, rng) planted or altered
+            if last is None:
+                raise
+            raise RunFolderError(
+                f"{last}: a file of the checkpoint was {pickle_refusal(error)}; remove {last} to resume from the one "
+                "before"
+            ) from None
         trainer.save_model(str(folder.adapter_staging))  # on every process: gathers ZeRO-3/FSDP shards; main writes
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
@@ -280,6 +355,32 @@ def _write_readme(adapter: Path, cfg: RunConfig) -> None:
     atomic_write_text(Path(adapter) / README_FILE, text)
 
 
+FULL = 1 << 20  # bytes free below which a failed write is put down to a full disk (torch.save says "basic_ios")
+
+
+@contextlib.contextmanager
+def _full_disk(folder: RunFolder):
+    """A write that fails because the run folder's disk is full (ENOSPC, safetensors' "No space left", or
+    torch.save's stream error with under `FULL` bytes left) is a TrainingError naming the folder and the last
+    complete checkpoint, which stays usable: nothing half-written is marked complete."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        if isinstance(error, RloraError):
+            raise
+        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
+        if not full and not isinstance(error, OSError):
+            with contextlib.suppress(OSError):
+                full = shutil.disk_usage(folder.root).free < FULL
+        if not full:
+            raise
+        last = complete_checkpoints(folder.checkpoints)
+        kept = f"the last complete checkpoint is {last[-1]}" if last else "no checkpoint was complete"
+        raise TrainingError(
+            f"{folder.root}: the disk is full; training stopped, {kept}. Free space there, then rerun with --resume"
+        ) from None
+
+
 def _check_folder(folder: RunFolder, cfg: RunConfig, resume: bool) -> None:
     """What the run folder allows: a new run, or with `resume` the continuation of the same config's run."""
     if folder.is_finished():
@@ -293,7 +394,7 @@ def _check_folder(folder: RunFolder, cfg: RunConfig, resume: bool) -> None:
         raise RunFolderError(
             f"--resume: {folder.root} holds no run to resume (no config.yaml); start it without --resume"
         )
-    folder.check_config(cfg)
+    folder.check_config(cfg, restart=True)
     checkpoints = folder.complete_checkpoints()
     problem = checkpoint_problem(checkpoints[-1], cfg) if resume and checkpoints else None
     if problem is not None:

@@ -297,21 +297,26 @@ def summarize(runs: dict[str, dict[int, dict]], methods: list[str], seeds: list[
         per_method = {}
         for method in methods:
             values = {task: [runs[method][s]["tasks"][task].get(metric) for s in seeds] for task in tasks}
-            values["average"] = [runs[method][s]["average"].get(metric) for s in seeds]
-            if any(v is None for vs in values.values() for v in vs):
+            average = [runs[method][s]["average"].get(metric) for s in seeds]
+            if any(v is None for vs in [*values.values(), average] for v in vs):
                 continue
-            per_method[method] = {task: {"values": v, **_ci(mean_ci(v))} for task, v in values.items()}
+            per_method[method] = {  # the overall mean apart from the tasks: a task may be called "average"
+                "tasks": {task: {"values": v, **_ci(mean_ci(v))} for task, v in values.items()},
+                "average": {"values": average, **_ci(mean_ci(average))},
+            }
         if not per_method:
             continue
         reference = methods[0]
         diffs = {}
         for method in per_method:
             if method != reference and reference in per_method:
+                ours, theirs = per_method[method], per_method[reference]
                 diffs[method] = {
-                    task: _ci(
-                        paired_difference(per_method[method][task]["values"], per_method[reference][task]["values"])
-                    )
-                    for task in [*tasks, "average"]
+                    "tasks": {
+                        task: _ci(paired_difference(ours["tasks"][task]["values"], theirs["tasks"][task]["values"]))
+                        for task in tasks
+                    },
+                    "average": _ci(paired_difference(ours["average"]["values"], theirs["average"]["values"])),
                 }
         summary["metrics"][metric] = {"per_method": per_method, "difference_to": reference, "differences": diffs}
     health = {}

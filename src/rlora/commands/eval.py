@@ -1,18 +1,21 @@
 """`rlora eval`: per-task accuracy and held-out loss of a trained run, or of a base model alone, written into the
-run folder (`RunFolder.results`)."""
+run folder (`RunFolder.results`); or of another adapter folder (an export) on the run's held-out data, written into
+that folder."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from .._io import atomic_write_json, atomic_write_text
+from ..adapters import load_adapter
 from ..analysis import router_health, router_usage
 from ..data.plan import plan_data
 from ..errors import ConfigError
 from ..evaluate import evaluate_plan
 from ..methods import PEFT_TYPES
 from ..reports import results_table
-from ..run import LoadedRun, RunFolder, gold_sequences, load_base_model, load_run
+from ..run import LoadedRun, RunFolder, check_lengths, gold_sequences, load_base_model, load_run
 from ..runconfig import RunConfig, load_run_config, validate_run_config
 
 
@@ -21,6 +24,7 @@ def _evaluate(run: LoadedRun, base: bool, accuracy: bool = True) -> dict:
     (`accuracy` False), its router's health there too (`router`: `analysis.router_health` of the gates on every
     evaluated example's gold context and answer)."""
     adapter = None if base else str(run.folder.adapter)
+    check_lengths(run.cfg, run.model)
     results = {"model": run.cfg.model, "adapter": adapter, "method": run.cfg.method}
     results |= evaluate_plan(run.model, run.tokenizer, run.cfg, run.plan, accuracy=accuracy)
     if accuracy and not base and PEFT_TYPES[run.cfg.method] == "RLORA":
@@ -57,7 +61,29 @@ def evaluate_config(cfg: RunConfig, cache_dir: str | None = None) -> dict:
     return results
 
 
+def evaluate_adapter(run_dir: str | Path, adapter_dir: str | Path, cache_dir: str | None = None) -> dict:
+    """Scores the adapter folder `adapter_dir` (an export, or any PEFT adapter for the run's base model) on the run's
+    held-out split with the run's settings, exactly as `rlora eval RUN_DIR` scores the run's own adapter; writes
+    eval.json and eval.md into `adapter_dir` and returns the results."""
+    run = load_run(run_dir, cache_dir, adapter=False)
+    model = load_adapter(run.model, adapter_dir).eval()
+    results = {"model": run.cfg.model, "adapter": str(adapter_dir), "method": f"adapter {Path(adapter_dir).name}"}
+    results |= evaluate_plan(model, run.tokenizer, run.cfg, run.plan)
+    atomic_write_json(Path(adapter_dir) / "eval.json", results)
+    atomic_write_text(Path(adapter_dir) / "eval.md", results_table({results["method"]: results}) + "\n")
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.adapter and (args.base or not Path(args.target).is_dir()):
+        raise ConfigError(
+            "--adapter: evaluates an adapter on a run folder's held-out data; give a run folder, no --base"
+        )
+    if args.adapter:
+        results = evaluate_adapter(args.target, args.adapter, args.cache_dir)
+        print(results_table({results["method"]: results}))
+        print(f"written to {Path(args.adapter) / 'eval.json'} and {Path(args.adapter) / 'eval.md'}")
+        return 0
     if not Path(args.target).is_dir():  # a config: evaluate its base model alone, into its output_dir
         cfg = load_run_config(args.target, args.overrides)
         folder, args.base = RunFolder(cfg.output_dir), True

@@ -60,6 +60,9 @@ def generate_run(
 
     if not prompts:
         raise ConfigError("no prompt: give prompts as arguments, or one per line on stdin")
+    empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise ConfigError(f"prompt {empty[0]} is empty; give the text to continue")
     check_routing_path(routing)
     if routing is not None and RunFolder(run_dir).read_config().method == "lora":
         raise RunFolderError(
@@ -75,9 +78,10 @@ def generate_run(
     device = next(model.parameters()).device
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [encode_context(tokenizer, prompt, use_chat) for prompt in prompts]
+    check_context(model, encoded, sampling.max_new_tokens)
     outputs = []
-    for prompt in prompts:
-        ids = encode_context(tokenizer, prompt, use_chat)
+    for prompt, ids in zip(prompts, encoded, strict=True):
         if stream:
             print(f"=== {prompt}", flush=True)
         with torch.no_grad():
@@ -98,6 +102,22 @@ def generate_run(
     if routing is not None:
         write_routing(outputs, routing)
     return outputs
+
+
+def check_context(model, encoded: Sequence[list[int]], max_new_tokens: int) -> None:
+    """Refuses, before generating anything, a prompt whose tokens and `max_new_tokens` would run past the model's
+    context (its `max_position_embeddings`): the model was never trained on positions past it."""
+    from ..models import context_length
+
+    context = context_length(model)
+    if context is None:
+        return
+    for i, ids in enumerate(encoded):
+        if len(ids) + max_new_tokens > context:
+            raise ConfigError(
+                f"prompt {i + 1}: its {len(ids)} tokens and --max-new-tokens {max_new_tokens} exceed the model's "
+                f"context of {context} tokens; shorten the prompt or lower --max-new-tokens"
+            )
 
 
 def write_routing(maps: list[dict], path: str | Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import ConfigError, MissingPackage
 
@@ -63,6 +64,7 @@ def run_lm_eval(argv: Sequence[str]) -> int:
         raise MissingPackage(f"lm-eval-harness is not installed; install it with: {LM_EVAL_HINT}")
     argv, cache_dir = _split_cache_dir(argv)
     argv = lm_eval_argv(argv, cache_dir)
+    check_lm_eval_paths(argv)
     import peft  # noqa: F401  (rlora is imported: loading PEFT registers the rlora PEFT type with it)
     from lm_eval.__main__ import cli_evaluate
 
@@ -73,9 +75,31 @@ def run_lm_eval(argv: Sequence[str]) -> int:
     except SystemExit as done:  # lm-eval's argparse (--help, bad arguments) exits; keep its code
         code = done.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except (ValueError, OSError, KeyError) as error:  # lm-eval's (and transformers') errors for what it was given
+        raise ConfigError(f"lm-eval: {' '.join(str(error).split())}") from None
     finally:
         sys.argv = saved
     return 0
+
+
+def check_lm_eval_paths(argv: Sequence[str]) -> None:
+    """A local `pretrained=` model folder or `peft=` adapter folder in --model_args that does not exist, or is not a
+    model (config.json) or adapter (adapter_config.json) folder: one line before lm-eval starts. A value that is
+    not a local path is a Hub id, left to lm-eval."""
+    needs = {"pretrained": "config.json", "peft": "adapter_config.json"}
+    kinds = {"pretrained": "a model folder", "peft": "an adapter folder"}
+    values = [arg.partition("=")[2] if arg.startswith("--model_args=") else arg for arg in argv]
+    for value in values:
+        for part in value.split(","):
+            key, sep, name = part.partition("=")
+            key, name = key.strip(), name.strip()
+            if not sep or key not in needs:
+                continue
+            path = Path(name).expanduser()
+            local = path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+            if local and not (path / needs[key]).is_file():
+                what = "no such folder" if not path.exists() else f"no {needs[key]} in it"
+                raise ConfigError(f"lm-eval: --model_args {key}={name}: {what}; give {kinds[key]} ({needs[key]})")
 
 
 def run(args: argparse.Namespace) -> int:

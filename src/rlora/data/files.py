@@ -18,7 +18,8 @@ Line numbers are physical lines (a CSV row's is the line it starts on; the heade
 turn numbers count from 1. In CSV, Parquet and saved datasets a null (or empty) cell is a missing field.
 
 Schemas (`DataFile.schema`; "auto" decides from the first record's fields: "messages" -> messages,
-"conversations" -> sharegpt, "instruction" -> alpaca, "prompt" -> rlora):
+"conversations" -> sharegpt, "instruction" -> alpaca, "prompt" -> rlora; a record with fields of two of them is an
+error, not a guess):
 
 - rlora: rlora's own fields, see `jsonl.py` (prompt/answer, or prompt/choices/gold with optional labels and
   format). A field rlora does not know is an error, as a likely typo.
@@ -44,7 +45,7 @@ Every schema also reads "task" (default: `DataFile.task`, else the file's stem, 
 `DataFile.columns` renames the file's columns to rlora's field names before anything else (auto-detection
 included), e.g. (("instruction", "question"), ("output", "response")); a message about such a field names both
 ("field 'output' (column 'response')"). A column that has the name of a renamed field is then not read (an error
-in the rlora schema, ignored in the others).
+in the rlora schema, ignored in the others). A column that no record has (a typo) is an error, optional fields too.
 
 Every problem is a `DataError` naming the file, the line (record, row), the field and, in a conversation, the turn;
 values in messages are cut to 60 characters. Nothing is skipped silently.
@@ -212,9 +213,18 @@ def _kind_problem(path: Path) -> str | None:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             return _dataset_dict_problem(path)
-        if not (path / "state.json").is_file():
+        state = path / "state.json"
+        if not state.is_file():
             return f"{path} is a folder, but not one written by datasets' save_to_disk (it has no state.json)"
+        try:
+            value = json.loads(state.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            return f"{state}: not readable JSON ({' '.join(str(error).split())}); save the dataset again"
+        if not isinstance(value, dict) or not isinstance(value.get("_data_files"), list):
+            return f"{state}: not the state datasets' save_to_disk writes (a JSON object with _data_files)"
         return None
+    if path.exists() and not path.is_file():
+        return f"{path}: not a regular file (a FIFO, a device or a socket); give a data file"
     if path.suffix.lower() not in SUFFIXES:
         return f"{path}: unsupported kind of data file ({path.suffix or 'no suffix'}); expected {KINDS}"
     return None
@@ -269,10 +279,17 @@ def _examples(spec: DataFile, kind: str) -> Iterator[Example]:
     parse = _PARSERS.get(spec.schema)
     rename = reader.rename
     cells = kind == "csv"
+    auto = spec.schema == "auto"
+    unseen = {column: field for field, column in spec.columns}  # mapped columns no record has shown yet
     count = 0
     for where, number, record in records:
+        if unseen:
+            for column in unseen.keys() & record.keys():
+                del unseen[column]
         if rename:
             record, shadowed = _renamed(record, rename)
+        if auto:
+            _check_one_schema(record, where)
         if parse is None:
             parse = _PARSERS[_detect(record, where, reader)]
         if rename and shadowed and parse is _rlora:
@@ -287,6 +304,12 @@ def _examples(spec: DataFile, kind: str) -> Iterator[Example]:
         yield parse(record, where, number, reader)
     if not count:
         raise DataError(f"{path}: no examples (an empty task)")
+    if unseen:
+        column, field = next(iter(unseen.items()))
+        raise DataError(
+            f"{path}: columns: {field}: the file has no column {column!r} (none of its {count} records has a value "
+            "there); fix the column's name or drop the entry"
+        )
 
 
 def _renamed(record: dict, rename: dict[str, str]) -> tuple[dict, list[str]]:
@@ -304,6 +327,14 @@ def _renamed(record: dict, rename: dict[str, str]) -> tuple[dict, list[str]]:
         else:
             out[key] = value
     return out, shadowed
+
+
+def _check_one_schema(record: dict, where: str) -> None:
+    """Under `schema: auto`, a record whose fields fit two schemas is an error: which one it meant is a guess."""
+    fits = [(field, schema) for field, schema in _DETECT if field in record]
+    if len(fits) > 1:
+        both = " and ".join(f"{schema} ({field!r})" for field, schema in fits[:2])
+        raise DataError(f"{where}: the fields fit two schemas, {both}; set schema: to the one to read")
 
 
 def _detect(record: dict, where: str, reader: _Reader) -> str:
@@ -492,8 +523,8 @@ def _folder_records(path: Path) -> Iterator[tuple[str, int, dict]]:
 
     try:
         dataset = datasets.load_from_disk(str(path))
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path}: cannot load the saved dataset: {error}") from None
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise DataError(f"{path}: cannot load the saved dataset: {' '.join(str(error).split())}") from None
     if not isinstance(dataset, datasets.Dataset):
         raise DataError(_dataset_dict_problem(path))
     yield from _table_rows(path, dataset.column_names, dataset.with_format("arrow").iter(batch_size=BATCH_ROWS))

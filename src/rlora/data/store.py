@@ -3,9 +3,15 @@
 A user file (`files.DataFile`) is streamed through its reader, which checks every record and names the file, row
 and field of any problem; the examples are written in batches to an Arrow IPC file in the cache,
 `$RLORA_CACHE_DIR/data/<fingerprint>/examples.arrow` (or under `$RLORA_DATA_CACHE`), published whole or not at
-all. The fingerprint covers the
-file's path, size and modification time and the reading settings, so an edited file is read again. A later run
-memory-maps the table: its pages are read from disk when touched and belong to the page cache, not the process.
+all. The fingerprint covers the file's path, size and modification time and the reading settings, so an edited file
+is read again. A later run memory-maps the table: its pages are read from disk when touched and belong to the page
+cache, not the process.
+
+Nothing in the cache is trusted unchecked: a table records a hash of its source's bytes and of each of its own files
+(`INTEGRITY_FILE`), and every run hashes both again before mapping the table (cheap beside reading the file: see
+docs/benchmarks.md), so a source edited in place with its size and time kept, or a table damaged or rewritten, is
+read again (one warning), never used. One process at a time builds a table (a lock beside it, `.<key>.building`);
+`rlora cache` lists tables being built and never removes them.
 
 A task (`TaskData`) is then a table and the row numbers of its examples (a file may hold several tasks), or a
 built-in task's list. The split, the mixture and the test sets are index arrays over tasks; an `Example` is made
@@ -15,10 +21,14 @@ and length in characters, so splitting a million examples is a comparison of a f
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
+import socket
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from .._io import atomic_dir, is_complete
-from ..errors import DataError
+from .._io import atomic_dir, held_by, is_complete, unmark_complete, waiting_lock
+from ..errors import CacheError, DataError
 from .example import Example
 from .files import DataFile, iter_examples
 from .mixture import index_dtype
@@ -37,10 +47,13 @@ from .split import split_key, split_keys
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = "2"  # bump when the table layout below changes: every cached table is then read again
+STORE_VERSION = "3"  # bump when the table layout below changes: every cached table is then read again
 BATCH_ROWS = 8192  # rows per Arrow record batch while a file is read
 TABLE_FILE = "examples.arrow"
 SOURCE_FILE = "source.json"  # what the table was read from, for `rlora cache`
+INTEGRITY_FILE = "integrity.json"  # hashes of the source's bytes and of the table's own files, written last
+OWN_FILES = (TABLE_FILE, "keys.npy", "chars.npy", "tasks.npy", "tasks.json", SOURCE_FILE)
+HASH_CHUNK = 1 << 20
 
 _STRINGS = pa.list_(pa.string())
 SCHEMA = pa.schema(
@@ -153,21 +166,139 @@ class FileTable:
         return {name: order[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
 
 
-def _table_key(spec: DataFile) -> str:
-    return hashlib.sha256(f"{STORE_VERSION}:{spec.fingerprint()}".encode()).hexdigest()[:32]
+def _table_key(fingerprint: str) -> str:
+    return hashlib.sha256(f"{STORE_VERSION}:{fingerprint}".encode()).hexdigest()[:32]
 
 
 def load_file(spec: DataFile, cache_dir: str | os.PathLike | None = None) -> FileTable:
-    """The file's table: mapped from the cache, or read (and checked) once and cached first."""
-    folder = data_cache(cache_dir) / _table_key(spec)
-    if not is_complete(folder):
+    """The file's table: mapped from the cache once its files and its source's bytes check out, or read (and
+    checked) once and cached first. A damaged or stale table is read again, with a warning."""
+    root = usable_cache(cache_dir)
+    stamp = spec.fingerprint()  # path, size, time and settings
+    key = _table_key(stamp)
+    folder = root / key
+    source = content_hash(spec.path)  # every run: an edit that kept the size and time changes it
+    table = _checked_table(spec, folder, source)
+    if table is not None:
+        return table
+    with _building(root, key):
+        table = _checked_table(spec, folder, source, warn=False)  # another process may have built it meanwhile
+        if table is not None:
+            return table
+        if folder.exists():
+            _discard(folder)
         logger.info("reading %s into %s", spec.path, folder)
-        with atomic_dir(folder, shared=True) as tmp:
-            _write_table(spec, tmp)
+        try:
+            with atomic_dir(folder, shared=True) as tmp:
+                _write_table(spec, tmp, source, stamp)
+        except OSError as error:
+            raise _cache_error(root, error) from None
     return FileTable(spec, folder)
 
 
-def _write_table(spec: DataFile, folder: Path) -> None:
+def _checked_table(spec: DataFile, folder: Path, source: str, warn: bool = True) -> FileTable | None:
+    """The complete table at `folder` if its own files and its source's hash are what it recorded, else None
+    (a warning names the problem when `warn`)."""
+    if not is_complete(folder):
+        return None
+    problem = table_problem(folder, source)
+    if problem is None:
+        try:
+            return FileTable(spec, folder)
+        except (OSError, ValueError, pa.ArrowException) as error:
+            problem = f"unreadable ({' '.join(str(error).split())})"
+    if warn:
+        logger.warning("data cache: %s: %s; reading %s again", folder, problem, spec.path)
+    return None
+
+
+def table_problem(folder: Path, source: str | None) -> str | None:
+    """None if the table's own files are those it recorded (size and hash) and, when `source` is given, its source's
+    bytes hash to it; else what is wrong."""
+    try:
+        recorded = json.loads((folder / INTEGRITY_FILE).read_text(encoding="utf-8"))
+        files = recorded["files"]
+        if sorted(files) != sorted(OWN_FILES):
+            return "damaged (its record of its files is incomplete)"
+        for name in OWN_FILES:
+            path = folder / name
+            if not path.is_file() or path.stat().st_size != files[name]["bytes"]:
+                return f"damaged ({name} is missing or has another size)"
+            if content_hash(path) != files[name]["blake2b"]:
+                return f"damaged ({name} is not the file it wrote)"
+        if source is not None and recorded["source"] != source:
+            return "stale (its source file's content changed)"
+    except (OSError, ValueError, KeyError, TypeError, DataError):
+        return f"damaged ({INTEGRITY_FILE} is missing or unreadable)"
+    return None
+
+
+def content_hash(path: Path) -> str:
+    """blake2b of a file's bytes, or of a folder's files (their relative names and bytes, in name order)."""
+    digest = hashlib.blake2b(digest_size=20)
+    if path.exists() and not path.is_dir() and not path.is_file():  # reading a FIFO would wait for a writer
+        raise DataError(f"{path}: not a regular file (a FIFO, a device or a socket); give a data file")
+    try:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if file != path:
+                digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+            with open(file, "rb") as f:
+                while chunk := f.read(HASH_CHUNK):
+                    digest.update(chunk)
+    except OSError as error:
+        raise DataError(f"{path}: cannot read: {error.strerror or error}") from None
+    return digest.hexdigest()
+
+
+def usable_cache(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The data cache folder, made if needed; a place that cannot be one is a `CacheError` naming it."""
+    root = data_cache(cache_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _cache_error(root, error) from None
+    return root
+
+
+def _cache_error(root: Path, error: OSError) -> CacheError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "its disk is full; free space there or"
+    elif isinstance(error, (FileExistsError, NotADirectoryError)):
+        why = "it is not a folder;"
+    else:
+        why = f"{error.strerror or error};"
+    return CacheError(f"data cache {root}: cannot write ({why} set {DATA_CACHE_ENV_VAR} to a folder you can write)")
+
+
+def _building_lock(root: Path, key: str) -> Path:
+    return root / f".{key}.building"
+
+
+@contextlib.contextmanager
+def _building(root: Path, key: str) -> Iterator[None]:
+    """Holds the lock of the table `key` while the block runs, waiting for another builder to finish first."""
+    try:
+        with waiting_lock(_building_lock(root, key), f"pid {os.getpid()} on {socket.gethostname()}"):
+            yield
+    except CacheError:
+        raise
+    except OSError as error:  # the lock's file cannot be made
+        raise _cache_error(root, error) from None
+
+
+def _discard(folder: Path) -> None:
+    """Takes a damaged or stale table out of use (unmarked, renamed aside), then removes it."""
+    unmark_complete(folder)
+    aside = folder.with_name(f".{folder.name}.discarded-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _write_table(spec: DataFile, folder: Path, source: str, stamp: str) -> None:
+    """Reads the file into the table at `folder`; `source` is the hash of its bytes and `stamp` its fingerprint,
+    taken before: a file that changes while it is read (its fingerprint moves) is an error, not a table."""
     keys, chars, codes = array("d"), array("l"), array("l")
     names: dict[str, int] = {}
     with pa.OSFile(str(folder / TABLE_FILE), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
@@ -183,9 +314,15 @@ def _write_table(spec: DataFile, folder: Path) -> None:
     np.save(folder / "chars.npy", np.asarray(chars, dtype=np.int32))
     np.save(folder / "tasks.npy", np.asarray(codes, dtype=np.int32))
     (folder / "tasks.json").write_text(json.dumps(list(names), ensure_ascii=False), encoding="utf-8")
-    source = {"path": str(spec.path), "schema": spec.schema, "task": spec.task, "columns": spec.columns}
-    source |= {"kind": spec.kind, "examples": len(keys)}
-    (folder / SOURCE_FILE).write_text(json.dumps(source, ensure_ascii=False), encoding="utf-8")
+    record = {"path": str(spec.path), "schema": spec.schema, "task": spec.task, "columns": spec.columns}
+    record |= {"kind": spec.kind, "examples": len(keys)}
+    (folder / SOURCE_FILE).write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    if spec.fingerprint() != stamp:
+        raise DataError(f"{spec.path}: changed while it was read; run again once it is written")
+    files = {
+        name: {"bytes": (folder / name).stat().st_size, "blake2b": content_hash(folder / name)} for name in OWN_FILES
+    }
+    (folder / INTEGRITY_FILE).write_text(json.dumps({"source": source, "files": files}), encoding="utf-8")
 
 
 @dataclass
@@ -193,22 +330,45 @@ class CachedTable:
     folder: Path
     bytes: int
     source: dict | None  # what was read (path, settings, examples); None for a folder without its record
-    stale: bool  # its file changed or is gone since (or it is not a complete table): no run will map it again
+    state: str  # "ok", "stale" (its file changed or is gone), "damaged", "partial" (a build that was cut short)
+    # or "building" (another process is writing it: never removed)
+
+    @property
+    def stale(self) -> bool:
+        """No run will map it again: removable."""
+        return self.state in ("stale", "damaged", "partial")
 
 
 def cached_tables(cache_dir: str | os.PathLike | None = None) -> list[CachedTable]:
-    """The tables in the data cache, each with its size and whether it is stale."""
+    """The tables in the data cache (and the folders of builds under way or cut short), each with its size and
+    state; every table's files and its source's bytes are checked, as a run would."""
     root = data_cache(cache_dir)
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        if folder.name.startswith("."):  # .<key>.<random>.tmp being built, or left by a killed build
+            key = folder.name[1:].split(".")[0]
+            state = "building" if held_by(_building_lock(root, key)) else "partial"
+            found.append(CachedTable(folder, size, None, state))
+            continue
         try:
             source = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
             spec = DataFile(Path(source["path"]), source["schema"], source["task"], source["columns"], source["kind"])
-            stale = not is_complete(folder) or _table_key(spec) != folder.name
-        except (OSError, ValueError, KeyError, TypeError, DataError):
-            source, stale = None, True
-        found.append(CachedTable(folder, size, source, stale))
+        except (OSError, ValueError, KeyError, TypeError):
+            found.append(CachedTable(folder, size, None, "damaged"))
+            continue
+        state = "ok"
+        try:
+            if not is_complete(folder):
+                state = "partial"
+            elif _table_key(spec.fingerprint()) != folder.name:
+                state = "stale"
+            else:
+                problem = table_problem(folder, content_hash(spec.path))
+                state = "ok" if problem is None else problem.split(" ")[0]
+        except DataError:  # its file is gone or unreadable
+            state = "stale"
+        found.append(CachedTable(folder, size, source, state))
     return found
 
 

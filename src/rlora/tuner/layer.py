@@ -186,13 +186,29 @@ class RLoraLinear(nn.Module, RLoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, result, adapter_names)
         for name in self.active_adapters:
             if name in self.rlora_A:
                 result = self.delta(x, name, result)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """Row i of the batch gets adapter `adapter_names[i]` ("__base__": none), whatever the active adapter is; the
+        rows of one adapter go through `delta` together. PEFT passes `adapter_names` here (`RLoraModel`'s hook)."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names: {len(adapter_names)} names for a batch of {x.shape[0]} rows")
+        for name in dict.fromkeys(adapter_names):  # unique, in order of first use
+            if name not in self.rlora_A:  # "__base__", or an adapter that does not adapt this layer
+                continue
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            result[rows] = self.delta(x[rows], name, result[rows])
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -233,18 +249,28 @@ class RLoraLinear(nn.Module, RLoraLayer):
 
     def get_delta_weight(self, adapter_name: str, gates: torch.Tensor | None = None) -> torch.Tensor:
         """Update W (d_out x d_in) for a FIXED head mixture `gates` (K,), default uniform; an approximation."""
+        B, A = self.fixed_gate_lora(adapter_name, gates)
+        return B @ A
+
+    def fixed_gate_lora(
+        self, adapter_name: str, gates: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain LoRA factors (B, A), scaling 1, whose update B @ A is this layer's for the FIXED head mixture
+        `gates` (K,), default uniform: B = [s * sum_k g_k B_k, -offset_B] (d_out, r or 2r with the offset) and
+        A = [A; offset_A] (r or 2r, d_in), computed in `dtype` (default: float32 at least; float64 stays float64)."""
         k = self.num_heads[adapter_name]
-        dtype = torch.promote_types(self.rlora_A[adapter_name].dtype, torch.float32)  # float64 stays float64
-        A = self.rlora_A[adapter_name].to(dtype)
-        heads = self.head_weights(adapter_name).to(dtype)  # (K, d_out, r)
+        dtype = dtype or torch.promote_types(self.rlora_A[adapter_name].dtype, torch.float32)
+        A = self.rlora_A[adapter_name].detach().to(dtype)
+        heads = self.head_weights(adapter_name).detach().to(dtype)  # (K, d_out, r)
         g = torch.full((k,), 1.0 / k, device=A.device, dtype=dtype) if gates is None else gates.to(A.device, dtype)
         one = torch.tensor(1.0, device=g.device, dtype=dtype)
         if g.shape != (k,) or (g < 0).any() or not torch.isclose(g.sum(), one):
             raise ValueError(f"gates: expected {k} non-negative weights summing to 1, got {gates}")
-        weight = self.scaling[adapter_name] * torch.einsum("k,kor->or", g, heads) @ A
+        B = self.scaling[adapter_name] * torch.einsum("k,kor->or", g, heads)  # (d_out, r)
         if adapter_name in self.rlora_offset_A:
-            weight = weight - self.rlora_offset_B[adapter_name].to(dtype) @ self.rlora_offset_A[adapter_name].to(dtype)
-        return weight
+            B = torch.cat([B, -self.rlora_offset_B[adapter_name].to(dtype)], dim=1)  # (d_out, 2r)
+            A = torch.cat([A, self.rlora_offset_A[adapter_name].to(dtype)])  # (2r, d_in)
+        return B, A
 
     def __repr__(self) -> str:
         return "rlora." + super().__repr__()

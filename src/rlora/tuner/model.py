@@ -11,13 +11,16 @@ What this relies on from PEFT 0.21 beyond its public functions, and what a PEFT 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+from collections.abc import Iterator
 
 import torch
 from peft import NoMatchingPeftModuleError
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..errors import ConfigError
@@ -108,6 +111,45 @@ class RLoraModel(BaseTuner):
                 f"RLoraConfig.target_modules: {targets!r} matches no linear layer of "
                 f"{type(model).__name__}; its linear modules are named: {', '.join(names)}"
             ) from None
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        """`adapter_names=[...]` in `PeftModel.forward`/`generate` (a mixed-adapter batch, as with PEFT's LoRA): every
+        adapted layer (and `modules_to_save` wrapper) gets the list through a forward pre-hook while the call runs.
+        PeftModel calls this and drops `adapter_names` from what it passes on to the base model."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("adapter_names: mixed-adapter batches are for inference; call model.eval() first")
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names: expected a list of adapter names, one per row, got {adapter_names!r}")
+        known = set(self.peft_config) | {"__base__"}
+        unknown = sorted(set(adapter_names) - known)
+        if unknown:
+            raise ValueError(
+                f"adapter_names: no adapter named {', '.join(map(repr, unknown))}; the model has "
+                f"{', '.join(map(repr, sorted(self.peft_config)))} (or '__base__' for none)"
+            )
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats each row once per beam
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        adapter_names = list(adapter_names)
+
+        def inject(module, args, kwargs):
+            return args, kwargs | {"adapter_names": adapter_names}
+
+        handles = [
+            module.register_forward_pre_hook(inject, with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, (RLoraLayer, AuxiliaryTrainingWrapper))
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def merge_and_unload(self, *args, **kwargs) -> nn.Module:
         raise ValueError(MERGE_ERROR)

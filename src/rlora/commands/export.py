@@ -1,0 +1,280 @@
+r"""`rlora export`: a multi-head run as plain PEFT LoRA adapters (or full merged models) that any LoRA server loads.
+
+With FIXED gates g (K,) an adapted layer's update is a plain LoRA update of rank r, or 2r with R-LoRA's offset:
+
+    s * (sum_k g_k B_k) A  -  offset_B offset_A  =  [s * sum_k g_k B_k, -offset_B] @ [A; offset_A]
+
+(`RLoraLinear.fixed_gate_lora`). The exported `LoraConfig` has `lora_alpha = r` and no rsLoRA, so PEFT's scaling is 1,
+and no dropout. It is exact for those gates, and an approximation of the trained model, whose router mixes the heads
+per token: `rlora eval` on the export against the run says what the fixed gates cost.
+
+Gates (`--gates`):
+- `uniform`: 1/K for every head of every layer;
+- `task:NAME`: the run's task NAME's mean gates, layer by layer, over the real tokens of its training examples (gold
+  context and answer, as trained);
+- `per-task`: one export per trained task, each with its own mean gates, in OUT/<task>/;
+- a JSON file: a list of K weights for every layer, or an object mapping each adapted module's name (as in the
+  export's gates.json, e.g. "model.layers.0.mlp.up_proj") to its K weights.
+
+Every export folder also holds `gates.json`, the gates it was made with (a valid `--gates` file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._io import atomic_dir, atomic_write_json
+from ..errors import ConfigError, RunFolderError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..run import LoadedRun
+
+GATES_FILE = "gates.json"
+PEFT_PREFIX = "base_model.model."  # what PEFT puts before a module's name in the saved keys (and vLLM strips)
+DEFAULT_MAX_EXAMPLES = 256
+
+
+def parse_gates(spec: str) -> str:
+    """`spec` as given on the command line, checked for its form (`uniform`, `per-task`, `task:NAME`, or a file)."""
+    if spec in ("uniform", "per-task") or spec.startswith("task:") and spec[5:]:
+        return spec
+    if Path(spec).is_file():
+        return spec
+    raise ConfigError(f"--gates {spec!r}: expected uniform, per-task, task:NAME or a JSON file of gates (no such file)")
+
+
+def export_run(
+    run_dir: str | Path,
+    gates: str,
+    out: str | Path,
+    *,
+    merged: bool = False,
+    max_examples: int | None = None,
+    cache_dir: str | None = None,
+) -> list[Path]:
+    """Writes the run's adapter with fixed `gates` (see the module docstring) as a plain PEFT LoRA adapter folder, or
+    with `merged` as a full model folder (safetensors, with the tokenizer); `per-task` writes one per task under
+    `out`. Returns the folders written."""
+    from ..run import RunFolder, load_run
+
+    gates = parse_gates(gates)
+    max_examples = max_examples or DEFAULT_MAX_EXAMPLES
+    folder = RunFolder(run_dir)
+    cfg = folder.read_config()
+    if cfg.method == "lora":
+        raise RunFolderError(
+            f"{folder.root}: a plain LoRA run's adapter is already a PEFT LoRA adapter ({folder.adapter}); "
+            "export is for multi-head runs"
+        )
+    _check_out(Path(out), per_task=gates == "per-task")
+    run = load_run(run_dir, cache_dir, multi_head=True)
+    run.model.eval()
+    layers = adapted_modules(run.model)
+    if gates == "uniform":
+        plans = {None: uniform_gates(layers)}
+    elif gates == "per-task":
+        plans = {task: task_gates(run, task, max_examples) for task in run.plan.tasks}
+    elif gates.startswith("task:"):
+        plans = {None: task_gates(run, gates[5:], max_examples)}
+    else:
+        plans = {None: read_gates_file(gates, layers)}
+    base = None
+    written = []
+    for task, layer_gates in plans.items():
+        target = Path(out) / task if task is not None else Path(out)
+        if merged:
+            base = base or _plain_base(run, cache_dir)
+            write_merged(base, run.tokenizer, layers, layer_gates, target)
+        else:
+            write_lora(run.model, layers, layer_gates, target, base_model=_base_model_path(run, cache_dir))
+        written.append(target)
+    return written
+
+
+def _check_out(out: Path, per_task: bool) -> None:
+    """An export replaces an earlier export (a folder with gates.json) or fills an empty or new folder, nothing else."""
+    folders = [p for p in out.iterdir() if p.is_dir()] if per_task and out.is_dir() else [out]
+    for folder in folders:
+        if folder.is_file() or folder.is_dir() and any(folder.iterdir()) and not (folder / GATES_FILE).is_file():
+            raise ConfigError(f"--out {folder}: exists and is not an earlier export (no {GATES_FILE}); choose another")
+
+
+def adapted_modules(model) -> dict[str, Any]:
+    """The R-LoRA layers of the "default" adapter, by their name in the base model ("model.layers.0.mlp.up_proj")."""
+    from ..analysis import adapted_layers
+
+    return {name.removeprefix(PEFT_PREFIX): layer for name, layer in adapted_layers(model)}
+
+
+def uniform_gates(layers: dict[str, Any]) -> dict[str, torch.Tensor]:
+    import torch
+
+    return {
+        name: torch.full((layer.num_heads["default"],), 1 / layer.num_heads["default"], dtype=torch.float64)
+        for name, layer in layers.items()
+    }
+
+
+def task_gates(run: LoadedRun, task: str, max_examples: int) -> dict[str, torch.Tensor]:
+    """The task's mean gates per layer over the real tokens of (up to `max_examples` of) its training examples."""
+    import torch
+
+    from ..analysis import router_usage
+    from ..data import gold_spans
+
+    d = run.cfg.data
+    names = list(run.plan.tasks)
+    if task not in names:
+        raise ConfigError(f"--gates task:{task}: the run trained on {', '.join(names)}")
+    task_rows, example_rows = run.plan.mixture
+    positions = sorted(set(example_rows[task_rows == names.index(task)].tolist()))[:max_examples]
+    spans = [
+        gold_spans(run.tokenizer, run.plan.train_example(names.index(task), i), d.chat_template, d.max_length)
+        for i in positions
+    ]
+    usage = router_usage(run.model, {task: [s.prompt + s.answer for s in spans]}, batch_size=run.cfg.eval.batch_size)
+    per_layer = usage[task]["mean_gate_per_layer"]
+    return {name.removeprefix(PEFT_PREFIX): torch.tensor(g, dtype=torch.float64) for name, g in per_layer.items()}
+
+
+def read_gates_file(path: str | Path, layers: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A --gates file: a list of K weights (every layer), or {module name: K weights} naming every adapted layer."""
+    import torch
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(f"{path}: not a readable JSON file ({error})") from None
+    if isinstance(data, list):
+        data = dict.fromkeys(layers, data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a list of K gates or an object of module name -> gates")
+    unknown = sorted(set(data) - set(layers))
+    missing = sorted(set(layers) - set(data))
+    if unknown or missing:
+        what = f"{unknown[0]!r} is not an adapted layer" if unknown else f"layer {missing[0]!r} has no gates"
+        raise ConfigError(f"{path}: {what}; the adapted layers are {', '.join(list(layers)[:3])}, ...")
+    out = {}
+    for name, layer in layers.items():
+        g, k = data[name], layer.num_heads["default"]
+        ok = (
+            isinstance(g, list)
+            and len(g) == k
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in g)
+        )
+        if not ok or any(v < 0 or not math.isfinite(v) for v in g) or abs(sum(g) - 1) > 1e-6:
+            raise ConfigError(f"{path}: layer {name!r}: expected {k} non-negative gates summing to 1, got {g!r}")
+        out[name] = torch.tensor(g, dtype=torch.float64)
+    return out
+
+
+def lora_tensors(layers: dict[str, Any], gates: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """The plain LoRA tensors under PEFT's saved names (`base_model.model.<module>.lora_A.weight`, ...) in the
+    adapter's own dtype (computed in float64), and their rank."""
+    import torch
+
+    tensors, ranks = {}, set()
+    for name, layer in layers.items():
+        B, A = layer.fixed_gate_lora("default", gates[name], torch.float64)  # one rounding to the adapter's dtype
+        dtype = layer.rlora_A["default"].dtype
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous()
+        ranks.add(A.shape[0])
+    if len(ranks) != 1:
+        raise ValueError(f"adapted layers of different ranks {sorted(ranks)}")  # one RLoraConfig: never
+    return tensors, ranks.pop()
+
+
+def lora_config(layers: dict[str, Any], rank: int, base_model: str | None, model) -> Any:
+    """PEFT's `LoraConfig` of the export: scaling lora_alpha / r = 1, no dropout, and target modules that match
+    exactly the adapted layers (their leaf names when those match nothing else, else the full names)."""
+    from peft import LoraConfig
+    from torch import nn
+
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    linear = {  # every linear layer of the base model, by its own name (an adapted one's is its wrapper's)
+        n.removeprefix(PEFT_PREFIX).removesuffix(".base_layer")
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+    matched = {n for n in linear if n.rsplit(".", 1)[-1] in leaves}
+    targets = leaves if matched == set(layers) else sorted(layers)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        use_rslora=False,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
+
+
+def write_lora(
+    model, layers: dict[str, Any], gates: dict[str, torch.Tensor], out: Path, base_model: str | None
+) -> None:
+    """One adapter folder of `model`'s `layers`: adapter_config.json, adapter_model.safetensors and gates.json, written
+    whole or not at all."""
+    from safetensors.torch import save_file
+
+    tensors, rank = lora_tensors(layers, gates)
+    config = lora_config(layers, rank, base_model, model)
+    with atomic_dir(out) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / GATES_FILE, {name: g.tolist() for name, g in gates.items()})
+
+
+def write_merged(base, tokenizer, layers: dict[str, Any], gates: dict[str, torch.Tensor], out: Path) -> None:
+    """A full model folder: `base` with every adapted layer's fixed-gate update added to its weight, saved with the
+    tokenizer; `base`'s weights are restored afterwards (so one base serves every task of `per-task`)."""
+    import torch
+
+    modules = dict(base.named_modules())
+    saved = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            weight = modules[name].weight
+            saved[name] = weight.detach().clone()
+            B, A = layer.fixed_gate_lora("default", gates[name], torch.float64)
+            weight.copy_(weight.double() + B @ A)  # in float64, then one rounding to the weight's dtype
+        try:
+            with atomic_dir(out) as tmp:
+                base.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+                atomic_write_json(tmp / GATES_FILE, {name: g.tolist() for name, g in gates.items()})
+        finally:
+            for name, weight in saved.items():
+                modules[name].weight.copy_(weight)
+
+
+def _plain_base(run: LoadedRun, cache_dir: str | None):
+    from .. import models
+
+    model, _ = models.load_model_and_tokenizer(
+        run.cfg.model, cache_dir=cache_dir, chat_template=run.cfg.data.chat_template
+    )
+    return model.eval()
+
+
+def _base_model_path(run: LoadedRun, cache_dir: str | None) -> str:
+    from .. import models
+
+    return str(models.resolve_model(run.cfg.model, cache_dir))
+
+
+def run(args: argparse.Namespace) -> int:
+    written = export_run(
+        args.run_dir, args.gates, args.out, merged=args.merged, max_examples=args.max_examples, cache_dir=args.cache_dir
+    )
+    what = "merged model" if args.merged else "PEFT LoRA adapter"
+    for folder in written:
+        print(f"{what} written to {folder}")
+    return 0
