@@ -212,4 +212,3 @@ def test_scoring_and_the_loss_never_make_a_batch_by_sequence_by_vocabulary_tenso
         causal_lm_loss(model, inputs).backward()
     assert seen.numel <= len(data) * 4 * VOCAB < full_logits / 4
     model.eval()
-

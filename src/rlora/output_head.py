@@ -20,6 +20,7 @@ head's input is swapped, by a forward pre-hook, so whatever the wrappers do in t
 from __future__ import annotations
 
 import weakref
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -179,4 +180,3 @@ def positions_logprobs(
     from one forward pass and the output head at those N positions only."""
     hidden, head = forward_hidden(model, **inputs)
     return head.target_logprobs(hidden[rows, positions], targets.to(hidden.device))
-

@@ -131,7 +131,8 @@ class HeadOnlyLossTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # As `Trainer.compute_loss` with a model that sums and divides by `num_items_in_batch` when it takes it
         loss = causal_lm_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+        counted = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        if self.args.average_tokens_across_devices and counted:
             loss_scale = self.accelerator.num_processes // self.get_tp_size()
             loss *= loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu
         return loss
