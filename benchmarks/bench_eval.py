@@ -55,7 +55,7 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
-VARIANTS = ("rlora", "rlora baseline", "lm-eval")
+VARIANTS = ("lm-eval", "rlora", "rlora baseline")
 
 
 def make_examples(n: int, prompt_tokens: int) -> list[dict]:
@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> str:
         (Path(work) / "docs.json").write_text(json.dumps(docs))
         with open(Path(work) / "docs.jsonl", "w") as f:
             for i, d in enumerate(docs):
-                f.write(json.dumps({"id": i, "context": d["context"], "choices": d["labels"], "gold": d["gold"]}) + "\n")
+                row = {"id": i, "context": d["context"], "choices": d["labels"], "gold": d["gold"]}
+                f.write(json.dumps(row) + "\n")
         (Path(work) / "tasks").mkdir()
         (Path(work) / "tasks" / f"{TASK}.yaml").write_text(
             TASK_YAML.format(task=TASK, data_file=json.dumps(str(Path(work) / "docs.jsonl")))
@@ -174,7 +175,8 @@ def run(args: argparse.Namespace) -> str:
             shift = i % len(VARIANTS)
             for variant in VARIANTS[shift:] + VARIANTS[:shift]:
                 runs[variant].append(run_child(variant, spec, srcs[variant], args.threads))
-                print(f"{variant}: {runs[variant][-1]['scores_s']:.1f} s", file=sys.stderr, flush=True)
+                done = {k: v for k, v in runs[variant][-1].items() if k != "choices"}
+                print(f"{variant}: {json.dumps(done)}", file=sys.stderr, flush=True)
     n_tokens = statistics.median(len(d["context"]) for d in docs)
 
     def med(variant: str, key: str) -> float | None:

@@ -36,6 +36,8 @@ from rlora.evaluate import held_out_loss, predict
 from rlora.output_head import causal_lm_loss
 from rlora.train import HeadOnlyLossTrainer
 
+numerics = pytest.mark.numerics  # run again on other CPU kernel paths by scripts/test.sh
+
 SHAPE = {
     "vocab_size": 97,
     "hidden_size": 32,
@@ -92,6 +94,7 @@ def grads(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
 
 
+@numerics
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 @pytest.mark.parametrize("chunk_rows", [1024, 2])  # one chunk, or the head at 2 positions at a time (checkpointed)
 def test_loss_and_gradients_equal_the_full_logits_loss(architecture, chunk_rows, monkeypatch):
@@ -119,6 +122,7 @@ def test_an_unknown_logit_post_processing_is_refused_by_name():
         causal_lm_loss(model, batch())
 
 
+@numerics
 def test_the_trainer_trains_the_same_adapter_as_a_plain_trainer_with_gradient_accumulation(tmp_path):
     """Two optimizer steps of 2 accumulated batches of 2 rows whose trained-token counts differ: the loss is
     normalised over all accumulated tokens (`num_items_in_batch`) exactly as the model's own loss is."""

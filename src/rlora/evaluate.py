@@ -21,7 +21,8 @@ the average's `ppl` is exp(average `loss`), the perplexity of the mean loss, not
 Scoring is pure: examples and a model in, scores out; nothing here loads a model or writes a file (`run.py` and
 `commands/eval.py` do, and `reports.py` renders the tables). When an MC example's labels are single tokens after one
 shared prompt (the usual "A"/"B"/..., "yes"/"no"), all its choices come from one pass over the prompt; every other
-continuation is scored in right-padded batches.
+continuation is scored in right-padded batches. The output head runs only at the positions scored (`output_head`):
+no batch x sequence x vocabulary tensor is made.
 """
 
 from __future__ import annotations
