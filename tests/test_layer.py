@@ -257,7 +257,7 @@ def fixed_masks(monkeypatch, seed: int = 5) -> None:
         gen = torch.Generator().manual_seed(seed + t.dim() * 100 + t.shape[-1])
         return t * (torch.rand(t.shape, generator=gen) < 0.5).to(t.dtype) * 2
 
-    monkeypatch.setattr("rlora.layer.F.dropout", dropout)
+    monkeypatch.setattr("rlora.tuner.layer.F.dropout", dropout)
 
 
 @pytest.mark.parametrize("case", CASES[:2], ids=CASE_IDS[:2])
@@ -270,7 +270,7 @@ def test_with_dropout_a_reads_the_dropped_input_and_the_router_and_offset_the_un
     layer = case_layer(case, head_init=head_init, head_dropout=head_dropout, lora_dropout=0.5)
     leave_the_init(layer, case[0])
     fixed_masks(monkeypatch)
-    from rlora.layer import F as layer_F
+    from rlora.tuner.layer import F as layer_F
 
     x1 = torch.randn(2, 5, case[1], dtype=torch.float64, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
