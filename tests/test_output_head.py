@@ -96,19 +96,20 @@ def grads(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @numerics
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
-@pytest.mark.parametrize("chunk_rows", [1024, 2])  # one chunk, or the head at 2 positions at a time (checkpointed)
-def test_loss_and_gradients_equal_the_full_logits_loss(architecture, chunk_rows, monkeypatch):
-    monkeypatch.setattr(rlora.output_head, "CHUNK_ELEMENTS", chunk_rows * SHAPE["vocab_size"])
+def test_loss_and_gradients_equal_the_full_logits_loss(architecture, monkeypatch):
     model, inputs = adapted(architecture), batch()
     for num_items in (None, torch.tensor(17)):  # the Trainer's count over several accumulated batches
         expected = reference_loss(model, inputs, num_items)
-        loss = causal_lm_loss(model, inputs, num_items)
-        assert loss.dtype == torch.float64
-        torch.testing.assert_close(loss, expected, **F64)
-        ours, theirs = grads(model, loss), grads(model, expected)
-        assert len(ours) == 3 * 3 * SHAPE["num_hidden_layers"]  # A, B, router of 3 MLP projections per layer
-        for name in theirs:
-            torch.testing.assert_close(ours[name], theirs[name], **F64, msg=name)
+        theirs = grads(model, expected)
+        assert len(theirs) == 3 * 3 * SHAPE["num_hidden_layers"]  # A, B, router of 3 MLP projections per layer
+        for chunk_rows in (1024, 2):  # one chunk, or the head at 2 positions at a time (each recomputed backward)
+            monkeypatch.setattr(rlora.output_head, "CHUNK_ELEMENTS", chunk_rows * SHAPE["vocab_size"])
+            loss = causal_lm_loss(model, inputs, num_items)
+            assert loss.dtype == torch.float64
+            torch.testing.assert_close(loss, expected, **F64)
+            ours = grads(model, loss)
+            for name in theirs:
+                torch.testing.assert_close(ours[name], theirs[name], **F64, msg=name)
     # and the model's own loss, which transformers computes from float32 logits (`.float()`): their rounding
     # (relative 6e-8 of logits of size ~1, over ~100 classes) moves a loss of ~4.6 nats by well under 1e-5
     own = model(**inputs).loss
