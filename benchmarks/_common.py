@@ -161,3 +161,30 @@ def _cpu_model() -> str:
 
 def mib(n: int) -> str:
     return f"{n / 2**20:.1f}"
+
+
+def process_peak_bytes(fn: Callable[[], object]) -> int:
+    """CPU: how far the process's resident memory rises above where it was, at its highest, during `fn`.
+
+    Linux keeps the resident high-water mark (VmHWM); writing 5 to /proc/self/clear_refs resets it to the current
+    resident size. Before that, freed heap memory is handed back to the system (glibc's `malloc_trim`), so that
+    `fn` cannot reuse memory that a previous call left mapped and hide its own peak. Large tensors are mapped and
+    unmapped one by one (glibc's mmap threshold), so the high-water mark sees each of them."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS")
+    fn()
+    return _status_bytes("VmHWM") - before
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {key}")

@@ -7,6 +7,10 @@ Variants, all with the same frozen base layer, rank r and dropout p, in training
 - R-LoRA:         our fused `RLoraLinear`, K random heads with offset, a dropout mask per head on A x
 - per-head loop:  the authors' style, written here: for every head its own dropout on x, A x recomputed, B_k
                   applied, the gate multiplying that head's d_out-wide output, summed
+- R-LoRA (x read twice): our layer as it was before x was read by one matmul: `A x` with the offset's `A0 x` in
+                  one matmul and the router's `W_r x` in another (`TwoReads` below)
+
+The last columns give R-LoRA's time over the frozen base layer's, with one read of x and with two.
 
 The input requires grad (a layer in the middle of a network), the gradient of the output is fixed.
 
@@ -19,6 +23,7 @@ import argparse
 import sys
 
 import torch
+import torch.nn.functional as F
 from _common import (
     add_adapter_args,
     bench_main,
@@ -44,7 +49,22 @@ SHAPES = [
     ("Qwen2.5-0.5B", 4864, 896),
 ]
 QUICK_SHAPES = [("tiny", 32, 64), ("tiny", 64, 32)]
-VARIANTS = ["base", "PEFT LoRA", "HydraLoRA (fused)", "R-LoRA (fused)", "per-head loop"]
+VARIANTS = ["base", "PEFT LoRA", "HydraLoRA (fused)", "R-LoRA (fused)", "per-head loop", "R-LoRA (x read twice)"]
+
+
+class TwoReads(RLoraLinear):
+    """R-LoRA's update with the router reading x in a matmul of its own (the layer before the single read of x)."""
+
+    def delta(self, x: torch.Tensor, adapter_name: str, result: torch.Tensor | None = None) -> torch.Tensor:
+        A, B, A0 = self.rlora_A[adapter_name], self.rlora_B[adapter_name], self.rlora_offset_A[adapter_name]
+        r, k, p = self.r[adapter_name], self.num_heads[adapter_name], self.dropout_p[adapter_name]
+        gates = (self.gates(x, adapter_name) * self.scaling[adapter_name]).to(A.dtype)  # (..., K): W_r x
+        z, z0 = F.linear(x, torch.cat([A, A0.to(A.dtype)])).split(r, dim=-1)  # (..., r) each: A x, A0 x
+        zk = F.dropout(z.unsqueeze(-2).expand(*z.shape[:-1], k, r), p, self.training)  # (..., K, r)
+        u = torch.cat([(zk * gates.unsqueeze(-1)).flatten(-2), z0], dim=-1)  # (..., (K+1)*r)
+        B = torch.cat([B, -self.rlora_offset_B[adapter_name].to(A.dtype)], dim=1)  # (d_out, (K+1)*r)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), B.t())
+        return out.view(result.shape)
 
 
 class PerHeadLoop(nn.Module):
@@ -93,7 +113,9 @@ def build_variants(d_in: int, d_out: int, args: argparse.Namespace, dtype: torch
     rlora = RLoraLinear(base(), "default", RLoraConfig(**rcfg, head_init="random", head_dropout=True))
     loop = PerHeadLoop(base(), args.r, args.heads, args.dropout, rlora.scaling["default"])
     loop.base.requires_grad_(False)
-    modules = [base(), lora, hydra, rlora, loop]
+    two_reads = TwoReads(base(), "default", RLoraConfig(**rcfg, head_init="random", head_dropout=True))
+    two_reads.load_state_dict(rlora.state_dict())
+    modules = [base(), lora, hydra, rlora, loop, two_reads]
     return {name: m.to(dev, dtype).train() for name, m in zip(VARIANTS, modules, strict=True)}
 
 
@@ -117,7 +139,7 @@ def run(args: argparse.Namespace) -> str:
     header = ["model", "d_in→d_out", "tokens", "LoRA fwd+bwd ms"]
     header += [f"{v} time" for v in VARIANTS if v != "PEFT LoRA"]
     header += ["LoRA mem MiB"] + [f"{v} mem" for v in VARIANTS if v != "PEFT LoRA"]
-    header += ["loop / R-LoRA time"]
+    header += ["loop / R-LoRA time", "R-LoRA / base time", "x read twice / base time"]
     rows = []
     for model, d_in, d_out in shapes:
         variants = build_variants(d_in, d_out, args, dtype, dev)
@@ -136,6 +158,7 @@ def run(args: argparse.Namespace) -> str:
             row += [f"{times[v] / ref_t:.2f}" for v in VARIANTS if v != "PEFT LoRA"]
             row += [mib(ref_m)] + [f"{mems[v] / ref_m:.2f}" for v in VARIANTS if v != "PEFT LoRA"]
             row += [f"{times['per-head loop'] / times['R-LoRA (fused)']:.2f}"]
+            row += [f"{times[v] / times['base']:.2f}" for v in ("R-LoRA (fused)", "R-LoRA (x read twice)")]
             rows.append(row)
     note = (
         f"\nRatios to PEFT LoRA (medians of {args.repeats} interleaved repeats after {args.warmup} warm-up; "

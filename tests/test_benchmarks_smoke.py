@@ -23,6 +23,29 @@ def test_layer_benchmark_prints_one_row_per_shape_and_token_count_with_every_var
         assert f"{variant} time" in header and f"{variant} mem" in header
     assert len(body) == len(bench_layer.QUICK_SHAPES)
     assert all(len(row) == len(header) for row in body)
+    assert header[-2:] == ["R-LoRA / base time", "x read twice / base time"]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_answer_loss_benchmark_compares_the_head_at_the_answers_with_full_logits_and_peft_lora():
+    import bench_answer_loss
+
+    rows = table_rows(bench_answer_loss.main(["--quick", "--memory-repeats", "1"]))
+    header, body = rows[0], rows[1:]
+    assert header[:3] == ["variant", "step s", "time / R-LoRA full logits"]
+    assert [row[0] for row in body] == bench_answer_loss.VARIANTS
+    assert body[1][2] == "1.00" and body[1][4] == "1.00"
+
+
+@pytest.mark.slow  # three fresh processes load the embedded model, one of them from a git worktree (minutes)
+def test_eval_benchmark_scores_with_this_checkout_the_baseline_and_lm_eval():
+    import bench_eval
+
+    rows = table_rows(bench_eval.main(["--quick"]))
+    header, body = rows[0], rows[1:]
+    assert header[:3] == ["scorer", "scores s", "scores peak MiB"]
+    assert [row[0].split()[0] for row in body] == ["lm-eval-harness", "rlora", "rlora"]
+    assert all(row[6] == "4/4" for row in body)  # the same letter for every example
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from _tiny import F64, tiny_llama
 
-import rlora.evaluate
+import rlora.output_head
 from rlora.commands.compare import summarize
 from rlora.data import IGNORE_INDEX, Example, encode_example
 from rlora.evaluate import evaluate_tasks, held_out_loss, perplexity
@@ -58,8 +58,8 @@ def test_batched_loss_equals_a_naive_sum_over_positions_whatever_the_batch(
     expected, count = naive_loss(model, tiny_tokenizer, data, chat_template, 64)
     assert count > len(data)  # answers of several tokens, the conversation's two assistant turns, EOS
     losses = {}
-    for batch_size, rows in ((1, 1024), (3, 1024), (8, 1024), (3, 2)):  # rows: positions normalised at once
-        monkeypatch.setattr(rlora.evaluate, "NLL_ROWS", rows)
+    for batch_size, rows in ((1, 1024), (3, 1024), (8, 1024), (3, 2)):  # rows: positions the head takes at once
+        monkeypatch.setattr(rlora.output_head, "CHUNK_ELEMENTS", rows * model.config.vocab_size)
         losses[batch_size, rows] = held_out_loss(
             model, tiny_tokenizer, data, chat_template=chat_template, max_length=64, batch_size=batch_size
         )

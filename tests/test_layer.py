@@ -245,3 +245,55 @@ def test_fixed_gate_delta_weight_is_the_gate_weighted_head_mixture(case):
         layer.get_delta_weight("default", torch.full((k,), 0.5))
     with pytest.raises(ValueError, match=f"gates: expected {k} non-negative weights summing to 1"):
         layer.get_delta_weight("default", torch.full((k + 1,), 1 / (k + 1)))
+
+
+def fixed_masks(monkeypatch, seed: int = 5) -> None:
+    """Replace the layer's dropout by a fixed function of the input's shape (entries 0 or 2, p = 0.5), so that a
+    reference computation can apply the very same masks."""
+
+    def dropout(t: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+        if not training or p == 0:
+            return t
+        gen = torch.Generator().manual_seed(seed + t.dim() * 100 + t.shape[-1])
+        return t * (torch.rand(t.shape, generator=gen) < 0.5).to(t.dtype) * 2
+
+    monkeypatch.setattr("rlora.tuner.layer.F.dropout", dropout)
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=CASE_IDS[:2])
+@pytest.mark.parametrize(("head_init", "head_dropout"), VARIANTS)
+def test_with_dropout_a_reads_the_dropped_input_and_the_router_and_offset_the_undropped_one(
+    head_init, head_dropout, case, monkeypatch
+):
+    """The single matmul over x keeps where each dropout applies: per head on A x (R-LoRA), or one mask on x for A
+    only (HydraLoRA); the router's gates and the offset's A^0 x always read x itself."""
+    layer = case_layer(case, head_init=head_init, head_dropout=head_dropout, lora_dropout=0.5)
+    leave_the_init(layer, case[0])
+    fixed_masks(monkeypatch)
+    from rlora.tuner.layer import F as layer_F
+
+    x1 = torch.randn(2, 5, case[1], dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    fused = layer.train()(x1)
+
+    A, B, Wr = layer.rlora_A["default"], layer.rlora_B["default"], layer.rlora_router["default"]
+    r, k, s = layer.r["default"], layer.num_heads["default"], layer.scaling["default"]
+    naive = layer.base_layer(x2)
+    gates = torch.softmax(x2 @ Wr.T, dim=-1)  # the undropped x
+    if head_dropout:  # the mask of head i: slice i of one (..., K, r) draw
+        masks = layer_F.dropout(torch.ones(2, 5, k, r, dtype=torch.float64), 0.5)
+        inputs = [masks[..., i, :] * (x2 @ A.T) for i in range(k)]
+    else:
+        inputs = [layer_F.dropout(x2, 0.5) @ A.T] * k
+    for i in range(k):
+        naive = naive + s * gates[..., i : i + 1] * (inputs[i] @ B[:, i * r : (i + 1) * r].T)
+    if "default" in layer.rlora_offset_A:
+        naive = naive - (x2 @ layer.rlora_offset_A["default"].T) @ layer.rlora_offset_B["default"].T
+    torch.testing.assert_close(fused, naive, **F64)
+    assert not torch.allclose(fused, layer.eval()(x1))  # the masks did change something
+
+    weights = torch.randn_like(fused)
+    g_fused = torch.autograd.grad((fused * weights).sum(), [x1, A, B, Wr])
+    g_naive = torch.autograd.grad((naive * weights).sum(), [x2, A, B, Wr])
+    for a, b in zip(g_fused, g_naive, strict=True):
+        torch.testing.assert_close(a, b, **F64)

@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-import transformers
 from _tiny import write_config
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,7 +20,7 @@ from rlora.cli import main
 from rlora.data import read_jsonl_tasks, render_pairs
 from rlora.evaluate import Prediction, normalize_answer, predict
 from rlora.runconfig import dump_run_config, load_run_config
-from rlora.train import TrainingError, complete_checkpoints, train
+from rlora.train import HeadOnlyLossTrainer, TrainingError, complete_checkpoints, train
 
 
 def run_cli(*args, cwd=None, timeout=300):
@@ -171,7 +170,7 @@ def test_cli_errors_are_one_line_on_stderr_with_a_nonzero_exit(workspace, tmp_pa
 def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint(
     workspace, tmp_path, monkeypatch
 ):
-    original = transformers.Trainer.compute_loss
+    original = HeadOnlyLossTrainer.compute_loss
 
     def poisoned(self, model, inputs, *args, **kwargs):
         loss = original(self, model, inputs, *args, **kwargs)
@@ -179,7 +178,7 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_keeps_the_last_che
             return (loss * float("nan"), *loss[1:]) if isinstance(loss, tuple) else loss * float("nan")
         return loss
 
-    monkeypatch.setattr(transformers.Trainer, "compute_loss", poisoned)
+    monkeypatch.setattr(HeadOnlyLossTrainer, "compute_loss", poisoned)
     cfg = load_run_config(write_config(workspace, tmp_path / "run"))
     with pytest.raises(TrainingError, match=r"non-finite training loss \(nan\) at step 3; .*checkpoint-2"):
         train(cfg)

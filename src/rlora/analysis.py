@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import pad_ids
+from .output_head import forward_hidden
 from .tuner import RLoraLinear
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -98,8 +99,8 @@ def router_usage(
         tokens = 0
         for start in range(0, len(prompts), batch_size):
             ids, mask = pad_ids(prompts[start : start + batch_size], pad_id=0)  # padding is masked out below
-            with record_gates(model, adapter_name) as records:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            with record_gates(model, adapter_name) as records:  # the layers only: no logits
+                forward_hidden(model, input_ids=ids.to(device), attention_mask=mask.to(device))
             real = mask.bool().flatten()
             tokens += int(real.sum())
             for name, calls in records.items():
@@ -176,8 +177,8 @@ def favoured_heads(model: torch.nn.Module, ids: Sequence[int], adapter_name: str
     "num_heads": K}."""
     model.eval()
     device = next(model.parameters()).device
-    with record_gates(model, adapter_name) as records:
-        model(input_ids=torch.tensor([list(ids)], device=device))
+    with record_gates(model, adapter_name) as records:  # the layers only: no logits
+        forward_hidden(model, input_ids=torch.tensor([list(ids)], device=device))
     names = list(records)
     if not names:
         raise ValueError(f"no adapted layer with the adapter {adapter_name!r}")

@@ -21,7 +21,8 @@ the average's `ppl` is exp(average `loss`), the perplexity of the mean loss, not
 Scoring is pure: examples and a model in, scores out; nothing here loads a model or writes a file (`run.py` and
 `commands/eval.py` do, and `reports.py` renders the tables). When an MC example's labels are single tokens after one
 shared prompt (the usual "A"/"B"/..., "yes"/"no"), all its choices come from one pass over the prompt; every other
-continuation is scored in right-padded batches.
+continuation is scored in right-padded batches. The output head runs only at the positions scored (`output_head`):
+no batch x sequence x vocabulary tensor is made.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, Example, Spans, encode_example, example_spans, pad_ids, render_pairs
 from .errors import ConfigError
+from .output_head import forward_hidden, positions_logprobs
 
 ACCURACY_METRICS = ("acc_ll", "acc_norm", "acc_gen")  # fractions in [0, 1], higher is better
 LOSS_METRICS = ("loss", "ppl")  # nats per trained token and its exp, lower is better
 METRICS = ACCURACY_METRICS + LOSS_METRICS
 LOWER_IS_BETTER = frozenset(LOSS_METRICS)
-NLL_ROWS = 1024  # token positions whose logits `token_nll` normalises at once
 
 
 @dataclasses.dataclass
@@ -79,33 +80,38 @@ class Prediction:
 
 @torch.no_grad()
 def score_continuations(model, spans: Sequence[Spans], pad_id: int, batch_size: int) -> list[float]:
-    """Sum of log P(answer tokens | prompt) for each `Spans`, in right-padded batches (end tokens excluded)."""
+    """Sum of log P(answer tokens | prompt) for each `Spans`, in right-padded batches (end tokens excluded), from the
+    output head at the answers' positions only (`output_head`)."""
     device = next(model.parameters()).device
     scores = [0.0] * len(spans)
     order = sorted(range(len(spans)), key=lambda i: -len(spans[i].prompt) - len(spans[i].answer))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = pad_ids([spans[i].prompt + spans[i].answer for i in chunk], pad_id)
-        logprobs = _log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits)
+        rows, positions, targets = [], [], []  # the logits at position t score the answer token at t + 1
         for row, i in enumerate(chunk):
             n_prompt, answer = len(spans[i].prompt), spans[i].answer
-            positions = torch.arange(n_prompt - 1, n_prompt - 1 + len(answer), device=device)
-            scores[i] = logprobs[row, positions, torch.tensor(answer, device=device)].sum().item()
+            rows += [row] * len(answer)
+            positions += range(n_prompt - 1, n_prompt - 1 + len(answer))
+            targets += answer
+        logprobs = positions_logprobs(
+            model,
+            {"input_ids": ids.to(device), "attention_mask": mask.to(device)},
+            torch.tensor(rows, device=device),
+            torch.tensor(positions, device=device),
+            torch.tensor(targets, device=device),
+        )
+        for i, row_logprobs in zip(chunk, logprobs.split([len(spans[i].answer) for i in chunk]), strict=True):
+            scores[i] = row_logprobs.sum().item()
     return scores
-
-
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """In float32 at least (bf16/fp16 logits are upcast; float64 stays float64)."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
 
 
 @torch.no_grad()
 def token_nll(model, features: Sequence[dict], pad_id: int, batch_size: int) -> tuple[float, int]:
     """(summed negative log-likelihood, count) of the trained tokens (labels != IGNORE_INDEX) of training features
-    (`input_ids`, `labels`), in right-padded batches: the logits at position t predict the label at t + 1. Only the
-    trained positions' logits are normalised, in float32 at least and `NLL_ROWS` positions at a time (the upcast
-    copy of a batch's logits would otherwise be as large as the batch's tokens times the vocabulary); the sum is
-    accumulated in float64."""
+    (`input_ids`, `labels`), in right-padded batches: the logits at position t predict the label at t + 1. The output
+    head runs at the trained positions only, normalised in float32 at least (`output_head`); the sum is accumulated
+    in float64."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))  # less padding
@@ -113,16 +119,14 @@ def token_nll(model, features: Sequence[dict], pad_id: int, batch_size: int) -> 
         chunk = [features[i] for i in order[start : start + batch_size]]
         ids, mask = pad_ids([f["input_ids"] for f in chunk], pad_id)
         labels, _ = pad_ids([f["labels"] for f in chunk], IGNORE_INDEX)
-        targets = labels[:, 1:].to(device)
-        trained = targets != IGNORE_INDEX
-        if not trained.any():
+        targets = labels[:, 1:]
+        rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        if not len(rows):
             continue
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1][trained]
-        targets = targets[trained]  # logits: (trained tokens, vocabulary), normalised a slice of rows at a time
-        for row in range(0, len(targets), NLL_ROWS):
-            logprobs = _log_softmax(logits[row : row + NLL_ROWS])
-            total -= logprobs.gather(-1, targets[row : row + NLL_ROWS, None]).to(torch.float64).sum().item()
-        count += len(targets)
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        logprobs = positions_logprobs(model, inputs, rows.to(device), positions.to(device), targets[rows, positions])
+        total -= logprobs.to(torch.float64).sum().item()
+        count += len(rows)
     return total, count
 
 
@@ -214,10 +218,11 @@ def predict(
                 logits = out.logits[0]
                 decoded = tokenizer.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True)
                 texts = {i: t for i, t in zip(needs_prompt, decoded, strict=True) if to_generate[i]}
-            else:
+            else:  # the head at the last position only (left padding: every prompt ends there)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-            first = _log_softmax(logits)
+                hidden, head = forward_hidden(model, input_ids=ids, attention_mask=mask, position_ids=positions)
+                logits = head(hidden[:, -1])  # (prompts, V)
+            first = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
             first_logprobs = {i: first[row] for row, i in enumerate(needs_prompt) if one_pass[i]}
         rest = [
             (i, j)

@@ -33,6 +33,7 @@ from .data.mixture import index_dtype
 from .data.plan import plan_data
 from .errors import ConfigError, MissingPackage, RloraError, RunFolderError, TrainingError, pickle_refusal
 from .methods import PEFT_TYPES, adapter_config, adapter_sizes
+from .output_head import causal_lm_loss
 from .run import (
     RunFolder,
     check_lengths,
@@ -110,7 +111,34 @@ class LengthGroupedIndices(torch.utils.data.Sampler):
         return map(int, indices)
 
 
-class _FiniteLossTrainer(Trainer):
+class HeadOnlyLossTrainer(Trainer):
+    """The Trainer, with the causal-LM loss computed from the output head at the trained positions only
+    (`output_head.causal_lm_loss`: no batch x sequence x vocabulary logits), the same loss and gradients as the
+    model's own. Where the model's weights are sharded over processes (DeepSpeed, FSDP: the head's weights exist
+    whole only inside the model's forward), or a label smoother or custom loss function is set, or the outputs
+    are asked for, the Trainer's own `compute_loss` runs instead."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if (
+            return_outputs
+            or "labels" not in inputs
+            or "shift_labels" in inputs
+            or self.label_smoother is not None
+            or self.compute_loss_func is not None
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+        ):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # As `Trainer.compute_loss` with a model that sums and divides by `num_items_in_batch` when it takes it
+        loss = causal_lm_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+        counted = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        if self.args.average_tokens_across_devices and counted:
+            loss_scale = self.accelerator.num_processes // self.get_tp_size()
+            loss *= loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu
+        return loss
+
+
+class _FiniteLossTrainer(HeadOnlyLossTrainer):
     """Stops at the first NaN or infinite loss, naming the step; the last good checkpoint stays on disk.
 
     With `router_lr_scale` != 1 the routers' weights train at that multiple of the learning rate (their own

@@ -9,9 +9,10 @@ A (r x d_in) is shared, B_k (d_out x r) are the heads, W_r (K x d_in) the router
 or alpha/r. The router starts at zero (uniform gates; R-LoRA) or kaiming-uniform like a default nn.Linear
 (router_init="random"; HydraLoRA, whose zero heads would otherwise sit on a saddle where all heads stay equal).
 
-Fused forward: A x is computed once (together with the offset's A^0 x, in one matmul), the K dropout masks
-are drawn on the r-dim result, the gates (times s) are folded in, and one matmul with the concatenated heads
-B = [B_1 ... B_K] (d_out x K*r) produces the update. There is no Python loop over heads.
+Fused forward: x is read once, by one matmul that computes A x, the offset's A^0 x and the router's W_r x
+together (A x apart only where a dropout on x feeds it); the K dropout masks are drawn on the r-dim A x, the
+gates (times s) are folded in, and one matmul with the concatenated heads B = [B_1 ... B_K] (d_out x K*r)
+produces the update. There is no Python loop over heads.
 
 Initialisation:
 - head_init="zeros" (HydraLoRA/LoRA): A ~ kaiming-uniform, B_k = 0, no offset.
@@ -156,17 +157,27 @@ class RLoraLayer(BaseTunerLayer):
         r, k, p = self.r[adapter_name], self.num_heads[adapter_name], self.dropout_p[adapter_name]
         x = self._cast_input_dtype(x, A.dtype)
         offset = adapter_name in self.rlora_offset_A
-        gates = (self.gates(x, adapter_name) * self.scaling[adapter_name]).to(A.dtype)  # (..., K)
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)
+        dropped = not self.head_dropout[adapter_name] and self.training and p > 0  # A reads x through a dropout
+
+        # One matmul for everything that reads the undropped x: A (unless dropped), the offset's A^0 and, when the
+        # gates' float32 (float64) is x's dtype, the router. The weights are concatenated, (2r + K) x d_in at most.
+        readers = [] if dropped else [A]
+        readers += [self.rlora_offset_A[adapter_name].to(A.dtype)] if offset else []
+        fused_router = gate_dtype == x.dtype
+        readers += [self.rlora_router[adapter_name].to(A.dtype)] if fused_router else []
+        parts = F.linear(x, torch.cat(readers) if len(readers) > 1 else readers[0])  # (..., r + r + K) at most
+        parts = list(parts.split([w.shape[0] for w in readers], dim=-1))
+        z = F.linear(F.dropout(x, p, self.training), A) if dropped else parts.pop(0)  # (..., r)
+        z0 = parts.pop(0) if offset else None  # (..., r): A^0 x
+        router = self.rlora_router[adapter_name]
+        logits = parts.pop(0) if fused_router else F.linear(x.to(gate_dtype), router.to(gate_dtype))  # (..., K)
+        gates = (torch.softmax(logits, dim=-1) * self.scaling[adapter_name]).to(A.dtype)  # (..., K)
 
         if self.head_dropout[adapter_name]:
-            down = torch.cat([A, self.rlora_offset_A[adapter_name].to(A.dtype)]) if offset else A
-            z = F.linear(x, down)  # (..., r) or (..., 2r) with the offset's A^0 x
-            z, z0 = (z[..., :r], z[..., r:]) if offset else (z, None)
             zk = F.dropout(z.unsqueeze(-2).expand(*z.shape[:-1], k, r), p, self.training)  # (..., K, r), mask per head
         else:
-            z = F.linear(F.dropout(x, p, self.training), A)  # (..., r), one mask on x for all heads
-            z0 = F.linear(x, self.rlora_offset_A[adapter_name].to(A.dtype)) if offset else None
-            zk = z.unsqueeze(-2)  # (..., 1, r), broadcast over heads
+            zk = z.unsqueeze(-2)  # (..., 1, r), broadcast over heads (one mask on x, or none)
         u = (zk * gates.unsqueeze(-1)).flatten(-2)  # (..., K*r)
         if offset:  # the offset is one more "head" with input A^0 x and weight -s*mean_k(B_k^0): same matmul
             u = torch.cat([u, z0], dim=-1)  # (..., (K+1)*r)
