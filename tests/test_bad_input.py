@@ -383,7 +383,8 @@ CASES = [
     Case(
         "no-target-modules",
         lambda c: ["train", c.config, "adapter.target_modules=[]"],
-        "{cfg}: adapter.target_modules: expected a non-empty list of module names, a regex or 'all-linear', got []",
+        "{cfg}: adapter.target_modules: expected a non-empty list of module names, a regex, 'all-linear' or null, "
+        "got []",
     ),
     Case(
         "max-steps-zero",
