@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny offline word-level tokenizer and the converted embedded model (once per session)."""
+"""Shared fixtures: the tiny word-level tokenizer and the converted embedded model (once per session)."""
 
 import json
 import os
@@ -6,54 +6,14 @@ import random
 from pathlib import Path
 
 import pytest
-from _tiny import tiny_model_dir
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
+from _tiny import tiny_model_dir, word_tokenizer
 from transformers import PreTrainedTokenizerFast
-
-TINY_WORDS = [
-    "What",
-    "is",
-    "two",
-    "plus",
-    "four",
-    "?",
-    "Answer",
-    ":",
-    "A",
-    "B",
-    "C",
-    "D",
-    ".",
-    "yes",
-    "no",
-    "format",
-    "/",
-    "user",
-    "assistant",
-    "red",
-    "blue",
-    "sky",
-    "the",
-]
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m.role }} : {{ m.content }} <eos> {% endfor %}"
-    "{% if add_generation_prompt %}assistant : {% endif %}"
-)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level: ids 0 <pad>, 1 <eos>, 2 <unk>, then TINY_WORDS in order from 3; splits on spaces/punctuation."""
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(TINY_WORDS)}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
+    """`_tiny.word_tokenizer`: fixed ids for the tests that spell out token ids."""
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from unittest import mock
 import huggingface_hub
 import pytest
 import torch
+from _reference import read_jsonl_tasks
 from _tiny import untrained_runs, write_config
 from huggingface_hub.errors import RepositoryNotFoundError
 from peft import PeftModel
@@ -34,7 +35,6 @@ import rlora.train
 from rlora import load_adapter
 from rlora._io import mark_complete
 from rlora.cli import main
-from rlora.data import read_jsonl_tasks
 from rlora.errors import AdapterError, ConfigError, DataError, ModelError, RunFolderError
 from rlora.run import RunFolder, load_run
 from rlora.runconfig import load_run_config

@@ -7,9 +7,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from _reference import read_jsonl_tasks, split_examples
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from rlora.data import encode_examples, load_task, read_jsonl_tasks, split_examples
+from rlora.data import encode_examples, load_task
 from rlora.data import plan as data_plan
 from rlora.data.plan import plan_data
 from rlora.data.store import load_file

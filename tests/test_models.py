@@ -3,10 +3,11 @@ import math
 
 import pytest
 import torch
+from _reference import build_mixture, split_examples
 
 from rlora import models
 from rlora._io import COMPLETE_MARKER
-from rlora.data import CausalLMCollator, build_mixture, encode_examples, load_task, split_examples
+from rlora.data import CausalLMCollator, encode_examples, load_task
 from rlora.models import EmbeddedModelMissing, load_model_and_tokenizer, resolve_model
 
 

@@ -12,12 +12,13 @@ import time
 
 import pytest
 import torch
+from _reference import read_jsonl_tasks
 from _tiny import write_config
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlora.cli import main
-from rlora.data import read_jsonl_tasks, render_pairs
+from rlora.data import render_pairs
 from rlora.evaluate import Prediction, normalize_answer, predict
 from rlora.runconfig import dump_run_config, load_run_config
 from rlora.train import HeadOnlyLossTrainer, TrainingError, complete_checkpoints, train

@@ -47,10 +47,6 @@ def markdown_cell(text: str) -> str:
     return "".join(out)
 
 
-def percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
 def format_metric(metric: str, value: float | None) -> str:
     """A metric's value as tables show it: accuracies in % (one decimal), loss with 3 decimals, perplexity with 2
     (3 significant digits from 1e5 on); "–" where it was not measured (or not in an older results file)."""

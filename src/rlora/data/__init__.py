@@ -2,10 +2,9 @@
 
 from ..errors import DataError
 from .example import FORMATS, Example, choice_labels, gold_pair, render_pairs, render_prompt, with_default_format
-from .jsonl import read_jsonl_tasks
-from .mixture import build_mixture, format_mixture_table, mixture_counts, mixture_positions
+from .mixture import format_mixture_table, mixture_counts, mixture_positions
 from .registry import COMMONSENSE_8, SUITES, check_task_name, expand_task_names, list_tasks, load_task
-from .split import DEFAULT_TEST_FRACTION, split_examples
+from .split import DEFAULT_TEST_FRACTION
 from .tokenize import (
     IGNORE_INDEX,
     CausalLMCollator,
@@ -32,7 +31,6 @@ __all__ = [
     "DataError",
     "Example",
     "Spans",
-    "build_mixture",
     "check_task_name",
     "choice_labels",
     "encode_context",
@@ -50,10 +48,8 @@ __all__ = [
     "mixture_counts",
     "mixture_positions",
     "pad_ids",
-    "read_jsonl_tasks",
     "render_pairs",
     "render_prompt",
-    "split_examples",
     "token_lengths",
     "training_feature",
     "with_default_format",

@@ -21,8 +21,15 @@ Schemas (`DataFile.schema`; "auto" decides from the first record's fields: "mess
 "conversations" -> sharegpt, "instruction" -> alpaca, "prompt" -> rlora; a record with fields of two of them is an
 error, not a guess):
 
-- rlora: rlora's own fields, see `jsonl.py` (prompt/answer, or prompt/choices/gold with optional labels and
-  format). A field rlora does not know is an error, as a likely typo.
+- rlora: rlora's own fields, one object per record:
+
+      {"prompt": "...", "answer": "..."}                                  free-form
+      {"prompt": "...", "choices": ["...", "..."], "gold": 1}             multiple choice, answered by letter
+      {"prompt": "...", "choices": ["yes", "no"], "gold": 0, "labels": ["yes", "no"]}   answered by word
+
+  and optionally "format" ("rc": cloze, the choice's text is scored after "<prompt>\nAnswer:"; "mc": the options
+  are listed and answered by label; default: the run's `data.format`). A field rlora does not know is an error, as
+  a likely typo; so are a field given twice, too many choices for the letters and two equal choices.
 - alpaca: instruction, optional input, output, optional system and history ([user, assistant] pairs of earlier
   turns). The user turn is the instruction, then "\\n" and the input when the input is not blank (as LLaMA-Factory
   joins them).

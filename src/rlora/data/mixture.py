@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 import random
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
 from ..errors import DataError
-from .example import Example
 
 STRATEGIES = ("proportional", "equal", "temperature")
 
@@ -144,22 +143,6 @@ def sample_range(rng: random.Random, n: int, k: int) -> array:
             selected.add(j)
             result[i] = j
     return result
-
-
-def build_mixture(
-    tasks: Mapping[str, Sequence[Example]],
-    strategy: str = "proportional",
-    temperature: float = 1.0,
-    max_per_task: int | None = None,
-    total: int | None = None,
-    seed: int = 0,
-) -> list[Example]:
-    """The shuffled training examples: `mixture_counts` of each task, sampled without replacement."""
-    sizes = {t: len(x) for t, x in tasks.items()}
-    counts = mixture_counts(sizes, strategy, temperature, max_per_task, total)
-    names = list(tasks)
-    task_of, position = mixture_positions(sizes, counts, seed)
-    return [tasks[names[t]][p] for t, p in zip(task_of.tolist(), position.tolist(), strict=True)]
 
 
 def format_mixture_table(counts: Mapping[str, int], sizes: Mapping[str, int]) -> str:

@@ -42,10 +42,6 @@ def split_keys(examples: Iterable[Example]) -> np.ndarray:
     return np.array([split_key(e) for e in examples], dtype=np.float64)
 
 
-def is_test(example: Example, test_fraction: float = DEFAULT_TEST_FRACTION) -> bool:
-    return split_key(example) < test_fraction
-
-
 def split_sides(
     keys: np.ndarray, test_fraction: float, validation_fraction: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -62,17 +58,3 @@ def bad_test_fraction(test_fraction: float, both_sides: bool = False) -> str | N
     if both_sides:
         return None if 0 < test_fraction < 1 else "(0, 1)"
     return None if 0 <= test_fraction <= 1 else "[0, 1]"
-
-
-def split_examples(
-    examples: Iterable[Example], test_fraction: float = DEFAULT_TEST_FRACTION
-) -> tuple[list[Example], list[Example]]:
-    """(train, test), each in the input order; about `test_fraction` of the examples go to test."""
-    interval = bad_test_fraction(test_fraction)
-    if interval is not None:
-        raise ValueError(f"test_fraction must be in {interval}, got {test_fraction}")
-    train: list[Example] = []
-    test: list[Example] = []
-    for example in examples:
-        (test if is_test(example, test_fraction) else train).append(example)
-    return train, test
