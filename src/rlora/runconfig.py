@@ -21,14 +21,14 @@ from typing import Any
 
 import yaml
 
-from .data.example import FORMATS
+from .data.example import DEFAULT_FORMAT, FORMATS
 from .data.files import DataFile
-from .data.mixture import STRATEGIES
-from .data.split import DEFAULT_VALIDATION_FRACTION, HOLDOUTS, bad_test_fraction
+from .data.mixture import MIXTURE_RULES, mixture_problem
+from .data.split import DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, HOLDOUTS, bad_test_fraction
 from .errors import ConfigError
 from .methods import METHODS
 from .models import DEFAULT_MODEL, BaseLoading, check_loading, has_cpp_compiler, model_problem
-from .tuner.config import FIELD_RULES, field_error
+from .tuner.config import FIELD_RULES, field_default, field_error, field_help
 
 
 @dataclass
@@ -42,7 +42,7 @@ class DataSettings:
     max_train_per_task: int | None = None
     total_train: int | None = None
     max_eval_per_task: int | None = 200
-    test_fraction: float = 0.2
+    test_fraction: float = DEFAULT_TEST_FRACTION
     # what a run evaluates: the test split, or a validation split carved from the training examples (for choosing
     # settings without the test set: `rlora compare --sweep`); the run then trains on the training examples left
     # (validation_fraction: the share of the training examples held out then)
@@ -50,22 +50,28 @@ class DataSettings:
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     max_length: int = 384
     chat_template: bool = False
-    format: str = "rc"  # rc: cloze, each choice's text scored after the prompt | mc: lettered/word labels
+    format: str = DEFAULT_FORMAT  # rc: cloze, each choice's text scored after the prompt | mc: lettered/word labels
+
+
+def _rlora_field(name: str) -> Any:
+    """A field of the adapter section that `RLoraConfig` also has: its default and help text are `RLoraConfig`'s."""
+    return field(default=field_default(name), metadata={"help": field_help(name)})
 
 
 @dataclass
 class AdapterSettings:
-    """The adapter's settings; each field that `RLoraConfig` also has is checked by its rule (`FIELD_RULES`)."""
+    """The adapter's settings; each field that `RLoraConfig` also has takes its default and help text from there
+    and is checked by its rule (`FIELD_RULES`)."""
 
-    r: int = 4
-    lora_alpha: float = 32
-    num_heads: int = 5
-    lora_dropout: float = 0.1
+    r: int = _rlora_field("r")
+    lora_alpha: float = _rlora_field("lora_alpha")
+    num_heads: int = _rlora_field("num_heads")
+    lora_dropout: float = _rlora_field("lora_dropout")
     # names or name suffixes, a regex, "all-linear", or null: the architecture's defaults (PEFT's LoRA table, see
     # model.py); the GPT-2 family's Conv1D layers (c_attn, c_fc, c_proj) adapt like linear ones
     target_modules: list[str] | str | None = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
-    init_gamma: float = 64.0
-    use_rslora: bool = True
+    init_gamma: float = _rlora_field("init_gamma")
+    use_rslora: bool = _rlora_field("use_rslora")
     lora_r: int | None = None  # rank of plain LoRA; None = matched to the multi-head parameter count
     router_init: str | None = None  # zeros | random; None = the method's own (see methods.py)
 
@@ -123,7 +129,6 @@ class RunConfig:
 
 CHOICES = {
     "method": METHODS,
-    "data.mixture": STRATEGIES,
     "data.format": FORMATS,
     "data.holdout": HOLDOUTS,
     "training.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -388,7 +393,11 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
     for path in positive:
         if _get(cfg, path) < 1:
             raise ConfigError(f"{source}: {path}: expected an integer >= 1, got {_get(cfg, path)!r}")
-    for path in ("data.max_train_per_task", "data.total_train", "data.max_eval_per_task", "adapter.lora_r"):
+    for name in MIXTURE_RULES:
+        expected = mixture_problem(name, getattr(cfg.data, name))
+        if expected is not None:
+            raise ConfigError(f"{source}: data.{name}: expected {expected}, got {getattr(cfg.data, name)!r}")
+    for path in ("data.max_eval_per_task", "adapter.lora_r"):
         if _get(cfg, path) is not None and _get(cfg, path) < 1:
             raise ConfigError(f"{source}: {path}: expected an integer >= 1 or null, got {_get(cfg, path)!r}")
     if cfg.training.max_steps != -1 and cfg.training.max_steps < 1:
@@ -401,7 +410,7 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
             f"{source}: training.dataloader_workers: expected an integer >= 0, got {cfg.training.dataloader_workers}"
         )
     finite_positive = ["training.lr", "training.epochs", "training.max_grad_norm", "training.router_lr_scale"]
-    for path in [*finite_positive, "data.temperature"]:
+    for path in finite_positive:
         if not 0 < _get(cfg, path) < math.inf:
             raise ConfigError(f"{source}: {path}: expected a finite number > 0, got {_get(cfg, path)!r}")
     if not 0 <= cfg.training.weight_decay < math.inf:

@@ -227,7 +227,7 @@ def generate(served: Served, job: Generation, streamer=None) -> tuple[list[int],
 
     tokenizer, model = served.tokenizer, served.model
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id  # `models.load_tokenizer` gives every tokenizer one
     with served.lock, torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor([job.ids], device=device),

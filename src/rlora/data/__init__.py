@@ -1,7 +1,16 @@
 """Multi-task data: the example schema, built-in and JSONL tasks, splits, mixtures, tokenizing."""
 
 from ..errors import DataError
-from .example import FORMATS, Example, choice_labels, gold_pair, render_pairs, render_prompt, with_default_format
+from .example import (
+    DEFAULT_FORMAT,
+    FORMATS,
+    Example,
+    choice_labels,
+    gold_pair,
+    render_pairs,
+    render_prompt,
+    with_default_format,
+)
 from .mixture import format_mixture_table, mixture_counts, mixture_positions
 from .registry import COMMONSENSE_8, SUITES, check_task_name, expand_task_names, list_tasks, load_task
 from .split import DEFAULT_TEST_FRACTION
@@ -23,6 +32,7 @@ from .tokenize import (
 
 __all__ = [
     "COMMONSENSE_8",
+    "DEFAULT_FORMAT",
     "DEFAULT_TEST_FRACTION",
     "FORMATS",
     "IGNORE_INDEX",

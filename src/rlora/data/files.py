@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from .example import FORMATS, Example, labelling_problem
+from .example import MIN_CHOICES, Example, format_problem, gold_problem, labelling_problem, labels_problem
 
 READER_VERSION = "1"  # bump when the same file and settings may read as other examples
 SCHEMAS = ("auto", "rlora", "alpaca", "sharegpt", "messages")
@@ -562,7 +562,8 @@ _CONTAINERS = {
 
 
 def _rlora(record: dict, where: str, number: int, reader: _Reader) -> Example:
-    """rlora's own schema, as documented in `jsonl.py`."""
+    """rlora's own schema (see the module docstring). The rules on choices, gold, labels and format are
+    `example.py`'s; here they are phrased with the file's field names."""
     unknown = sorted(set(record) - KNOWN_FIELDS)
     if unknown:
         raise DataError(f"{where}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(KNOWN_FIELDS))}")
@@ -578,8 +579,14 @@ def _rlora(record: dict, where: str, number: int, reader: _Reader) -> Example:
 
     def texts(field: str) -> tuple[str, ...]:
         value = record[field]
-        if not isinstance(value, list) or len(value) < 2 or not all(isinstance(v, str) and v.strip() for v in value):
-            raise DataError(f"{where}: field {label(field)}: expected a list of at least 2 non-empty strings")
+        if (
+            not isinstance(value, list)
+            or len(value) < MIN_CHOICES
+            or not all(isinstance(v, str) and v.strip() for v in value)
+        ):
+            raise DataError(
+                f"{where}: field {label(field)}: expected a list of at least {MIN_CHOICES} non-empty strings"
+            )
         twice = next((v for i, v in enumerate(value) if v in value[:i]), None)
         if twice is not None:
             raise DataError(f"{where}: field {label(field)}: {_shown(twice)} is given twice; each must be distinct")
@@ -597,22 +604,20 @@ def _rlora(record: dict, where: str, number: int, reader: _Reader) -> Example:
     if "answer" in record:
         raise DataError(f"{where}: field {label('answer')}: not allowed with 'choices' (give 'gold', the index)")
     gold = record.get("gold")
-    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
-        raise DataError(
-            f"{where}: field {label('gold')}: expected an integer index into 'choices' (0..{len(choices) - 1}), "
-            f"got {_shown(gold)}"
-        )
+    expected = gold_problem(gold, len(choices))
+    if expected is not None:
+        raise DataError(f"{where}: field {label('gold')}: expected {expected}, got {_shown(gold)}")
     labels = texts("labels") if "labels" in record else None
-    if labels is not None and len(labels) != len(choices):
-        raise DataError(f"{where}: field {label('labels')}: expected {len(choices)} distinct labels, one per choice")
+    expected = None if labels is None else labels_problem(labels, len(choices))
+    if expected is not None:
+        raise DataError(f"{where}: field {label('labels')}: expected {expected}")
     problem = labelling_problem(len(choices), labels)
     if problem is not None:
         raise DataError(f"{where}: field {label('choices')}: {problem}")
     fmt = record.get("format")
-    if fmt is not None and fmt not in FORMATS:
-        raise DataError(
-            f"{where}: field {label('format')}: expected one of {', '.join(map(repr, FORMATS))}, got {_shown(fmt)}"
-        )
+    expected = format_problem(fmt)
+    if expected is not None:
+        raise DataError(f"{where}: field {label('format')}: expected {expected}, got {_shown(fmt)}")
     return Example.multiple_choice(task, prompt, choices, gold, uid, labels, format=fmt)
 
 

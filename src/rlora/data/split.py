@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from .example import Example
+from .mixture import index_dtype
 
 SPLIT_SALT = "rlora-split-v1"
 DEFAULT_TEST_FRACTION = 0.2
@@ -50,6 +51,16 @@ def split_sides(
     test = keys < test_fraction
     validation = ~test & (keys < test_fraction + validation_fraction * (1 - test_fraction))
     return ~test & ~validation, validation, test
+
+
+def split_positions(
+    keys: np.ndarray, test_fraction: float, validation_fraction: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`split_sides` as positions: (train, validation, test) index arrays into the task, each in the task's order."""
+    sides = split_sides(np.asarray(keys), test_fraction, validation_fraction)
+    kind = index_dtype(len(sides[0]))
+    train, validation, test = (np.flatnonzero(side).astype(kind) for side in sides)
+    return train, validation, test
 
 
 def bad_test_fraction(test_fraction: float, both_sides: bool = False) -> str | None:
