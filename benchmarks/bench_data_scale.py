@@ -632,52 +632,7 @@ def run(args: argparse.Namespace) -> str:
         for size in sizes:
             files, sizes_bytes[size] = mixture_files(workdir, size, args.seed)
             read_files(files)  # the page cache holds the data for every path alike
-            todo = []
-            for path in paths:
-                row = Row(size, path, revs.get(path, args.baseline_rev))
-                rows.append(row)
-                if path == "baseline" and size > args.baseline_max_size:
-                    row.skipped = SKIP_REASON.format(limit=args.baseline_max_size)
-                else:
-                    todo.append(row)
-            measured: dict[str, list[Measurement]] = {row.path: [] for row in todo}
-            rounds = [(i, False) for i in range(warmups)] + [(i, True) for i in range(args.repeats)]
-            for i, timed in rounds:  # round-robin, the order rotating every round
-                for row in todo[i % len(todo) :] + todo[: i % len(todo)]:
-                    if row.error:
-                        continue
-                    label = f"{size:,} {row.path} {'run' if timed else 'warm-up'} {i + 1}"
-                    out = runs_dir / f"{size}-{row.path}-{'run' if timed else 'warmup'}-{i}"
-                    cmd = train_command(files, out, args.cache_dir, args.set)
-                    # the new path's table of the files: a fresh folder per run (cold), or one per path and size
-                    data_cache = runs_dir / (
-                        f"{size}-{row.path}-data-cache" if args.data_cache == "warm" else f"{out.name}-data-cache"
-                    )
-                    env = child_env(srcs[row.path], args.threads) | {DATA_CACHE_ENV: str(data_cache)}
-                    try:
-                        m = measure(cmd, env, args.timeout)
-                        m.data_cache_bytes = folder_bytes(data_cache)
-                        if timed:
-                            measured[row.path].append(m)
-                        print(
-                            f"{label}: first step {m.first_step_s:.1f} s, total {m.total_s:.1f} s, "
-                            f"peak RSS {m.peak_rss_bytes / GB:.2f} GB (at first step: anon "
-                            f"{_gb(m.anon_rss_at_first_step_bytes)}, files {_gb(m.file_rss_at_first_step_bytes)}); "
-                            f"data cache {m.data_cache_bytes / 1e6:.1f} MB",
-                            file=sys.stderr,
-                        )
-                    except RunFailed as failed:
-                        row.error, row.error_tail = failed.why, failed.tail
-                        print(f"{label} failed: {failed.why}; its last lines:", file=sys.stderr)
-                        print(textwrap.indent(failed.tail, "    "), file=sys.stderr)
-                    finally:
-                        shutil.rmtree(out, ignore_errors=True)
-                        if args.data_cache == "cold":
-                            shutil.rmtree(data_cache, ignore_errors=True)
-            for row in todo:
-                shutil.rmtree(runs_dir / f"{size}-{row.path}-data-cache", ignore_errors=True)
-                if measured[row.path] and not row.error:
-                    summarise(row, measured[row.path])
+            rows += measure_size(args, size, files, srcs, revs, runs_dir, warmups)
 
     load_end = os.getloadavg()
     table = tables(rows, sizes_bytes)
@@ -718,6 +673,71 @@ def run(args: argparse.Namespace) -> str:
         }
         write_json_atomically(args.json, data)
     return table + note
+
+
+def measure_size(
+    args: argparse.Namespace, size: int, files: list[Path], srcs: dict, revs: dict, runs_dir: Path, warmups: int
+) -> list[Row]:
+    """One row per path for `size` examples: its runs interleaved with the other paths', summarised."""
+    rows, todo = [], []
+    for path in args.paths:
+        row = Row(size, path, revs.get(path, args.baseline_rev))
+        rows.append(row)
+        if path == "baseline" and size > args.baseline_max_size:
+            row.skipped = SKIP_REASON.format(limit=args.baseline_max_size)
+        else:
+            todo.append(row)
+    measured: dict[str, list[Measurement]] = {row.path: [] for row in todo}
+    rounds = [(i, False) for i in range(warmups)] + [(i, True) for i in range(args.repeats)]
+    for i, timed in rounds:  # round-robin, the order rotating every round
+        for row in todo[i % len(todo) :] + todo[: i % len(todo)]:
+            if not row.error:
+                one_run(args, row, files, srcs[row.path], runs_dir, i, timed, measured[row.path])
+    for row in todo:
+        shutil.rmtree(runs_dir / f"{size}-{row.path}-data-cache", ignore_errors=True)
+        if measured[row.path] and not row.error:
+            summarise(row, measured[row.path])
+    return rows
+
+
+def one_run(
+    args: argparse.Namespace,
+    row: Row,
+    files: list[Path],
+    src: Path,
+    runs_dir: Path,
+    i: int,
+    timed: bool,
+    measured: list[Measurement],
+) -> None:
+    """The i-th run of `row`'s path: its measurement appended to `measured` when `timed`, its failure on `row`."""
+    size = row.size
+    label = f"{size:,} {row.path} {'run' if timed else 'warm-up'} {i + 1}"
+    out = runs_dir / f"{size}-{row.path}-{'run' if timed else 'warmup'}-{i}"
+    cmd = train_command(files, out, args.cache_dir, args.set)
+    # the new path's table of the files: a fresh folder per run (cold), or one per path and size
+    data_cache = runs_dir / (f"{size}-{row.path}-data-cache" if args.data_cache == "warm" else f"{out.name}-data-cache")
+    env = child_env(src, args.threads) | {DATA_CACHE_ENV: str(data_cache)}
+    try:
+        m = measure(cmd, env, args.timeout)
+        m.data_cache_bytes = folder_bytes(data_cache)
+        if timed:
+            measured.append(m)
+        print(
+            f"{label}: first step {m.first_step_s:.1f} s, total {m.total_s:.1f} s, "
+            f"peak RSS {m.peak_rss_bytes / GB:.2f} GB (at first step: anon "
+            f"{_gb(m.anon_rss_at_first_step_bytes)}, files {_gb(m.file_rss_at_first_step_bytes)}); "
+            f"data cache {m.data_cache_bytes / 1e6:.1f} MB",
+            file=sys.stderr,
+        )
+    except RunFailed as failed:
+        row.error, row.error_tail = failed.why, failed.tail
+        print(f"{label} failed: {failed.why}; its last lines:", file=sys.stderr)
+        print(textwrap.indent(failed.tail, "    "), file=sys.stderr)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        if args.data_cache == "cold":
+            shutil.rmtree(data_cache, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> str:

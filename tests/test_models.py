@@ -33,7 +33,7 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
 
 
 def test_a_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
-    def crash_while_saving(gguf, out):
+    def crash_while_saving(_gguf, out):
         (out / "model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
@@ -49,7 +49,7 @@ def test_an_incomplete_folder_is_replaced_and_a_finished_one_reused(monkeypatch,
     (target / "config.json").write_text("{}")  # no completion marker: a leftover
     calls = []
 
-    def fake(gguf, out):
+    def fake(_gguf, out):
         calls.append(out)
         (out / "config.json").write_text('{"ok": true}')
 
@@ -64,7 +64,7 @@ def test_an_incomplete_folder_is_replaced_and_a_finished_one_reused(monkeypatch,
 def test_a_conversion_finished_meanwhile_by_another_process_is_kept(monkeypatch, tmp_path):
     target = tmp_path / "models" / "smollm2-135m"
 
-    def racing(gguf, out):
+    def racing(_gguf, out):
         target.mkdir()
         (target / "config.json").write_text("theirs")
         (target / COMPLETE_MARKER).write_text("{}")

@@ -159,7 +159,7 @@ def test_bad_input_is_rejected_before_any_model_loads(workspace, tmp_path, overr
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_errors_are_one_line_on_stderr_with_a_nonzero_exit(workspace, tmp_path):
+def test_cli_errors_are_one_line_on_stderr_with_a_nonzero_exit(tmp_path):
     result = run_cli("train", tmp_path / "nope.yaml")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("rlora: error: ")

@@ -142,7 +142,7 @@ def adapter_sizes(model: nn.Module, target_modules: list[str] | str, r: int, num
     for name, module in model.named_modules():
         if not is_adaptable(module):
             continue
-        if target_modules == "all-linear" and module is not output_layer or check_target_module_exists(probe, name):
+        if (target_modules == "all-linear" and module is not output_layer) or check_target_module_exists(probe, name):
             d_in, d_out = base_shape(module)
             multi_head += r * d_in + num_heads * r * d_out + num_heads * d_in
             per_rank += d_in + d_out

@@ -209,7 +209,7 @@ def model_problem(name: str) -> str | None:
         return None
     if path.exists():
         return f"{name} is a file, not a model folder; {WHAT_MODELS}"
-    if name.startswith((".", "~", os.sep)) or not HUB_ID.match(name) and ("/" in name or os.sep in name):
+    if name.startswith((".", "~", os.sep)) or (not HUB_ID.match(name) and ("/" in name or os.sep in name)):
         return f"no such folder: {name}; {WHAT_MODELS}"
     if HUB_ID.match(name) or _in_hub_cache(name):
         return None

@@ -288,7 +288,9 @@ def check_adapter(path: Path, cfg: RunConfig) -> None:
         settings["lora_r"] = found.r
     expected = adapter_config(cfg.method, **settings)
     for name in ADAPTER_FIELDS:
-        if not hasattr(expected, name) or name == "target_modules" and not isinstance(cfg.adapter.target_modules, list):
+        if not hasattr(expected, name) or (
+            name == "target_modules" and not isinstance(cfg.adapter.target_modules, list)
+        ):
             continue  # PEFT saves the names that a regex, "all-linear" or the architecture's default matched
         want, got = getattr(expected, name), getattr(found, name, None)
         if got != want:

@@ -141,7 +141,7 @@ def _examples(spec: DataFile, kind: str) -> Iterator[Example]:
         if auto:
             check_one_schema(record, where)
         if parse is None:
-            parse = PARSERS[detect(record, where, reader)]
+            parse = PARSERS[detect(record, where)]
         if rename and shadowed and parse is PARSERS["rlora"]:
             field = shadowed[0]
             raise DataError(

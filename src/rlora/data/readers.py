@@ -156,6 +156,11 @@ def _json_records(path: Path) -> Iterator[tuple[str, int, dict]]:
         raise DataError(f"{path}: cannot read: {error.strerror or error}") from error
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text: {error}") from None
+    yield from _array_records(path, text)
+
+
+def _array_records(path: Path, text: str) -> Iterator[tuple[str, int, dict]]:
+    """The objects of the JSON array `text` (after whitespace), each parsed when it is asked for."""
 
     def position(index: int) -> str:
         line = text.count("\n", 0, index) + 1

@@ -108,7 +108,7 @@ def check_one_schema(record: dict, where: str) -> None:
         raise DataError(f"{where}: the fields fit two schemas, {both}; set schema: to the one to read")
 
 
-def detect(record: dict, where: str, reader: Reader) -> str:
+def detect(record: dict, where: str) -> str:
     for field, schema in _DETECT:
         if field in record:
             return schema
@@ -145,47 +145,23 @@ def _rlora(record: dict, where: str, number: int, reader: Reader) -> Example:
     unknown = sorted(set(record) - KNOWN_FIELDS)
     if unknown:
         raise DataError(f"{where}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(KNOWN_FIELDS))}")
-    label = reader.label
-
-    def text(field: str, default: str | None = None) -> str:
-        value = record.get(field, default)
-        if value is None:
-            raise DataError(f"{where}: field {label(field)}: missing")
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(f"{where}: field {label(field)}: expected a non-empty string, got {shown(value)}")
-        return _unicode(value, where, field, reader)
-
-    def texts(field: str) -> tuple[str, ...]:
-        value = record[field]
-        if (
-            not isinstance(value, list)
-            or len(value) < MIN_CHOICES
-            or not all(isinstance(v, str) and v.strip() for v in value)
-        ):
-            raise DataError(
-                f"{where}: field {label(field)}: expected a list of at least {MIN_CHOICES} non-empty strings"
-            )
-        twice = next((v for i, v in enumerate(value) if v in value[:i]), None)
-        if twice is not None:
-            raise DataError(f"{where}: field {label(field)}: {shown(twice)} is given twice; each must be distinct")
-        return tuple(_unicode(v, where, field, reader) for v in value)
-
-    task = reader.fixed_task or text("task", reader.default_task)
+    task = reader.fixed_task or _text(record, "task", where, reader, reader.default_task)
     uid = _uid(record.get("id", f"{task}/{number}"), where, reader)
-    prompt = text("prompt")
+    prompt = _text(record, "prompt", where, reader)
     if "choices" not in record:
         for field in ("gold", "labels", "format"):
             if field in record:
-                raise DataError(f"{where}: field {label(field)}: only allowed with 'choices'")
-        return Example(task, prompt, text("answer"), uid=uid)
-    choices = texts("choices")
+                raise DataError(f"{where}: field {reader.label(field)}: only allowed with 'choices'")
+        return Example(task, prompt, _text(record, "answer", where, reader), uid=uid)
+    label = reader.label
+    choices = _distinct_texts(record, "choices", where, reader)
     if "answer" in record:
         raise DataError(f"{where}: field {label('answer')}: not allowed with 'choices' (give 'gold', the index)")
     gold = record.get("gold")
     expected = gold_problem(gold, len(choices))
     if expected is not None:
         raise DataError(f"{where}: field {label('gold')}: expected {expected}, got {shown(gold)}")
-    labels = texts("labels") if "labels" in record else None
+    labels = _distinct_texts(record, "labels", where, reader) if "labels" in record else None
     expected = None if labels is None else labels_problem(labels, len(choices))
     if expected is not None:
         raise DataError(f"{where}: field {label('labels')}: expected {expected}")
@@ -199,17 +175,41 @@ def _rlora(record: dict, where: str, number: int, reader: Reader) -> Example:
     return Example.multiple_choice(task, prompt, choices, gold, uid, labels, format=fmt)
 
 
+def _text(record: dict, field: str, where: str, reader: Reader, default: str | None = None) -> str:
+    """A non-empty string field of the rlora schema (`default` when missing, an error if that is None)."""
+    value = record.get(field, default)
+    if value is None:
+        raise DataError(f"{where}: field {reader.label(field)}: missing")
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field {reader.label(field)}: expected a non-empty string, got {shown(value)}")
+    return _unicode(value, where, field, reader)
+
+
+def _distinct_texts(record: dict, field: str, where: str, reader: Reader) -> tuple[str, ...]:
+    """A list field of the rlora schema (choices, labels): at least MIN_CHOICES distinct non-empty strings."""
+    value = record[field]
+    strings = isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)
+    if not strings or len(value) < MIN_CHOICES:
+        raise DataError(
+            f"{where}: field {reader.label(field)}: expected a list of at least {MIN_CHOICES} non-empty strings"
+        )
+    twice = next((v for i, v in enumerate(value) if v in value[:i]), None)
+    if twice is not None:
+        raise DataError(f"{where}: field {reader.label(field)}: {shown(twice)} is given twice; each must be distinct")
+    return tuple(_unicode(v, where, field, reader) for v in value)
+
+
 def _alpaca(record: dict, where: str, number: int, reader: Reader) -> Example:
     task = _task(record, where, reader)
     uid = _optional_uid(record, where, task, number, reader)
-    user = _required_text(record, "instruction", where, reader)
+    user = _text(record, "instruction", where, reader)
     extra = record.get("input")
     if extra is not None:
         if not isinstance(extra, str):
             raise DataError(f"{where}: field {reader.label('input')}: expected a string, got {shown(extra)}")
         if extra.strip():
             user = f"{user}\n{_unicode(extra, where, 'input', reader)}"
-    answer = _required_text(record, "output", where, reader)
+    answer = _text(record, "output", where, reader)
     turns = _system_turn(record, where, reader)
     history = record.get("history")
     if history is not None:
@@ -257,24 +257,7 @@ def _conversation(
     body = 0  # user and assistant turns so far
     last = None
     for n, turn in enumerate(value, start=1):
-        if not isinstance(turn, dict):
-            raise DataError(f"{at}: turn {n}: expected an object with 'role' and 'content', got {shown(turn)}")
-        role_key, content_key = ("from", "value") if "from" in turn else ("role", "content")
-        name = turn.get(role_key)
-        if name is None:
-            keys = "'from' and 'value'" if field == "conversations" else "'role' and 'content'"
-            raise DataError(f"{at}: turn {n}: expected an object with {keys}, got {shown(turn)}")
-        role = role_names.get(name) if isinstance(name, str) else None
-        if role is None:
-            if name in TOOL_ROLES:
-                raise DataError(
-                    f"{at}: turn {n}: role {quoted(name)} is not supported (tool turns are not supported; "
-                    f"only {', '.join(role_names)})"
-                )
-            raise DataError(f"{at}: turn {n}: role {quoted(name)} is not one of {', '.join(role_names)}")
-        content = turn.get(content_key)
-        if not isinstance(content, str) or (role != "system" and not content.strip()):
-            raise DataError(f"{at}: turn {n}: {content_key!r}: expected a non-empty string, got {shown(content)}")
+        name, role, content = _turn(turn, n, at, field, role_names)
         content = _unicode(content, where, field, reader, n)
         if role == "system":
             if n != 1:
@@ -305,6 +288,29 @@ def _conversation(
     return Example(task, turns[-1][1], answer, uid=uid, turns=tuple(turns))
 
 
+def _turn(turn: object, n: int, at: str, field: str, role_names: dict[str, str]) -> tuple[str, str, str]:
+    """The n-th turn of a conversation as (its role's name in the file, rlora's role, its content)."""
+    if not isinstance(turn, dict):
+        raise DataError(f"{at}: turn {n}: expected an object with 'role' and 'content', got {shown(turn)}")
+    role_key, content_key = ("from", "value") if "from" in turn else ("role", "content")
+    name = turn.get(role_key)
+    if name is None:
+        keys = "'from' and 'value'" if field == "conversations" else "'role' and 'content'"
+        raise DataError(f"{at}: turn {n}: expected an object with {keys}, got {shown(turn)}")
+    role = role_names.get(name) if isinstance(name, str) else None
+    if role is None:
+        if name in TOOL_ROLES:
+            raise DataError(
+                f"{at}: turn {n}: role {quoted(name)} is not supported (tool turns are not supported; "
+                f"only {', '.join(role_names)})"
+            )
+        raise DataError(f"{at}: turn {n}: role {quoted(name)} is not one of {', '.join(role_names)}")
+    content = turn.get(content_key)
+    if not isinstance(content, str) or (role != "system" and not content.strip()):
+        raise DataError(f"{at}: turn {n}: {content_key!r}: expected a non-empty string, got {shown(content)}")
+    return name, role, content
+
+
 # --- field checks ---------------------------------------------------------------------------------------------
 
 
@@ -328,15 +334,6 @@ def _uid(uid: object, where: str, reader: Reader) -> str:
 def _optional_uid(record: dict, where: str, task: str, number: int, reader: Reader) -> str:
     uid = record.get("id")
     return f"{task}/{number}" if uid is None else _uid(uid, where, reader)
-
-
-def _required_text(record: dict, field: str, where: str, reader: Reader) -> str:
-    value = record.get(field)
-    if value is None:
-        raise DataError(f"{where}: field {reader.label(field)}: missing")
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: field {reader.label(field)}: expected a non-empty string, got {shown(value)}")
-    return _unicode(value, where, field, reader)
 
 
 def _system_turn(record: dict, where: str, reader: Reader) -> list[tuple[str, str]]:
