@@ -7,7 +7,7 @@ For each mixture size and each data path, one fresh process runs
 
 on the embedded model (offline, CPU). The last override lifts the demo preset's cap of 128 training examples per
 task, so that the training mixture is the whole mixture (about 0.8 N after the 20% test split), every example of it
-tokenized by the old path, as in the issue's measurement; `--set KEY=VALUE` replaces it or adds any other override
+tokenized by the old path; `--set KEY=VALUE` replaces it or adds any other override
 (`--set data.max_train_per_task=128`: the demo's 512-example mixture, which measures only reading and splitting).
 Measured per run:
 
@@ -54,7 +54,7 @@ once under `--workdir` (into a temporary folder, renamed into place when whole) 
 `--workdir` a temporary folder is used and removed at the end; run folders and the worktree are always removed.
 
 The baseline is skipped above `--baseline-max-size` (default 1,000,000): the old path keeps every example as Python
-objects, several GB per million examples (the issue measured 87 s and 3.5 GB at 1M); the table says so.
+objects, several GB per million examples; the table says so.
 
     nice -n 10 python benchmarks/bench_data_scale.py [--sizes 1000000,5000000] [--paths new,baseline]
         [--baseline-rev 36ae910] [--baseline-max-size 1000000] [--repeat 1] [--workdir DIR] [--json FILE]
@@ -94,7 +94,7 @@ DEFAULT_BASELINE_REV = "36ae910"
 DEFAULT_BASELINE_MAX_SIZE = 1_000_000
 QUICK_SIZE = 2000
 # The demo preset caps each task at 128 training examples (512 in all); lifted, so that the training mixture is the
-# whole mixture (what the issue measured: 1M examples, 87 s, 3.5 GB). `--set data.max_train_per_task=128` restores it.
+# whole mixture. `--set data.max_train_per_task=128` restores the cap.
 DEFAULT_OVERRIDES = ("data.max_train_per_task=null",)
 TARGET_FIRST_STEP_S = 60.0  # the rewrite's goal, for a 1M-example mixture on 2 cores
 TARGET_PEAK_GB = 2.0
@@ -108,7 +108,7 @@ MODEL_LINE = re.compile(rb"Loading weights")  # transformers' progress bar as th
 TAIL_LINES = 40
 SKIP_REASON = (
     "skipped: above --baseline-max-size ({limit:,}); the old path keeps every example in memory, several GB per "
-    "million examples (issue: 87 s and 3.5 GB at 1M)"
+    "million examples"
 )
 
 _WORD_TEXT = """

@@ -61,3 +61,32 @@ def _data_cache(tmp_path_factory):
     mp.setenv("RLORA_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
     yield
     mp.undo()
+
+
+REAL_FIXTURES = ("embedded_tokenizer", "model_cache_dir")  # fixtures that convert or load the embedded model
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_guard(request, monkeypatch):
+    """The fast lane (`-m "not slow"`) needs neither the embedded model nor the built-in data: a test not marked
+    slow that reads either (in this process) fails, naming what it read."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    used = [name for name in REAL_FIXTURES if name in request.fixturenames]
+    if used:
+        pytest.fail(f"uses {used[0]} (the embedded model) but is not marked slow")
+    from rlora import models
+    from rlora.data import builtin
+
+    def no_data():
+        pytest.fail("reads the built-in data but is not marked slow")
+
+    resolve = models.resolve_model
+
+    def no_model(name_or_path, cache_dir=None):
+        if name_or_path in models.EMBEDDED_MODELS:
+            pytest.fail("loads the embedded model but is not marked slow")
+        return resolve(name_or_path, cache_dir)
+
+    monkeypatch.setattr(builtin, "_datasets_root", no_data)
+    monkeypatch.setattr(models, "resolve_model", no_model)

@@ -1006,7 +1006,7 @@ def test_api_errors_are_rlora_errors_of_the_expected_builtin_kind(workspace, run
 def test_load_adapter_refuses_an_adapter_whose_tensors_are_not_its_types_and_leaves_the_model_as_it_was(
     workspace, runs, tmp_path
 ):
-    """The issue's silent case through the API: `peft_type` LORA over R-LoRA weights loads no weight at all in PEFT."""
+    """The silent case through the API: `peft_type` LORA over R-LoRA weights loads no weight at all in PEFT."""
     lora_typed = shutil.copytree(runs["rlora"] / "adapter", tmp_path / "adapter")
     _edit_json(lora_typed / "adapter_config.json", peft_type="LORA")
     model = _model(workspace)

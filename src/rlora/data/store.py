@@ -120,9 +120,9 @@ def _example(row: dict) -> Example:
 
 
 class FileTable:
-    """A user file's examples in a memory-mapped Arrow table, in the file's order, and three per-row arrays kept
-    beside it (split key, task, length in characters), read whole only while the plan is made: a pass over a
-    column of the mapped table would keep its pages in the process's resident memory for the whole run."""
+    """A user file's examples: a memory-mapped Arrow table in the file's order (`examples` makes the `Example`s of
+    some rows), and beside it three per-row arrays, memory-mapped too (`column`: split key, task code, length in
+    characters), so that the plan indexes a task's rows in them instead of passing over a column of the table."""
 
     def __init__(self, spec: DataFile, folder: Path) -> None:
         self.spec = spec
