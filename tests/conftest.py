@@ -81,12 +81,17 @@ def _fast_lane_guard(request, monkeypatch):
     def no_data():
         pytest.fail("reads the built-in data but is not marked slow")
 
+    def no_conversion(*_args):
+        pytest.fail("converts the embedded model but is not marked slow")
+
     resolve = models.resolve_model
 
     def no_model(name_or_path, cache_dir=None):
+        path = resolve(name_or_path, cache_dir)  # a bad cache folder fails here, as it should, without the model
         if name_or_path in models.EMBEDDED_MODELS:
             pytest.fail("loads the embedded model but is not marked slow")
-        return resolve(name_or_path, cache_dir)
+        return path
 
     monkeypatch.setattr(builtin, "_datasets_root", no_data)
+    monkeypatch.setattr(models, "_convert_embedded", no_conversion)
     monkeypatch.setattr(models, "resolve_model", no_model)

@@ -4,6 +4,8 @@ adapter folders, the Python API), with the exact error it gives.
 A command prints one line on stderr and exits non-zero (no traceback, never silent), writes nothing and loads no
 model, except where the fault can only show against the model (an adapter tensor of the wrong shape). The lock that
 keeps a run folder to one writer, and how a killed writer releases it, is tested at the end.
+
+Long on purpose: one table of cases, so that every message a user can see is found in one place.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class Case:
     loads_model: bool = False  # the fault can only show against the loaded model
     rewrites_run: bool = False  # a resume that the Trainer refuses has rewritten the run's config and manifest (same)
     hub: Callable | None = field(default=None, repr=False)  # what asking the Hub about a model does
+    slow: bool = False  # reads the built-in data
 
 
 # 9 anchors, each a list of 9 aliases of the one before: 9**9 values once expanded, in 10 short lines
@@ -568,6 +571,7 @@ CASES = [
         lambda c: ["show", "rte", "--chat-template", "--model", str(c.ws / "model")],
         "model '{ws}/model': its tokenizer has no chat template; use plain prompts (data.chat_template: false, or no "
         "--chat-template)",
+        slow=True,
     ),
     # --- JSONL task data ---
     # --- instruction data (data.files) ---
@@ -856,7 +860,9 @@ def _expected(template: str, **paths) -> re.Pattern:
     return re.compile(text.replace(re.escape("..."), ".*") + "\n")
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=[pytest.mark.slow] if c.slow else []) for c in CASES], ids=[c.id for c in CASES]
+)
 def test_bad_input_is_one_line_on_stderr_and_an_exit_code_writing_nothing(
     case, workspace, runs, tmp_path, monkeypatch, capsys
 ):

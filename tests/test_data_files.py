@@ -1,4 +1,5 @@
-"""data.files: DataFile and iter_examples over every container and schema, with exact examples and messages."""
+"""data.files: DataFile and iter_examples over every container (data.readers) and schema (data.schemas), with exact
+examples and messages. Long on purpose: each container and schema with its cases side by side."""
 
 import csv
 import json
