@@ -921,7 +921,7 @@ def test_fsdp_over_cpu_processes_is_refused_instead_of_training_as_ddp(workspace
     from transformers.training_args import ParallelMode
 
     # as under torchrun --nproc_per_node=2 on a CPU machine, where the Trainer's fsdp setting falls back to DDP
-    monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda self: ParallelMode.DISTRIBUTED))
+    monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda _self: ParallelMode.DISTRIBUTED))
     config = write_config(workspace, tmp_path / "run")
     assert main(["train", str(config), "training.fsdp=full_shard auto_wrap"]) == 2
     assert capsys.readouterr().err == (
@@ -948,7 +948,7 @@ def test_quantization_without_bitsandbytes_and_compiling_without_a_compiler_are_
     monkeypatch.undo()
     if torch.cuda.is_available():
         return
-    monkeypatch.setattr(rlora.models.shutil, "which", lambda name: None)
+    monkeypatch.setattr(rlora.models.shutil, "which", lambda _name: None)
     assert main(["train", str(config), "training.torch_compile=true"]) == 2
     assert capsys.readouterr().err == (
         f"rlora: error: {config}: training.torch_compile: on a CPU torch.compile builds C++ code and no C++ compiler "

@@ -31,7 +31,7 @@ def markdown_cell(text: str) -> str:
     out = []
     for i, c in enumerate(text):
         inside = 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum()
-        out.append("\\" + c if c in MARKDOWN_SPECIAL or c == "_" and not inside else c)
+        out.append("\\" + c if c in MARKDOWN_SPECIAL or (c == "_" and not inside) else c)
     return "".join(out)
 
 

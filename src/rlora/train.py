@@ -284,7 +284,7 @@ def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs=_checkpointing_kwargs(cfg) if t.gradient_checkpointing else None,
         torch_compile=t.torch_compile,
-        use_cpu=_multi_process_without_gpu() or flags["bf16"] and _accelerator() is None,
+        use_cpu=_multi_process_without_gpu() or (flags["bf16"] and _accelerator() is None),
         **flags,
     )
 

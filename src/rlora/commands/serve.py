@@ -171,7 +171,7 @@ def _plan(served: Served, model_id: str, ids: list[int], max_tokens: int | None,
     """The generation of a request whose model is checked (`chat_ids`, `completion_ids`): refused if the prompt and
     `max_tokens` do not fit in the context; without `max_tokens`, up to DEFAULT_MAX_TOKENS that fit."""
     room = served.context_limit - len(ids)
-    if room < 1 or max_tokens is not None and max_tokens > room:
+    if room < 1 or (max_tokens is not None and max_tokens > room):
         asked = f" and {max_tokens} tokens to generate" if max_tokens is not None else ""
         raise RequestError(
             400,
@@ -297,12 +297,12 @@ def build_app(served: Served):
     app = FastAPI(title="rlora", docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestError)
-    async def refused(request: Request, error: RequestError):
+    async def refused(_request: Request, error: RequestError):
         kind = "invalid_request_error" if error.status < 500 else "server_error"
         return JSONResponse(_error_body(error.message, kind, error.param, error.code), status_code=error.status)
 
     @app.exception_handler(RequestValidationError)
-    async def malformed(request: Request, error: RequestValidationError):
+    async def malformed(_request: Request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         message = first.get("msg", "malformed request")
@@ -312,7 +312,7 @@ def build_app(served: Served):
         return JSONResponse(_error_body(text, param=where, code="invalid_value"), status_code=400)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException):
+    async def http_error(_request: Request, error: HTTPException):
         return JSONResponse(_error_body(str(error.detail), code=None), status_code=error.status_code)
 
     @app.exception_handler(Exception)
