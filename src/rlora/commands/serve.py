@@ -287,14 +287,12 @@ def _error_body(message: str, kind: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def build_app(served: Served):
-    """The FastAPI app serving `served`."""
-    from fastapi import FastAPI, Request
+def _add_error_handlers(app) -> None:
+    """Every error as OpenAI's error body: a refused request, a malformed one, an HTTP error, anything unexpected."""
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
-
-    app = FastAPI(title="rlora", docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestError)
     async def refused(_request: Request, error: RequestError):
@@ -319,6 +317,15 @@ def build_app(served: Served):
     async def unexpected(request: Request, error: Exception):
         logger.error("request %s failed", request.url.path, exc_info=error)
         return JSONResponse(_error_body("internal server error", "server_error"), status_code=500)
+
+
+def build_app(served: Served):
+    """The FastAPI app serving `served`."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI(title="rlora", docs_url=None, redoc_url=None)
+    _add_error_handlers(app)
 
     @app.get("/v1/models")
     def list_models() -> dict:
