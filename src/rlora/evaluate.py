@@ -234,22 +234,17 @@ def predict(
     return predictions
 
 
+ENCODING = ("chat_template", "max_length", "batch_size")  # `predict`'s settings that `held_out_loss` takes too
+
+
 def evaluate_examples(
-    model,
-    tokenizer,
-    examples: Sequence[Example],
-    *,
-    chat_template: bool = False,
-    max_length: int = 384,
-    batch_size: int = 16,
-    generate: bool = True,
-    accuracy: bool = True,
-    **kwargs,
+    model, tokenizer, examples: Sequence[Example], *, accuracy: bool = True, **settings
 ) -> TaskResult:
-    """The metrics of one task (see the module docstring); without `accuracy` only the held-out loss (and its
-    perplexity), the accuracies None: what choosing settings on a validation split needs, at a fraction of the cost."""
-    encoding = {"chat_template": chat_template, "max_length": max_length, "batch_size": batch_size}
-    predictions = predict(model, tokenizer, examples, generate=generate, **encoding, **kwargs) if accuracy else []
+    """The metrics of one task (see the module docstring); `settings` are `predict`'s keyword arguments (the
+    encoding, the batch size, generation). Without `accuracy` only the held-out loss (and its perplexity), the
+    accuracies None: what choosing settings on a validation split needs, at a fraction of the cost."""
+    predictions = predict(model, tokenizer, examples, **settings) if accuracy else []
+    encoding = {key: value for key, value in settings.items() if key in ENCODING}
     loss = held_out_loss(model, tokenizer, examples, **encoding)
     n = len(examples)
     formats = {e.formulation for e in examples}
