@@ -13,6 +13,8 @@ files (the first one to finish stays).
 A name that is no embedded model, no model folder and no Hub id (`model_problem`) is refused before anything loads,
 saying what can be given instead. A Hub id that is not in the Hugging Face cache is looked up on the Hub once, with
 a short timeout: no such model, or no network, is an error at once instead of after transformers' retries.
+
+Over 400 lines because resolving, converting and loading a model (quantized or not) are one path.
 """
 
 from __future__ import annotations

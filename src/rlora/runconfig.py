@@ -4,6 +4,9 @@ Every key is a field of a dataclass below, with its default and help text. Unkno
 of their range, paths that do not exist, a key given twice and an empty file are rejected with the file, the key
 path and what was expected, before any model is loaded. Any key can be overridden on the command line as
 `section.key=value` (the value is parsed as YAML: `data.tasks=[boolq,piqa]`).
+
+Over 400 lines on purpose: every key with its default, help and range is defined here, where it is checked; the
+YAML reading itself is `_yaml.py`'s.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from ._yaml import KeyTwice, StrictLoader, TooLarge, safe_load
 from .data.example import DEFAULT_FORMAT, FORMATS
 from .data.files import DataFile
 from .data.mixture import MIXTURE_RULES
@@ -226,83 +230,6 @@ def resolve_config_path(path: str | Path) -> Path:
     return path
 
 
-class _KeyTwice(Exception):
-    pass
-
-
-YAML_MAX_NODES = 100_000  # values in a config once its aliases are expanded (a real one has hundreds)
-YAML_MAX_DEPTH = 32  # sections within sections (a real config has 4)
-
-
-class _TooLarge(Exception):
-    """A YAML document past `YAML_MAX_NODES` or `YAML_MAX_DEPTH`; the message says which."""
-
-
-class _LimitedLoader(yaml.SafeLoader):
-    """YAML's safe loader that refuses a document whose aliases would expand past `YAML_MAX_NODES` values (an alias
-    bomb: a few lines that name a mapping of aliases of a mapping of aliases ...) or that nests deeper than
-    `YAML_MAX_DEPTH`, before constructing anything: the composed node graph holds each anchored node once, and its
-    expanded size is counted once per distinct node, so the check takes the document's time and memory."""
-
-    def get_single_data(self):
-        node = self.get_single_node()
-        if node is None:
-            return None
-        _check_node_graph(node)
-        return self.construct_document(node)
-
-
-def _check_node_graph(root: yaml.Node) -> None:
-    sizes: dict[int, int] = {}  # id(node) -> values it expands to
-    depths: dict[int, int] = {}
-    stack = [(root, False)]
-    while stack:  # iterative post-order: a deep document must not exhaust Python's stack here
-        node, done = stack.pop()
-        if id(node) in sizes:
-            continue
-        children = _children(node)
-        if not done:
-            stack.append((node, True))
-            stack.extend((child, False) for child in children if id(child) not in sizes)
-            continue
-        sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
-        depths[id(node)] = 1 + max((depths[id(c)] for c in children), default=0)
-        if sizes[id(node)] > YAML_MAX_NODES:
-            raise _TooLarge(f"aliases that expand past {YAML_MAX_NODES:,} values (an alias bomb?)")
-        if depths[id(node)] > YAML_MAX_DEPTH:
-            raise _TooLarge(f"nesting deeper than {YAML_MAX_DEPTH} levels")
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    return []
-
-
-def _safe_load(text: str) -> Any:
-    """`yaml.safe_load` within the limits of `_LimitedLoader`."""
-    return yaml.load(text, Loader=_LimitedLoader)
-
-
-class _Loader(_LimitedLoader):
-    """YAML's safe loader within limits, except that a key given twice in one mapping is an error (YAML keeps the
-    last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden key by key
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, (str, int, float, bool)) and key in lines:
-                raise _KeyTwice(key, lines[key], line)
-            lines[key] = line
-        return super().construct_mapping(node, deep)
-
-
 def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Reads a YAML run config or preset name (the defaults when `path` is None) and applies `key=value` overrides."""
     raw: dict[str, Any] = {}
@@ -329,10 +256,10 @@ def override_parts(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.lr=1e-4")
     try:
-        parsed = _safe_load(value) if value else None
+        parsed = safe_load(value) if value else None
     except (yaml.YAMLError, RecursionError):
         parsed = value
-    except _TooLarge as err:
+    except TooLarge as err:
         raise ConfigError(f"override {key.strip()}: refused: a YAML value with {err}") from None
     return key.strip().split("."), parsed
 
@@ -358,8 +285,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
     try:
-        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader
-    except _KeyTwice as err:
+        raw = yaml.load(text, Loader=StrictLoader)  # a SafeLoader
+    except KeyTwice as err:
         key, first, line = err.args
         raise ConfigError(
             f"{path}: line {line}: key {key!r} is given twice in one section (first on line {first}); merge them"
@@ -368,7 +295,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
-    except _TooLarge as err:
+    except TooLarge as err:
         raise ConfigError(f"{path}: refused: a YAML document with {err}") from None
     if raw is None or raw == {}:
         raise ConfigError(

@@ -3,6 +3,9 @@
 Single process, `torchrun --nproc_per_node=N`, `accelerate launch`, DeepSpeed and FSDP all go through the
 same code: the Trainer does the distribution, every process builds the same data deterministically, and only
 the main process writes the run folder's files.
+
+Over 400 lines because the Trainer's customisations (finite-loss check, router learning rate, head-only loss,
+length-grouped order, checkpoint marking) live beside `train()`, which reads top to bottom.
 """
 
 from __future__ import annotations

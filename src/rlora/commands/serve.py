@@ -13,6 +13,8 @@ Requests are generated one at a time (a lock), each with its own run's adapter p
 request depends on which adapter another one made active. Errors are OpenAI's JSON (`{"error": {"message", "type",
 "param", "code"}}`): an unknown model is a 404, a malformed body or a prompt over the context limit a 400; anything
 unexpected is logged with its traceback and answered with a 500 that carries none.
+
+Over 400 lines because the OpenAI request and response shapes, their checks and the server live together.
 """
 
 from __future__ import annotations
