@@ -78,7 +78,7 @@ def _fast_lane_guard(request, monkeypatch):
     from rlora import models
     from rlora.data import builtin
 
-    def no_data():
+    def no_data(*_args):
         pytest.fail("reads the built-in data but is not marked slow")
 
     def no_conversion(*_args):
@@ -92,6 +92,6 @@ def _fast_lane_guard(request, monkeypatch):
             pytest.fail("loads the embedded model but is not marked slow")
         return path
 
-    monkeypatch.setattr(builtin, "_datasets_root", no_data)
+    monkeypatch.setattr(builtin, "_rows", no_data)  # listing the task names reads no data
     monkeypatch.setattr(models, "_convert_embedded", no_conversion)
     monkeypatch.setattr(models, "resolve_model", no_model)
