@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from rlora.cli import main
 
 
