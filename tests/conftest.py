@@ -84,14 +84,14 @@ def _fast_lane_guard(request, monkeypatch):
     def no_conversion(*_args):
         pytest.fail("converts the embedded model but is not marked slow")
 
-    resolve = models.resolve_model
+    load = models._load
 
-    def no_model(name_or_path, cache_dir=None):
-        path = resolve(name_or_path, cache_dir)  # a bad cache folder fails here, as it should, without the model
+    def no_model(auto_class, name_or_path, *args, **kwargs):
+        loaded = load(auto_class, name_or_path, *args, **kwargs)  # a bad cache folder fails here, without the model
         if name_or_path in models.EMBEDDED_MODELS:
             pytest.fail("loads the embedded model but is not marked slow")
-        return path
+        return loaded
 
     monkeypatch.setattr(builtin, "_rows", no_data)  # listing the task names reads no data
-    monkeypatch.setattr(models, "_convert_embedded", no_conversion)
-    monkeypatch.setattr(models, "resolve_model", no_model)
+    monkeypatch.setattr(models, "_gguf_to_safetensors", no_conversion)  # a test may fake the conversion over this
+    monkeypatch.setattr(models, "_load", no_model)

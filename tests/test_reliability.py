@@ -129,6 +129,7 @@ def test_rlora_cache_marks_damaged_tables_and_never_removes_one_being_built(tmp_
     assert not building.exists()
 
 
+@pytest.mark.slow  # `rlora tasks` reads the built-in tasks first
 def test_a_cache_that_is_a_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
     path = _source(tmp_path)
     (tmp_path / "not-a-folder").write_text("x")
