@@ -7,7 +7,7 @@ For each mixture size and each data path, one fresh process runs
 
 on the embedded model (offline, CPU). The last override lifts the demo preset's cap of 128 training examples per
 task, so that the training mixture is the whole mixture (about 0.8 N after the 20% test split), every example of it
-tokenized by the old path, as in the issue's measurement; `--set KEY=VALUE` replaces it or adds any other override
+tokenized by the old path; `--set KEY=VALUE` replaces it or adds any other override
 (`--set data.max_train_per_task=128`: the demo's 512-example mixture, which measures only reading and splitting).
 Measured per run:
 
@@ -54,7 +54,7 @@ once under `--workdir` (into a temporary folder, renamed into place when whole) 
 `--workdir` a temporary folder is used and removed at the end; run folders and the worktree are always removed.
 
 The baseline is skipped above `--baseline-max-size` (default 1,000,000): the old path keeps every example as Python
-objects, several GB per million examples (the issue measured 87 s and 3.5 GB at 1M); the table says so.
+objects, several GB per million examples; the table says so.
 
     nice -n 10 python benchmarks/bench_data_scale.py [--sizes 1000000,5000000] [--paths new,baseline]
         [--baseline-rev 36ae910] [--baseline-max-size 1000000] [--repeat 1] [--workdir DIR] [--json FILE]
@@ -94,7 +94,7 @@ DEFAULT_BASELINE_REV = "36ae910"
 DEFAULT_BASELINE_MAX_SIZE = 1_000_000
 QUICK_SIZE = 2000
 # The demo preset caps each task at 128 training examples (512 in all); lifted, so that the training mixture is the
-# whole mixture (what the issue measured: 1M examples, 87 s, 3.5 GB). `--set data.max_train_per_task=128` restores it.
+# whole mixture. `--set data.max_train_per_task=128` restores the cap.
 DEFAULT_OVERRIDES = ("data.max_train_per_task=null",)
 TARGET_FIRST_STEP_S = 60.0  # the rewrite's goal, for a 1M-example mixture on 2 cores
 TARGET_PEAK_GB = 2.0
@@ -108,7 +108,7 @@ MODEL_LINE = re.compile(rb"Loading weights")  # transformers' progress bar as th
 TAIL_LINES = 40
 SKIP_REASON = (
     "skipped: above --baseline-max-size ({limit:,}); the old path keeps every example in memory, several GB per "
-    "million examples (issue: 87 s and 3.5 GB at 1M)"
+    "million examples"
 )
 
 _WORD_TEXT = """
@@ -632,52 +632,7 @@ def run(args: argparse.Namespace) -> str:
         for size in sizes:
             files, sizes_bytes[size] = mixture_files(workdir, size, args.seed)
             read_files(files)  # the page cache holds the data for every path alike
-            todo = []
-            for path in paths:
-                row = Row(size, path, revs.get(path, args.baseline_rev))
-                rows.append(row)
-                if path == "baseline" and size > args.baseline_max_size:
-                    row.skipped = SKIP_REASON.format(limit=args.baseline_max_size)
-                else:
-                    todo.append(row)
-            measured: dict[str, list[Measurement]] = {row.path: [] for row in todo}
-            rounds = [(i, False) for i in range(warmups)] + [(i, True) for i in range(args.repeats)]
-            for i, timed in rounds:  # round-robin, the order rotating every round
-                for row in todo[i % len(todo) :] + todo[: i % len(todo)]:
-                    if row.error:
-                        continue
-                    label = f"{size:,} {row.path} {'run' if timed else 'warm-up'} {i + 1}"
-                    out = runs_dir / f"{size}-{row.path}-{'run' if timed else 'warmup'}-{i}"
-                    cmd = train_command(files, out, args.cache_dir, args.set)
-                    # the new path's table of the files: a fresh folder per run (cold), or one per path and size
-                    data_cache = runs_dir / (
-                        f"{size}-{row.path}-data-cache" if args.data_cache == "warm" else f"{out.name}-data-cache"
-                    )
-                    env = child_env(srcs[row.path], args.threads) | {DATA_CACHE_ENV: str(data_cache)}
-                    try:
-                        m = measure(cmd, env, args.timeout)
-                        m.data_cache_bytes = folder_bytes(data_cache)
-                        if timed:
-                            measured[row.path].append(m)
-                        print(
-                            f"{label}: first step {m.first_step_s:.1f} s, total {m.total_s:.1f} s, "
-                            f"peak RSS {m.peak_rss_bytes / GB:.2f} GB (at first step: anon "
-                            f"{_gb(m.anon_rss_at_first_step_bytes)}, files {_gb(m.file_rss_at_first_step_bytes)}); "
-                            f"data cache {m.data_cache_bytes / 1e6:.1f} MB",
-                            file=sys.stderr,
-                        )
-                    except RunFailed as failed:
-                        row.error, row.error_tail = failed.why, failed.tail
-                        print(f"{label} failed: {failed.why}; its last lines:", file=sys.stderr)
-                        print(textwrap.indent(failed.tail, "    "), file=sys.stderr)
-                    finally:
-                        shutil.rmtree(out, ignore_errors=True)
-                        if args.data_cache == "cold":
-                            shutil.rmtree(data_cache, ignore_errors=True)
-            for row in todo:
-                shutil.rmtree(runs_dir / f"{size}-{row.path}-data-cache", ignore_errors=True)
-                if measured[row.path] and not row.error:
-                    summarise(row, measured[row.path])
+            rows += measure_size(args, size, files, srcs, revs, runs_dir, warmups)
 
     load_end = os.getloadavg()
     table = tables(rows, sizes_bytes)
@@ -718,6 +673,71 @@ def run(args: argparse.Namespace) -> str:
         }
         write_json_atomically(args.json, data)
     return table + note
+
+
+def measure_size(
+    args: argparse.Namespace, size: int, files: list[Path], srcs: dict, revs: dict, runs_dir: Path, warmups: int
+) -> list[Row]:
+    """One row per path for `size` examples: its runs interleaved with the other paths', summarised."""
+    rows, todo = [], []
+    for path in args.paths:
+        row = Row(size, path, revs.get(path, args.baseline_rev))
+        rows.append(row)
+        if path == "baseline" and size > args.baseline_max_size:
+            row.skipped = SKIP_REASON.format(limit=args.baseline_max_size)
+        else:
+            todo.append(row)
+    measured: dict[str, list[Measurement]] = {row.path: [] for row in todo}
+    rounds = [(i, False) for i in range(warmups)] + [(i, True) for i in range(args.repeats)]
+    for i, timed in rounds:  # round-robin, the order rotating every round
+        for row in todo[i % len(todo) :] + todo[: i % len(todo)]:
+            if not row.error:
+                one_run(args, row, files, srcs[row.path], runs_dir, i, timed, measured[row.path])
+    for row in todo:
+        shutil.rmtree(runs_dir / f"{size}-{row.path}-data-cache", ignore_errors=True)
+        if measured[row.path] and not row.error:
+            summarise(row, measured[row.path])
+    return rows
+
+
+def one_run(
+    args: argparse.Namespace,
+    row: Row,
+    files: list[Path],
+    src: Path,
+    runs_dir: Path,
+    i: int,
+    timed: bool,
+    measured: list[Measurement],
+) -> None:
+    """The i-th run of `row`'s path: its measurement appended to `measured` when `timed`, its failure on `row`."""
+    size = row.size
+    label = f"{size:,} {row.path} {'run' if timed else 'warm-up'} {i + 1}"
+    out = runs_dir / f"{size}-{row.path}-{'run' if timed else 'warmup'}-{i}"
+    cmd = train_command(files, out, args.cache_dir, args.set)
+    # the new path's table of the files: a fresh folder per run (cold), or one per path and size
+    data_cache = runs_dir / (f"{size}-{row.path}-data-cache" if args.data_cache == "warm" else f"{out.name}-data-cache")
+    env = child_env(src, args.threads) | {DATA_CACHE_ENV: str(data_cache)}
+    try:
+        m = measure(cmd, env, args.timeout)
+        m.data_cache_bytes = folder_bytes(data_cache)
+        if timed:
+            measured.append(m)
+        print(
+            f"{label}: first step {m.first_step_s:.1f} s, total {m.total_s:.1f} s, "
+            f"peak RSS {m.peak_rss_bytes / GB:.2f} GB (at first step: anon "
+            f"{_gb(m.anon_rss_at_first_step_bytes)}, files {_gb(m.file_rss_at_first_step_bytes)}); "
+            f"data cache {m.data_cache_bytes / 1e6:.1f} MB",
+            file=sys.stderr,
+        )
+    except RunFailed as failed:
+        row.error, row.error_tail = failed.why, failed.tail
+        print(f"{label} failed: {failed.why}; its last lines:", file=sys.stderr)
+        print(textwrap.indent(failed.tail, "    "), file=sys.stderr)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        if args.data_cache == "cold":
+            shutil.rmtree(data_cache, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -56,7 +56,7 @@ def activation_bytes(step, model: torch.nn.Module, dev: torch.device, checkpoint
     if checkpointing:
         for layer in model.base_model.model.model.layers:
             hook = layer.register_forward_pre_hook(
-                lambda m, args, kw: inputs.__setitem__((h := (args or [kw["hidden_states"]])[0]).data_ptr(),
+                lambda _m, args, kw: inputs.__setitem__((h := (args or [kw["hidden_states"]])[0]).data_ptr(),
                                                        h.untyped_storage().nbytes()),
                 with_kwargs=True,
             )  # fmt: skip

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    return bench_main(argv, __doc__, lambda parser: None, run, repeats=10, warmup=1, torch_options=False)
+    return bench_main(argv, __doc__, lambda _parser: None, run, repeats=10, warmup=1, torch_options=False)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tiny models built from a config, shared by the unit tests."""
+"""Tiny models built from a config and tiny tokenizers, shared by the unit tests."""
 
 from contextlib import contextmanager
 from pathlib import Path
@@ -7,6 +7,35 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
+TINY_WORDS = [
+    "What",
+    "is",
+    "two",
+    "plus",
+    "four",
+    "?",
+    "Answer",
+    ":",
+    "A",
+    "B",
+    "C",
+    "D",
+    ".",
+    "yes",
+    "no",
+    "format",
+    "/",
+    "user",
+    "assistant",
+    "red",
+    "blue",
+    "sky",
+    "the",
+]
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }} : {{ m.content }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -32,8 +61,27 @@ def perturb_adapter(model: torch.nn.Module, seed: int = 1, scale: float = 0.1) -
                 p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in milliseconds on a few sentences (every string encodes)."""
+def word_tokenizer():
+    """Word-level, for the tests that spell out token ids: 0 <pad>, 1 <eos>, 2 <unk>, then TINY_WORDS in order from 3;
+    splits on spaces and punctuation. Words outside TINY_WORDS encode as <unk>: use `byte_tokenizer` for any text."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(TINY_WORDS)}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer trained in milliseconds on a few sentences: every string encodes, and decoding
+    gives back the exact text (the tiny model folders' tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,7 +98,7 @@ def tiny_tokenizer():
 
 def tiny_model_dir(path, seed: int = 0):
     """A complete local model folder (tiny Llama + tokenizer) that `from_pretrained(path)` loads."""
-    tokenizer = tiny_tokenizer()
+    tokenizer = byte_tokenizer()
     model = tiny_llama(seed)
     model.resize_token_embeddings(len(tokenizer))
     model.config.eos_token_id = tokenizer.eos_token_id

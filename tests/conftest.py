@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny offline word-level tokenizer and the converted embedded model (once per session)."""
+"""Shared fixtures: the tiny word-level tokenizer and the converted embedded model (once per session)."""
 
 import json
 import os
@@ -6,54 +6,14 @@ import random
 from pathlib import Path
 
 import pytest
-from _tiny import tiny_model_dir
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
+from _tiny import tiny_model_dir, word_tokenizer
 from transformers import PreTrainedTokenizerFast
-
-TINY_WORDS = [
-    "What",
-    "is",
-    "two",
-    "plus",
-    "four",
-    "?",
-    "Answer",
-    ":",
-    "A",
-    "B",
-    "C",
-    "D",
-    ".",
-    "yes",
-    "no",
-    "format",
-    "/",
-    "user",
-    "assistant",
-    "red",
-    "blue",
-    "sky",
-    "the",
-]
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m.role }} : {{ m.content }} <eos> {% endfor %}"
-    "{% if add_generation_prompt %}assistant : {% endif %}"
-)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level: ids 0 <pad>, 1 <eos>, 2 <unk>, then TINY_WORDS in order from 3; splits on spaces/punctuation."""
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(TINY_WORDS)}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
+    """`_tiny.word_tokenizer`: fixed ids for the tests that spell out token ids."""
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -101,3 +61,37 @@ def _data_cache(tmp_path_factory):
     mp.setenv("RLORA_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
     yield
     mp.undo()
+
+
+REAL_FIXTURES = ("embedded_tokenizer", "model_cache_dir")  # fixtures that convert or load the embedded model
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_guard(request, monkeypatch):
+    """The fast lane (`-m "not slow"`) needs neither the embedded model nor the built-in data: a test not marked
+    slow that reads either (in this process) fails, naming what it read."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    used = [name for name in REAL_FIXTURES if name in request.fixturenames]
+    if used:
+        pytest.fail(f"uses {used[0]} (the embedded model) but is not marked slow")
+    from rlora import models
+    from rlora.data import builtin
+
+    def no_data(*_args):
+        pytest.fail("reads the built-in data but is not marked slow")
+
+    def no_conversion(*_args):
+        pytest.fail("converts the embedded model but is not marked slow")
+
+    load = models._load
+
+    def no_model(auto_class, name_or_path, *args, **kwargs):
+        loaded = load(auto_class, name_or_path, *args, **kwargs)  # a bad cache folder fails here, without the model
+        if name_or_path in models.EMBEDDED_MODELS:
+            pytest.fail("loads the embedded model but is not marked slow")
+        return loaded
+
+    monkeypatch.setattr(builtin, "_rows", no_data)  # listing the task names reads no data
+    monkeypatch.setattr(models, "_gguf_to_safetensors", no_conversion)  # a test may fake the conversion over this
+    monkeypatch.setattr(models, "_load", no_model)

@@ -67,7 +67,7 @@ def test_router_usage_averages_gates_over_real_tokens_only(seed):
     expected = []
     hidden = {}
 
-    def keep(module, args, output, key):
+    def keep(_module, args, _output, key):
         hidden[key] = args[0]
 
     layers = [m for n, m in model.named_modules() if n.endswith("up_proj") and hasattr(m, "rlora_router")]

@@ -4,6 +4,8 @@ adapter folders, the Python API), with the exact error it gives.
 A command prints one line on stderr and exits non-zero (no traceback, never silent), writes nothing and loads no
 model, except where the fault can only show against the model (an adapter tensor of the wrong shape). The lock that
 keeps a run folder to one writer, and how a killed writer releases it, is tested at the end.
+
+Long on purpose: one table of cases, so that every message a user can see is found in one place.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from unittest import mock
 import huggingface_hub
 import pytest
 import torch
+from _reference import read_jsonl_tasks
 from _tiny import untrained_runs, write_config
 from huggingface_hub.errors import RepositoryNotFoundError
 from peft import PeftModel
@@ -34,7 +37,6 @@ import rlora.train
 from rlora import load_adapter
 from rlora._io import mark_complete
 from rlora.cli import main
-from rlora.data import read_jsonl_tasks
 from rlora.errors import AdapterError, ConfigError, DataError, ModelError, RunFolderError
 from rlora.run import RunFolder, load_run
 from rlora.runconfig import load_run_config
@@ -134,6 +136,7 @@ class Case:
     loads_model: bool = False  # the fault can only show against the loaded model
     rewrites_run: bool = False  # a resume that the Trainer refuses has rewritten the run's config and manifest (same)
     hub: Callable | None = field(default=None, repr=False)  # what asking the Hub about a model does
+    slow: bool = False  # reads the built-in data
 
 
 # 9 anchors, each a list of 9 aliases of the one before: 9**9 values once expanded, in 10 short lines
@@ -568,6 +571,7 @@ CASES = [
         lambda c: ["show", "rte", "--chat-template", "--model", str(c.ws / "model")],
         "model '{ws}/model': its tokenizer has no chat template; use plain prompts (data.chat_template: false, or no "
         "--chat-template)",
+        slow=True,
     ),
     # --- JSONL task data ---
     # --- instruction data (data.files) ---
@@ -856,7 +860,9 @@ def _expected(template: str, **paths) -> re.Pattern:
     return re.compile(text.replace(re.escape("..."), ".*") + "\n")
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=[pytest.mark.slow] if c.slow else []) for c in CASES], ids=[c.id for c in CASES]
+)
 def test_bad_input_is_one_line_on_stderr_and_an_exit_code_writing_nothing(
     case, workspace, runs, tmp_path, monkeypatch, capsys
 ):
@@ -915,7 +921,7 @@ def test_fsdp_over_cpu_processes_is_refused_instead_of_training_as_ddp(workspace
     from transformers.training_args import ParallelMode
 
     # as under torchrun --nproc_per_node=2 on a CPU machine, where the Trainer's fsdp setting falls back to DDP
-    monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda self: ParallelMode.DISTRIBUTED))
+    monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda _self: ParallelMode.DISTRIBUTED))
     config = write_config(workspace, tmp_path / "run")
     assert main(["train", str(config), "training.fsdp=full_shard auto_wrap"]) == 2
     assert capsys.readouterr().err == (
@@ -942,7 +948,7 @@ def test_quantization_without_bitsandbytes_and_compiling_without_a_compiler_are_
     monkeypatch.undo()
     if torch.cuda.is_available():
         return
-    monkeypatch.setattr(rlora.models.shutil, "which", lambda name: None)
+    monkeypatch.setattr(rlora.models.shutil, "which", lambda _name: None)
     assert main(["train", str(config), "training.torch_compile=true"]) == 2
     assert capsys.readouterr().err == (
         f"rlora: error: {config}: training.torch_compile: on a CPU torch.compile builds C++ code and no C++ compiler "
@@ -1006,7 +1012,7 @@ def test_api_errors_are_rlora_errors_of_the_expected_builtin_kind(workspace, run
 def test_load_adapter_refuses_an_adapter_whose_tensors_are_not_its_types_and_leaves_the_model_as_it_was(
     workspace, runs, tmp_path
 ):
-    """The issue's silent case through the API: `peft_type` LORA over R-LoRA weights loads no weight at all in PEFT."""
+    """The silent case through the API: `peft_type` LORA over R-LoRA weights loads no weight at all in PEFT."""
     lora_typed = shutil.copytree(runs["rlora"] / "adapter", tmp_path / "adapter")
     _edit_json(lora_typed / "adapter_config.json", peft_type="LORA")
     model = _model(workspace)

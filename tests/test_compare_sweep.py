@@ -5,12 +5,12 @@ import json
 
 import numpy as np
 import pytest
+from _reference import read_jsonl_tasks
 from _tiny import write_config
 
 import rlora.train
 from rlora.cli import main
 from rlora.commands.compare import parse_sweep, point_name, select_settings
-from rlora.data.jsonl import read_jsonl_tasks
 from rlora.data.plan import plan_data
 from rlora.data.split import split_key, split_sides
 from rlora.errors import ConfigError, TrainingError

@@ -4,6 +4,8 @@ import pytest
 
 from rlora.data import COMMONSENSE_8, choice_labels, expand_task_names, list_tasks, load_task, render_pairs
 
+pytestmark = pytest.mark.slow  # every test here reads the built-in data
+
 SIZES = {
     "arc_challenge": 299,
     "arc_easy": 570,

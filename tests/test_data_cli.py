@@ -1,8 +1,11 @@
 import json
 
+import pytest
+
 from rlora.cli import main
 
 
+@pytest.mark.slow  # reads the built-in data
 def test_tasks_lists_sizes(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
@@ -10,6 +13,7 @@ def test_tasks_lists_sizes(capsys):
     assert any(line.split()[:2] == ["cb", "56"] for line in out.splitlines())
 
 
+@pytest.mark.slow  # reads the built-in data
 def test_show_prints_rendered_examples_in_either_format(capsys):
     assert main(["show", "rte", "-n", "1", "--split", "test", "--format", "mc"]) == 0
     out = capsys.readouterr().out
@@ -34,6 +38,7 @@ def test_unknown_task_exits_2_with_a_message(capsys):
     assert "Traceback" not in captured.err
 
 
+@pytest.mark.slow  # reads the built-in data
 def test_bad_jsonl_exits_2_naming_the_line(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "p", "answer": "a"}\n{"prompt": "p", "choices": ["a", "b"], "gold": 2}\n')

@@ -1,4 +1,5 @@
-"""data.files: DataFile and iter_examples over every container and schema, with exact examples and messages."""
+"""data.files: DataFile and iter_examples over every container (data.readers) and schema (data.schemas), with exact
+examples and messages. Long on purpose: each container and schema with its cases side by side."""
 
 import csv
 import json
@@ -723,7 +724,7 @@ def test_from_config_errors_name_the_entry_and_key(tmp_path, monkeypatch, value,
     assert str(raised.value) == message.replace("{tmp}", str(tmp_path.resolve()))
 
 
-def test_settings_are_checked_when_made_in_python(tmp_path):
+def test_settings_are_checked_when_made_in_python():
     with pytest.raises(DataError, match=r"^x\.jsonl: schema: expected one of auto, rlora, alpaca, sharegpt, messages"):
         DataFile(Path("x.jsonl"), schema="chatml")
     assert DataFile("x.jsonl", columns={"output": "r"}) == DataFile(Path("x.jsonl"), columns=(("output", "r"),))

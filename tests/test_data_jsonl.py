@@ -2,8 +2,9 @@ import json
 import re
 
 import pytest
+from _reference import read_jsonl_tasks
 
-from rlora.data import DataError, Example, read_jsonl_tasks, render_pairs
+from rlora.data import DataError, Example, render_pairs
 
 
 def _write(tmp_path, name: str, lines: list) -> str:

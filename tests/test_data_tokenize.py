@@ -26,7 +26,7 @@ def test_plain_mode_masks_the_prompt_and_ends_with_eos(tiny_tokenizer):
     assert feature["input_ids"] == PROMPT_IDS + [7, 1]
     assert feature["labels"] == [IGNORE_INDEX] * 8 + [7, 1]
     assert feature["attention_mask"] == [1] * 10
-    assert feature["length"] == 10
+    assert len(feature["input_ids"]) == 10
 
 
 def test_chat_mode_finds_the_assistant_span(tiny_tokenizer):
@@ -90,8 +90,8 @@ def test_an_answer_that_fills_max_length_keeps_half_a_window_of_prompt_and_loses
 
 def test_collator_pads_right_to_the_longest():
     features = [
-        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7], "length": 3},
-        {"input_ids": [8], "attention_mask": [1], "labels": [8], "length": 1},
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+        {"input_ids": [8], "attention_mask": [1], "labels": [8]},
     ]
     batch = CausalLMCollator(pad_token_id=0)(features)
     assert set(batch) == {"input_ids", "attention_mask", "labels"}

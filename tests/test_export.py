@@ -70,7 +70,7 @@ def test_the_exported_lora_is_the_fixed_gate_model_in_float64(head_init):
     assert set_peft_model_state_dict(plain, tensors).unexpected_keys == []
     plain.eval()
 
-    def fixed(module, args, output):
+    def fixed(module, args, _output):
         return module.get_base_layer()(args[0]) + naive_fixed_gate_delta(module, args[0], gates[by_module[module]])
 
     by_module = {layer: name for name, layer in layers.items()}
@@ -86,7 +86,7 @@ def test_the_exported_lora_is_the_fixed_gate_model_in_float64(head_init):
     assert (routed - expected).abs().max() > 1e-3  # the routed model is another function: fixed gates cost something
 
 
-def test_the_export_is_a_plain_peft_lora_adapter_with_server_compatible_names(exported, runs):
+def test_the_export_is_a_plain_peft_lora_adapter_with_server_compatible_names(exported):
     folder = exported["uniform"]
     assert sorted(p.name for p in folder.iterdir()) == [
         "adapter_config.json",
@@ -179,7 +179,7 @@ def test_per_task_gates_are_each_tasks_mean_gates_over_its_training_tokens(expor
             seen = {}
             hooks = [
                 layer.register_forward_hook(
-                    lambda m, a, o, n=name, seen=seen: seen.__setitem__(n, m.gates(a[0], "default"))
+                    lambda m, a, _o, n=name, seen=seen: seen.__setitem__(n, m.gates(a[0], "default"))
                 )
                 for name, layer in layers.items()
             ]
@@ -256,7 +256,7 @@ def test_a_plain_lora_run_is_not_exported(runs, tmp_path):
         export_run(runs["lora"], "uniform", tmp_path / "o")
 
 
-def test_eval_adapter_scores_an_adapter_folder_as_rlora_eval_scores_the_run(runs, exported, capsys):
+def test_eval_adapter_scores_an_adapter_folder_as_rlora_eval_scores_the_run(runs, exported):
     from rlora.commands.eval import evaluate_run
 
     routed = evaluate_run(runs["rlora"])

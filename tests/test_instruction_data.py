@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from _tiny import tiny_tokenizer
+from _tiny import byte_tokenizer
 
 from rlora.cli import main
 from rlora.data import IGNORE_INDEX
@@ -58,7 +58,7 @@ def _overrides(out, files, *extra, steps=3):
 
 
 def test_replies_alone_carry_the_loss(tmp_path, workspace):
-    tokenizer = tiny_tokenizer()  # byte-level: decoding gives back the exact text
+    tokenizer = byte_tokenizer()  # byte-level: decoding gives back the exact text
     files = [_alpaca(tmp_path / "repeat.json"), _sharegpt(tmp_path / "chat.jsonl")]
     cfg = load_run_config(None, [f"model={workspace / 'model'}", *_overrides(tmp_path / "run", files)])
     plan = plan_data(cfg)

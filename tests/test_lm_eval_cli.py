@@ -65,7 +65,7 @@ def test_rlora_lm_eval_evaluates_an_rlora_adapter(workspace, tiny_adapter, tmp_p
 
 def test_lm_eval_arguments_pass_through_with_the_embedded_model_name_resolved(monkeypatch):
     seen = []
-    monkeypatch.setattr(rlora.models, "resolve_model", lambda name, cache_dir=None: seen.append(cache_dir) or "/m/x")
+    monkeypatch.setattr(rlora.models, "resolve_model", lambda _name, cache_dir=None: seen.append(cache_dir) or "/m/x")
     argv = ["--model", "hf", "--model_args", "pretrained=smollm2-135m,peft=run/adapter", "--tasks", "a", "b"]
     assert lm_eval_argv(argv, "/c") == [*argv[:3], "pretrained=/m/x,peft=run/adapter", "--tasks", "a", "b"]
     assert lm_eval_argv(["-a", "pretrained=smollm2-135m", "dtype=float32"]) == [

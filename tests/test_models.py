@@ -3,10 +3,11 @@ import math
 
 import pytest
 import torch
+from _reference import build_mixture, split_examples
 
 from rlora import models
 from rlora._io import COMPLETE_MARKER
-from rlora.data import CausalLMCollator, build_mixture, encode_examples, load_task, split_examples
+from rlora.data import CausalLMCollator, encode_examples, load_task
 from rlora.models import EmbeddedModelMissing, load_model_and_tokenizer, resolve_model
 
 
@@ -32,7 +33,7 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
 
 
 def test_a_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
-    def crash_while_saving(gguf, out):
+    def crash_while_saving(_gguf, out):
         (out / "model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
@@ -48,7 +49,7 @@ def test_an_incomplete_folder_is_replaced_and_a_finished_one_reused(monkeypatch,
     (target / "config.json").write_text("{}")  # no completion marker: a leftover
     calls = []
 
-    def fake(gguf, out):
+    def fake(_gguf, out):
         calls.append(out)
         (out / "config.json").write_text('{"ok": true}')
 
@@ -63,7 +64,7 @@ def test_an_incomplete_folder_is_replaced_and_a_finished_one_reused(monkeypatch,
 def test_a_conversion_finished_meanwhile_by_another_process_is_kept(monkeypatch, tmp_path):
     target = tmp_path / "models" / "smollm2-135m"
 
-    def racing(gguf, out):
+    def racing(_gguf, out):
         target.mkdir()
         (target / "config.json").write_text("theirs")
         (target / COMPLETE_MARKER).write_text("{}")

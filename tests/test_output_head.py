@@ -178,7 +178,7 @@ VOCAB = 5000
 
 
 @pytest.fixture(scope="module")
-def big_vocab(tiny_tokenizer):
+def big_vocab():
     """A tiny model with a large vocabulary: its logits over a batch dwarf every other tensor."""
     torch.manual_seed(0)
     config = LlamaConfig(**(SHAPE | {"vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 1}))

@@ -75,7 +75,7 @@ def test_the_fixed_gate_merge_into_a_quantized_base_is_the_float_merge_up_to_req
     [
         (BaseLoading(quantization="4bit"), "Linear4bit", lambda w: w.quant_state.quant_type == "nf4"),
         (BaseLoading("4bit", "fp4", double_quant=False), "Linear4bit", lambda w: w.quant_state.nested is False),
-        (BaseLoading("4bit", compute_dtype="bfloat16"), "Linear4bit", lambda w: True),
+        (BaseLoading("4bit", compute_dtype="bfloat16"), "Linear4bit", lambda _w: True),
         (BaseLoading(quantization="8bit"), "Linear8bitLt", lambda w: w.dtype == torch.int8),
     ],
     ids=["nf4-double", "fp4", "bf16-compute", "8bit"],

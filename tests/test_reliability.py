@@ -33,8 +33,9 @@ def _source(tmp_path, n=300, answer="answer") -> Path:
     return path
 
 
-def _served(path, cache) -> list:
-    """The examples a run would get from the cache (`cache` is $RLORA_DATA_CACHE)."""
+def _served(path, _cache) -> list:
+    """The examples a run would get from the cache (`_cache`, $RLORA_DATA_CACHE, is set by the caller: named for
+    the reader)."""
     table = store.load_file(DataFile(path, schema="rlora"))
     return table.examples(np.arange(len(table)))
 
@@ -91,7 +92,7 @@ def test_a_damaged_table_is_read_again_with_a_warning_never_used(tmp_path, caplo
     assert not caplog.records
 
 
-def test_a_source_edited_keeping_its_size_and_time_is_read_again(tmp_path, caplog, monkeypatch, capsys):
+def test_a_source_edited_keeping_its_size_and_time_is_read_again(tmp_path, caplog, capsys):
     path, cache = _source(tmp_path), tmp_path / "cache"
     _served(path, cache)
     stat = path.stat()
@@ -108,7 +109,7 @@ def test_a_source_edited_keeping_its_size_and_time_is_read_again(tmp_path, caplo
     ]
 
 
-def test_rlora_cache_marks_damaged_tables_and_never_removes_one_being_built(tmp_path, monkeypatch, capsys):
+def test_rlora_cache_marks_damaged_tables_and_never_removes_one_being_built(tmp_path, capsys):
     path = _source(tmp_path)
     _served(path, None)
     folder = _table(tmp_path / "cache")
@@ -128,6 +129,7 @@ def test_rlora_cache_marks_damaged_tables_and_never_removes_one_being_built(tmp_
     assert not building.exists()
 
 
+@pytest.mark.slow  # `rlora tasks` reads the built-in tasks first
 def test_a_cache_that_is_a_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
     path = _source(tmp_path)
     (tmp_path / "not-a-folder").write_text("x")
@@ -214,7 +216,7 @@ def test_a_start_that_saved_nothing_does_not_block_the_corrected_config(workspac
     from rlora.runconfig import load_run_config
     from rlora.train import train
 
-    def stops(self, *args, **kwargs):
+    def stops(_self, *args, **kwargs):
         raise KeyboardInterrupt  # stopped before the first step, after the run's start was written
 
     monkeypatch.setattr(transformers.Trainer, "train", stops)
@@ -264,7 +266,7 @@ def test_a_damaged_results_file_is_named_and_evaluated_again(tmp_path, caplog):
 def test_a_conversion_killed_midway_leaves_nothing_the_next_one_does_not_remove(tmp_path, monkeypatch, caplog):
     from rlora import models
 
-    def convert(gguf, folder):
+    def convert(_gguf, folder):
         (folder / "config.json").write_text("{}")
 
     monkeypatch.setattr(models, "_gguf_to_safetensors", convert)

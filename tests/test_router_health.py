@@ -64,7 +64,7 @@ def _naive_health(model, prompts_by_task):
             captured.clear()
             hooks = [
                 layer.register_forward_hook(
-                    lambda m, args, out, name=name: captured.__setitem__(name, m.gates(args[0], "default"))
+                    lambda m, args, _out, name=name: captured.__setitem__(name, m.gates(args[0], "default"))
                 )
                 for name, layer in layers
             ]

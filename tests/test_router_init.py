@@ -168,7 +168,7 @@ def test_zero_heads_give_the_router_an_exactly_zero_gradient_at_the_first_step()
     """Exact by construction, on any CPU: B = 0 makes every product feeding the gates' gradient an exact zero."""
     layer = saddle_layer(0)
     grads = []
-    sgd_steps(layer, 0, steps=1, check=lambda layer, x, g: grads.append(layer.rlora_router["default"].grad.clone()))
+    sgd_steps(layer, 0, steps=1, check=lambda layer, _x, _g: grads.append(layer.rlora_router["default"].grad.clone()))
     assert torch.count_nonzero(grads[0]) == 0
 
 

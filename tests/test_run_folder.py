@@ -68,7 +68,8 @@ def test_results_are_written_as_json_and_markdown_and_read_back(tmp_path):
     assert (tmp_path / "eval_base.md").read_text().startswith("| task | n | base acc |")
 
 
-def test_load_run_refuses_what_it_cannot_use_before_any_model_loads(workspace, tmp_path, no_model_loads):
+@pytest.mark.usefixtures("no_model_loads")
+def test_load_run_refuses_what_it_cannot_use_before_any_model_loads(workspace, tmp_path):
     with pytest.raises(RunFolderError, match=r"not a run folder \(no config.yaml\)"):
         load_run(tmp_path)
     cfg = load_run_config(write_config(workspace, tmp_path / "run"), ["method=lora"])

@@ -109,7 +109,7 @@ def test_unknown_method_is_rejected():
 @pytest.mark.parametrize(
     ("field", "value"), [("r", 0), ("num_heads", 0), ("lora_alpha", 0.0), ("lora_dropout", 1.0), ("init_gamma", -1.0)]
 )
-def test_the_adapter_section_follows_rloraconfigs_own_rules(tmp_path, field, value):
+def test_the_adapter_section_follows_rloraconfigs_own_rules(field, value):
     """One rule per field: the run config rejects exactly what RLoraConfig rejects, with the same expectation."""
     with pytest.raises(ValueError, match=rf"RLoraConfig.{field}: expected (.*), got") as direct:
         RLoraConfig(**{field: value})

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _tiny import perturb_adapter, untrained_runs, write_config
-from conftest import TINY_CHAT_TEMPLATE
+from _tiny import TINY_CHAT_TEMPLATE, perturb_adapter, untrained_runs, write_config
 
 from rlora.commands.generate import Sampling, generate_run
 from rlora.commands.serve import load_served

@@ -12,12 +12,13 @@ import time
 
 import pytest
 import torch
+from _reference import read_jsonl_tasks
 from _tiny import write_config
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlora.cli import main
-from rlora.data import read_jsonl_tasks, render_pairs
+from rlora.data import render_pairs
 from rlora.evaluate import Prediction, normalize_answer, predict
 from rlora.runconfig import dump_run_config, load_run_config
 from rlora.train import HeadOnlyLossTrainer, TrainingError, complete_checkpoints, train
@@ -158,7 +159,7 @@ def test_bad_input_is_rejected_before_any_model_loads(workspace, tmp_path, overr
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_errors_are_one_line_on_stderr_with_a_nonzero_exit(workspace, tmp_path):
+def test_cli_errors_are_one_line_on_stderr_with_a_nonzero_exit(tmp_path):
     result = run_cli("train", tmp_path / "nope.yaml")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("rlora: error: ")

@@ -70,7 +70,7 @@ def record_gates(model: torch.nn.Module, adapter_name: str = "default"):
     hooks = []
     for name, layer in adapted_layers(model, adapter_name):
 
-        def hook(module, args, output, name=name):
+        def hook(module, args, _output, name=name):
             records.setdefault(name, []).append(module.gates(args[0].detach(), adapter_name).cpu())
 
         hooks.append(layer.register_forward_hook(hook))

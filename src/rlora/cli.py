@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from .data import DEFAULT_TEST_FRACTION, FORMATS
+from .data import DEFAULT_FORMAT, DEFAULT_TEST_FRACTION, FORMATS
 from .data.split import bad_test_fraction
 from .errors import RloraError, TrainingError
 from .methods import METHOD_SPELLINGS, METHODS
@@ -94,7 +94,7 @@ def _add_show(subparsers) -> None:
     parser.add_argument(
         "--format",
         choices=FORMATS,
-        default="rc",
+        default=DEFAULT_FORMAT,
         help="multiple choice as cloze (rc: the choice's text) or lettered/word labels (mc) (default: %(default)s)",
     )
     parser.add_argument(

@@ -37,12 +37,8 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, Example, Spans, encode_example, example_spans, pad_ids, render_pairs
 from .errors import ConfigError
+from .metrics import METRICS
 from .output_head import forward_hidden, positions_logprobs
-
-ACCURACY_METRICS = ("acc_ll", "acc_norm", "acc_gen")  # fractions in [0, 1], higher is better
-LOSS_METRICS = ("loss", "ppl")  # nats per trained token and its exp, lower is better
-METRICS = ACCURACY_METRICS + LOSS_METRICS
-LOWER_IS_BETTER = frozenset(LOSS_METRICS)
 
 
 @dataclasses.dataclass
@@ -59,12 +55,6 @@ class TaskResult:
 def normalize_answer(text: str) -> str:
     first_line = text.strip().split("\n", 1)[0]
     return first_line.strip().rstrip(string.punctuation + " ").casefold()
-
-
-def example_format(example: Example) -> str:
-    if not example.is_multiple_choice:
-        return "free"
-    return example.format or "mc"
 
 
 @dataclasses.dataclass
@@ -153,7 +143,7 @@ def held_out_loss(
     """The mean token cross-entropy (nats) of `examples` encoded as in training (`encode_example`), over their
     trained tokens, token-weighted (summed NLL / trained tokens); None when they have no trained token."""
     model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # `models.load_tokenizer` gives every tokenizer one
     features = [encode_example(tokenizer, e, chat_template, max_length) for e in examples]
     total, count = token_nll(model, features, pad_id, batch_size)
     return total / count if count else None
@@ -190,7 +180,7 @@ def predict(
 ) -> list[Prediction]:
     """Choice scores (multiple choice) and greedy generations (MC and free-form, with `generate`) per example."""
     model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # `models.load_tokenizer` gives every tokenizer one
     device = next(model.parameters()).device
     predictions = []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, unit="batch"):
@@ -198,7 +188,7 @@ def predict(
         pairs = [render_pairs(e) for e in batch]
         spans = [example_spans(tokenizer, e, chat_template, max_length) for e in batch]
         one_pass = [e.is_multiple_choice and _one_pass(s) for e, s in zip(batch, spans, strict=True)]
-        to_generate = [generate and example_format(e) != "rc" for e in batch]
+        to_generate = [generate and e.formulation != "rc" for e in batch]
         needs_prompt = [i for i in range(len(batch)) if to_generate[i] or one_pass[i]]
         first_logprobs, texts = {}, {}
         if needs_prompt:
@@ -244,25 +234,20 @@ def predict(
     return predictions
 
 
+ENCODING = ("chat_template", "max_length", "batch_size")  # `predict`'s settings that `held_out_loss` takes too
+
+
 def evaluate_examples(
-    model,
-    tokenizer,
-    examples: Sequence[Example],
-    *,
-    chat_template: bool = False,
-    max_length: int = 384,
-    batch_size: int = 16,
-    generate: bool = True,
-    accuracy: bool = True,
-    **kwargs,
+    model, tokenizer, examples: Sequence[Example], *, accuracy: bool = True, **settings
 ) -> TaskResult:
-    """The metrics of one task (see the module docstring); without `accuracy` only the held-out loss (and its
-    perplexity), the accuracies None: what choosing settings on a validation split needs, at a fraction of the cost."""
-    encoding = {"chat_template": chat_template, "max_length": max_length, "batch_size": batch_size}
-    predictions = predict(model, tokenizer, examples, generate=generate, **encoding, **kwargs) if accuracy else []
+    """The metrics of one task (see the module docstring); `settings` are `predict`'s keyword arguments (the
+    encoding, the batch size, generation). Without `accuracy` only the held-out loss (and its perplexity), the
+    accuracies None: what choosing settings on a validation split needs, at a fraction of the cost."""
+    predictions = predict(model, tokenizer, examples, **settings) if accuracy else []
+    encoding = {key: value for key, value in settings.items() if key in ENCODING}
     loss = held_out_loss(model, tokenizer, examples, **encoding)
     n = len(examples)
-    formats = {example_format(e) for e in examples}
+    formats = {e.formulation for e in examples}
     fmt = formats.pop() if len(formats) == 1 else "mixed"
     pairs = list(zip(predictions, examples, strict=True)) if accuracy else []
     is_mc = accuracy and n > 0 and all(e.is_multiple_choice for e in examples)

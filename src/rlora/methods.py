@@ -83,18 +83,23 @@ def adapter_config(
     num_heads: int,
     lora_dropout: float,
     target_modules: list[str] | str | None,
-    init_gamma: float = 64.0,
-    use_rslora: bool = True,
+    init_gamma: float | None = None,
+    use_rslora: bool | None = None,
     lora_r: int | None = None,
     router_init: str | None = None,
     model: nn.Module | None = None,
 ) -> PeftConfig:
     """The PEFT config of `method`; for `lora` without `lora_r`, `model` is needed to match parameter counts.
 
-    `router_init` overrides the method's own router init (for experiments; the methods' defaults are above)."""
+    `router_init` overrides the method's own router init (for experiments; the methods' defaults are above);
+    `init_gamma` and `use_rslora` left None are `RLoraConfig`'s defaults (for plain LoRA too)."""
     from peft import LoraConfig
 
     from .tuner import RLoraConfig
+    from .tuner.config import field_default
+
+    init_gamma = field_default("init_gamma") if init_gamma is None else init_gamma
+    use_rslora = field_default("use_rslora") if use_rslora is None else use_rslora
 
     shared = {  # the settings plain LoRA takes too
         "lora_alpha": lora_alpha,
@@ -137,7 +142,7 @@ def adapter_sizes(model: nn.Module, target_modules: list[str] | str, r: int, num
     for name, module in model.named_modules():
         if not is_adaptable(module):
             continue
-        if target_modules == "all-linear" and module is not output_layer or check_target_module_exists(probe, name):
+        if (target_modules == "all-linear" and module is not output_layer) or check_target_module_exists(probe, name):
             d_in, d_out = base_shape(module)
             multi_head += r * d_in + num_heads * r * d_out + num_heads * d_in
             per_rank += d_in + d_out

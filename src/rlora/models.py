@@ -13,6 +13,8 @@ files (the first one to finish stays).
 A name that is no embedded model, no model folder and no Hub id (`model_problem`) is refused before anything loads,
 saying what can be given instead. A Hub id that is not in the Hugging Face cache is looked up on the Hub once, with
 a short timeout: no such model, or no network, is an error at once instead of after transformers' retries.
+
+Over 400 lines because resolving, converting and loading a model (quantized or not) are one path.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pickle
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,15 +80,31 @@ class BaseLoading:
     """How the base model is loaded: the run config's `base` section. A run's saved config loads its base the same way
     again (`rlora eval`, `analyze`, `generate`, `compare`)."""
 
-    # none | 4bit | 8bit: the frozen base weights stored quantized by bitsandbytes (its CPU backend works too), and
-    # prepared for training as PEFT's `prepare_model_for_kbit_training` does; 4bit with an adapter is QLoRA
-    quantization: str = "none"
-    quant_type: str = "nf4"  # 4bit only: nf4 (QLoRA's NormalFloat4) | fp4
-    double_quant: bool = True  # 4bit only: quantize the per-block scales too (QLoRA's double quantization)
-    # 4bit only: the dtype each 4-bit weight is dequantized to for its matmul: float32 | bfloat16 | float16
-    compute_dtype: str = "float32"
-    # eager | sdpa | flash_attention_2 (a CUDA GPU and the flash-attn package); null: transformers' own choice
-    attn_implementation: str | None = None
+    quantization: str = field(
+        default="none",
+        metadata={
+            "help": "none | 4bit | 8bit: the frozen base weights stored quantized by bitsandbytes (its CPU backend "
+            "works too), and prepared for training as PEFT's `prepare_model_for_kbit_training` does; 4bit with an "
+            "adapter is QLoRA"
+        },
+    )
+    quant_type: str = field(default="nf4", metadata={"help": "4bit only: nf4 (QLoRA's NormalFloat4) | fp4"})
+    double_quant: bool = field(
+        default=True, metadata={"help": "4bit only: quantize the per-block scales too (QLoRA's double quantization)"}
+    )
+    compute_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "4bit only: the dtype a 4-bit weight is dequantized to for its matmul: float32 | bfloat16 | float16"
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "eager | sdpa | flash_attention_2 (a CUDA GPU and the flash-attn package); null: transformers' "
+            "own choice"
+        },
+    )
 
 
 def loading_problem(loading: BaseLoading) -> tuple[str, str] | None:
@@ -209,7 +227,7 @@ def model_problem(name: str) -> str | None:
         return None
     if path.exists():
         return f"{name} is a file, not a model folder; {WHAT_MODELS}"
-    if name.startswith((".", "~", os.sep)) or not HUB_ID.match(name) and ("/" in name or os.sep in name):
+    if name.startswith((".", "~", os.sep)) or (not HUB_ID.match(name) and ("/" in name or os.sep in name)):
         return f"no such folder: {name}; {WHAT_MODELS}"
     if HUB_ID.match(name) or _in_hub_cache(name):
         return None

@@ -116,7 +116,7 @@ def forward_hidden(model: torch.nn.Module, **inputs) -> tuple[torch.Tensor, Outp
     check = head.module not in _checked
     captured: list[torch.Tensor] = []
 
-    def swap_input(module: torch.nn.Module, args: tuple) -> tuple:
+    def swap_input(_module: torch.nn.Module, args: tuple) -> tuple:
         if captured or not args:  # our own calls of the head, after the model's
             return args
         hidden = args[0]

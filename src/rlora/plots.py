@@ -15,7 +15,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from ._io import atomic_write_bytes
-from .reports import METRIC_SCALES, METRIC_TITLES
+from .metrics import METRIC_INFO
 
 
 def save_png(fig: Figure, path: str | Path) -> None:
@@ -84,7 +84,7 @@ def plot_comparison(summary: dict, path: str | Path) -> None:
     axes = fig.subplots(len(metrics), 1, squeeze=False)
     fig.suptitle(f"mean ± 95% CI over {len(summary['seeds'])} seeds")
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
-        per_method, scale = summary["metrics"][metric]["per_method"], METRIC_SCALES[metric]
+        per_method, scale = summary["metrics"][metric]["per_method"], METRIC_INFO[metric].scale
         width = 0.8 / len(per_method)
         for j, (method, data) in enumerate(per_method.items()):
             cells = [data["tasks"][t] for t in tasks] + [data["average"]]
@@ -93,7 +93,7 @@ def plot_comparison(summary: dict, path: str | Path) -> None:
             xs = [i + (j - (len(per_method) - 1) / 2) * width for i in range(len(cells))]
             ax.bar(xs, means, width, yerr=errs, capsize=2, label=method)
         ax.set_xticks(range(len(labels)), labels)
-        ax.set_title(METRIC_TITLES[metric], fontsize=9)
+        ax.set_title(METRIC_INFO[metric].title, fontsize=9)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", fontsize=7, ncol=min(5, len(labels)))
     save_png(fig, path)

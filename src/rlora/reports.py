@@ -1,7 +1,8 @@
 """Reports: every Markdown table and text summary rlora prints or writes, rendered from results already computed.
 
 Nothing here computes a metric or touches a file; the numbers come from `evaluate.py`, `analysis.py` and
-`commands/compare.py`, and `run.py` and the commands (`commands/`) write the text where it belongs.
+`commands/compare.py` (how each metric is shown: `metrics.py`), and `run.py` and the commands (`commands/`) write
+the text where it belongs.
 """
 
 from __future__ import annotations
@@ -9,21 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from .evaluate import ACCURACY_METRICS, LOSS_METRICS, LOWER_IS_BETTER, METRICS
+from .metrics import ACCURACY_METRICS, LOSS_METRICS, METRIC_INFO, METRICS
 from .stats import format_ci
-
-# table columns: the direction is stated on the lower-is-better ones (accuracies keep their plain names)
-METRIC_LABELS = {"acc_ll": "acc", "acc_norm": "acc_norm", "acc_gen": "acc generated", "loss": "loss ↓", "ppl": "ppl ↓"}
-METRIC_TITLES = {  # headings and plot axes
-    "acc_ll": "accuracy by log-likelihood (%)",
-    "acc_norm": "accuracy by log-likelihood per character (%)",
-    "acc_gen": "accuracy by generated exact match (%)",
-    "loss": "held-out loss, nats per token (lower is better)",
-    "ppl": "held-out perplexity (lower is better)",
-}
-METRIC_SCALES = {m: 100.0 for m in ACCURACY_METRICS} | {"loss": 1.0, "ppl": 1.0}  # accuracies in %
-METRIC_DIGITS = {m: 1 for m in ACCURACY_METRICS} | {"loss": 3, "ppl": 2}
-DIFFERENCE_UNITS = {m: "points" for m in ACCURACY_METRICS} | {"loss": "nats per token", "ppl": "perplexity"}
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -43,12 +31,8 @@ def markdown_cell(text: str) -> str:
     out = []
     for i, c in enumerate(text):
         inside = 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum()
-        out.append("\\" + c if c in MARKDOWN_SPECIAL or c == "_" and not inside else c)
+        out.append("\\" + c if c in MARKDOWN_SPECIAL or (c == "_" and not inside) else c)
     return "".join(out)
-
-
-def percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
 
 
 def format_metric(metric: str, value: float | None) -> str:
@@ -58,7 +42,8 @@ def format_metric(metric: str, value: float | None) -> str:
         return "–"
     if metric == "ppl" and value >= 1e5:
         return f"{value:.3g}"
-    return f"{METRIC_SCALES[metric] * value:.{METRIC_DIGITS[metric]}f}"
+    info = METRIC_INFO[metric]
+    return f"{info.scale * value:.{info.digits}f}"
 
 
 def results_table(columns: dict[str, dict], metric_names: Sequence[str] | None = None) -> str:
@@ -71,7 +56,7 @@ def results_table(columns: dict[str, dict], metric_names: Sequence[str] | None =
             for m in ACCURACY_METRICS
             if any(r.get(m) is not None for col in columns.values() for r in col["tasks"].values())
         ] + list(LOSS_METRICS)
-    header = ["task", "n"] + [f"{col} {METRIC_LABELS[m]}" for col in columns for m in metric_names]
+    header = ["task", "n"] + [f"{col} {METRIC_INFO[m].label}" for col in columns for m in metric_names]
     first = next(iter(columns.values()))
     rows = [
         [markdown_cell(task), str(r["n"])]
@@ -92,7 +77,7 @@ def gain_line(base: dict, tuned: dict, name: str) -> str:
         before, after = base["average"].get(metric), tuned["average"].get(metric)
         if before is None or after is None:
             continue
-        label, b, a = METRIC_LABELS[metric], format_metric(metric, before), format_metric(metric, after)
+        label, b, a = METRIC_INFO[metric].label, format_metric(metric, before), format_metric(metric, after)
         if metric in ACCURACY_METRICS:
             parts.append(f"{label} {b} -> {a} ({100 * (after - before):+.1f} points)")
         elif metric == "loss":
@@ -139,18 +124,19 @@ def comparison_markdown(summary: dict) -> str:
     names = [*map(markdown_cell, tasks), "**average**"]
     parts = [selection_markdown(summary["selection"]), ""] if summary.get("selection") else []
     for metric, data in summary["metrics"].items():
+        info = METRIC_INFO[metric]
         per_method, diffs = data["per_method"], data["differences"]
         parts += [
-            f"### {METRIC_TITLES[metric]}: mean ± 95% CI over {len(seeds)} seeds ({', '.join(map(str, seeds))})",
+            f"### {info.title}: mean ± 95% CI over {len(seeds)} seeds ({', '.join(map(str, seeds))})",
             "",
             markdown_table(["task", *per_method], _ci_rows(metric, names, tasks, per_method.values())),
         ]
         if diffs:
             ref = data["difference_to"]
-            better = f"; negative: lower than {ref}, better" if metric in LOWER_IS_BETTER else ""
+            better = f"; negative: lower than {ref}, better" if info.lower_is_better else ""
             parts += [
                 "",
-                f"Paired difference to {ref} (same seed), {DIFFERENCE_UNITS[metric]}{better}, mean ± 95% CI:",
+                f"Paired difference to {ref} (same seed), {info.difference_unit}{better}, mean ± 95% CI:",
                 "",
                 markdown_table(
                     ["task", *(f"{m} − {ref}" for m in diffs)], _ci_rows(metric, names, tasks, diffs.values())
@@ -230,7 +216,7 @@ def router_health_markdown(health: dict, seeds: Sequence[int]) -> str:
 
 def _ci_rows(metric: str, names: list[str], tasks: list[str], columns: Iterable[dict]) -> list[list[str]]:
     columns = list(columns)
-    scale, digits = METRIC_SCALES[metric], METRIC_DIGITS[metric]
+    scale, digits = METRIC_INFO[metric].scale, METRIC_INFO[metric].digits
     cells = [[col["tasks"][task] for task in tasks] + [col["average"]] for col in columns]
     return [
         [name] + [format_ci(col[i]["mean"], col[i]["ci95"], scale, digits) for col in cells]

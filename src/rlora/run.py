@@ -30,17 +30,26 @@ import shutil
 import socket
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import models
-from ._io import Busy, atomic_write_json, atomic_write_text, exclusive_lock, held_by, is_complete
+from ._io import (
+    Busy,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    exclusive_lock,
+    held_by,
+    is_complete,
+    publish_dir,
+)
 from .adapters import CONFIG_FILE, load_adapter, read_adapter
 from .data import gold_spans
 from .data.plan import DataPlan, plan_data
-from .errors import AdapterError, ConfigError, RunFolderError
+from .errors import AdapterError, ConfigError, RunFolderError, TrainingError
 from .methods import PEFT_TYPES, adapter_config
 from .reports import results_table
 from .runconfig import RunConfig, dump_run_config, load_run_config
@@ -113,6 +122,62 @@ class RunFolder:
             shutil.rmtree(path, ignore_errors=True)
         for path in (self.config, self.manifest):
             path.unlink(missing_ok=True)
+
+    def check_start(self, cfg: RunConfig, resume: bool, is_main: bool = True) -> None:
+        """What the folder allows, before anything is read or written: a new run, or with `resume` the continuation
+        of the same config's run; and (`is_main`, the process that will write it) no other process writing it."""
+        if is_main:
+            self.check_free()
+        if self.is_finished():
+            raise TrainingError(f"{self.root} already holds a finished run ({self.adapter}); choose another output_dir")
+        if self.complete_checkpoints() and not resume:
+            raise TrainingError(
+                f"{self.root} holds checkpoints of an unfinished run; pass --resume to continue it, "
+                "or choose another output_dir"
+            )
+        if resume and not self.config.is_file():
+            raise RunFolderError(
+                f"--resume: {self.root} holds no run to resume (no config.yaml); start it without --resume"
+            )
+        self.check_config(cfg, restart=True)
+        checkpoints = self.complete_checkpoints()
+        problem = checkpoint_problem(checkpoints[-1], cfg) if resume and checkpoints else None
+        if problem is not None:
+            before = checkpoints[-2].name if len(checkpoints) > 1 else "step 0"
+            raise RunFolderError(f"{problem}; to resume from {before} instead, remove {checkpoints[-1]}")
+
+    def begin(self, cfg: RunConfig, resume: bool, is_main: bool) -> Path | None:
+        """As the folder's writer (`writer`), before the model loads: `check_start` again (another process may have
+        just written the folder); the main process clears an earlier start that saved nothing under another config,
+        the checkpoints a kill left incomplete and a stale staging folder. Returns the checkpoint to resume from
+        (None: step 0)."""
+        self.check_start(cfg, resume, is_main=False)
+        if is_main and self.config.is_file() and not self.same_config(cfg):  # a start that saved nothing
+            logger.warning("%s: replacing an earlier start with another config, which saved nothing", self.root)
+            self.clear_start()
+        checkpoints = self.complete_checkpoints()
+        if resume and not checkpoints:
+            logger.warning("%s holds no complete checkpoint yet: training starts from step 0", self.root)
+        if is_main:
+            for path in incomplete_checkpoints(self.checkpoints) if resume else ():
+                logger.warning("removing incomplete checkpoint %s (the run was interrupted while writing it)", path)
+                shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(self.adapter_staging, ignore_errors=True)
+        return checkpoints[-1] if resume and checkpoints else None
+
+    def record_start(self, cfg: RunConfig, manifest: dict, save_init: Callable[[Path], None]) -> None:
+        """The config, the data manifest and (once) the adapter at step 0, which `save_init` writes into a folder."""
+        self.write_config(cfg)
+        atomic_write_json(self.manifest, manifest)
+        if not self.adapter_init.exists():  # the heads at step 0, for `rlora analyze`
+            with atomic_dir(self.adapter_init) as tmp:
+                save_init(tmp)
+
+    def publish(self, log_history: list[dict], metrics: dict) -> None:
+        """The finished run: the staged adapter made `adapter` whole or not at all, then the log and the metrics."""
+        publish_dir(self.adapter_staging, self.adapter)
+        atomic_write_text(self.train_log, "".join(json.dumps(record) + "\n" for record in log_history))
+        atomic_write_json(self.train_metrics, metrics)
 
     def check_free(self) -> None:
         """Refuses a folder that another process is writing (`writer`), naming it."""
@@ -288,7 +353,9 @@ def check_adapter(path: Path, cfg: RunConfig) -> None:
         settings["lora_r"] = found.r
     expected = adapter_config(cfg.method, **settings)
     for name in ADAPTER_FIELDS:
-        if not hasattr(expected, name) or name == "target_modules" and not isinstance(cfg.adapter.target_modules, list):
+        if not hasattr(expected, name) or (
+            name == "target_modules" and not isinstance(cfg.adapter.target_modules, list)
+        ):
             continue  # PEFT saves the names that a regex, "all-linear" or the architecture's default matched
         want, got = getattr(expected, name), getattr(found, name, None)
         if got != want:

@@ -37,7 +37,7 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     """Mean and 95% CI half-width of a - b, paired by position (the same seed). The sign is the metric's: for a
-    lower-is-better metric (`evaluate.LOWER_IS_BETTER`: the loss) a negative difference means a is better."""
+    lower-is-better metric (`metrics.LOWER_IS_BETTER`: the loss) a negative difference means a is better."""
     if len(a) != len(b):
         raise ValueError(f"paired_difference: {len(a)} values against {len(b)}")
     return mean_ci([x - y for x, y in zip(a, b, strict=True)])

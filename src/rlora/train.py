@@ -3,6 +3,9 @@
 Single process, `torchrun --nproc_per_node=N`, `accelerate launch`, DeepSpeed and FSDP all go through the
 same code: the Trainer does the distribution, every process builds the same data deterministically, and only
 the main process writes the run folder's files.
+
+Over 400 lines because the Trainer's customisations (finite-loss check, router learning rate, head-only loss,
+length-grouped order, checkpoint marking) live beside `train()`, which reads top to bottom.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import contextlib
 import dataclasses
 import errno
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -27,7 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.training_args import ParallelMode
 
 from . import models
-from ._io import atomic_dir, atomic_write_json, atomic_write_text, mark_complete, publish_dir, unmark_complete
+from ._io import atomic_write_text, mark_complete, unmark_complete
 from .adapters import README_FILE, adapter_readme
 from .data.mixture import index_dtype
 from .data.plan import plan_data
@@ -38,9 +40,7 @@ from .run import (
     RunFolder,
     check_lengths,
     checkpoint_dir,
-    checkpoint_problem,
     complete_checkpoints,
-    incomplete_checkpoints,
 )
 from .runconfig import RunConfig, validate_run_config
 
@@ -284,7 +284,7 @@ def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs=_checkpointing_kwargs(cfg) if t.gradient_checkpointing else None,
         torch_compile=t.torch_compile,
-        use_cpu=_multi_process_without_gpu() or flags["bf16"] and _accelerator() is None,
+        use_cpu=_multi_process_without_gpu() or (flags["bf16"] and _accelerator() is None),
         **flags,
     )
 
@@ -292,8 +292,50 @@ def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
 def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) -> Path:
     """Trains `cfg` into `cfg.output_dir` and returns the run folder. Bad input fails before the model loads and
     before anything is written; a folder that another process is training in is refused (`RunFolder.writer`)."""
-    validate_run_config(cfg, "run config")  # for a RunConfig made in Python: the file's checks
+    validate_run_config(cfg, "run config")  # the one check of the config here: a RunConfig made in Python gets it too
     folder = RunFolder(cfg.output_dir)
+    args = _trainer_arguments(cfg, folder)
+    is_main = args.process_index == 0  # the one process that writes the run folder (and holds its lock)
+    folder.check_start(cfg, resume, is_main)
+
+    plan = plan_data(cfg, cache_dir)  # validates tasks and files, before any model is loaded
+    logger.info("training mixture:\n%s", plan.counts_table())
+    tokenizer = models.load_tokenizer(cfg.model, cache_dir, chat_template=cfg.data.chat_template)
+    train_dataset = plan.train_dataset(tokenizer)  # every example fits data.max_length
+
+    with folder.writer() if is_main else contextlib.nullcontext(), _full_disk(folder):
+        last = folder.begin(cfg, resume, is_main)
+        base = models.load_model(cfg.model, tokenizer, cache_dir=cache_dir, loading=cfg.base)
+        check_lengths(cfg, base)
+        model = build_peft_model(cfg, base)
+        if is_main:
+            model.print_trainable_parameters()
+            folder.record_start(cfg, plan.manifest(), lambda tmp: _save_adapter(model, tmp, cfg))
+
+        trainer = _FiniteLossTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=plan.collator(tokenizer),
+            processing_class=tokenizer,
+            callbacks=[_MarkComplete(keep=cfg.training.save_total_limit)],
+            router_lr_scale=cfg.training.router_lr_scale,
+        )
+        result = _fit(trainer, last)
+
+        trainer.save_model(str(folder.adapter_staging))  # on every process: gathers ZeRO-3/FSDP shards; main writes
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            _write_readme(folder.adapter_staging, cfg)
+            metrics = dict(result.metrics) | {"global_step": trainer.state.global_step}
+            metrics["final_loss"] = _last_logged_loss(trainer.state.log_history)
+            folder.publish(trainer.state.log_history, metrics)
+    return folder.root
+
+
+def _trainer_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
+    """`training_arguments`, with what the Trainer or this machine refuses of them as a ConfigError, before anything
+    is read or written."""
     if cfg.training.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
         raise MissingPackage("training.deepspeed: the deepspeed package is not installed; pip install deepspeed")
     try:
@@ -312,69 +354,25 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
             "training.fsdp: FSDP through the Trainer needs GPUs; on CPU processes it would train data-parallel (DDP) "
             "without sharding and without a word. Leave training.fsdp unset to train data-parallel on CPUs"
         )
-    is_main = args.process_index == 0  # the one process that writes the run folder (and holds its lock)
-    if is_main:
-        folder.check_free()
-    _check_folder(folder, cfg, resume)
-    plan = plan_data(cfg, cache_dir)  # validates tasks and files, before any model is loaded
-    logger.info("training mixture:\n%s", plan.counts_table())
-    tokenizer = models.load_tokenizer(cfg.model, cache_dir, chat_template=cfg.data.chat_template)
-    train_dataset = plan.train_dataset(tokenizer)  # every example fits data.max_length
+    return args
 
-    with folder.writer() if is_main else contextlib.nullcontext(), _full_disk(folder):
-        _check_folder(folder, cfg, resume)  # again, as the only writer: another process may have just written it
-        if is_main and folder.config.is_file() and not folder.same_config(cfg):  # a start that saved nothing
-            logger.warning("%s: replacing an earlier start with another config, which saved nothing", folder.root)
-            folder.clear_start()
-        checkpoints = folder.complete_checkpoints()
-        if resume and not checkpoints:
-            logger.warning("%s holds no complete checkpoint yet: training starts from step 0", folder.root)
-        base = models.load_model(cfg.model, tokenizer, cache_dir=cache_dir, loading=cfg.base)
-        check_lengths(cfg, base)
-        model = build_peft_model(cfg, base)
-        if is_main:
-            model.print_trainable_parameters()
-            folder.write_config(cfg)
-            atomic_write_json(folder.manifest, plan.manifest())
-            if not folder.adapter_init.exists():  # the heads at step 0, for `rlora analyze`
-                with atomic_dir(folder.adapter_init) as tmp:
-                    model.save_pretrained(tmp)
-                    _write_readme(tmp, cfg)
-        if resume:
-            _drop_incomplete_checkpoints(folder.checkpoints, args.process_index)
-        if is_main:
-            shutil.rmtree(folder.adapter_staging, ignore_errors=True)
-        last = checkpoints[-1] if resume and checkpoints else None
 
-        trainer = _FiniteLossTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            data_collator=plan.collator(tokenizer),
-            processing_class=tokenizer,
-            callbacks=[_MarkComplete(keep=cfg.training.save_total_limit)],
-            router_lr_scale=cfg.training.router_lr_scale,
-        )
-        try:
-            result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-        except pickle.UnpicklingError as error:  # a checkpoint file (optimizer, scheduler, rng) planted or altered
-            if last is None:
-                raise
-            raise RunFolderError(
-                f"{last}: a file of the checkpoint was {pickle_refusal(error)}; remove {last} to resume from the one "
-                "before"
-            ) from None
-        trainer.save_model(str(folder.adapter_staging))  # on every process: gathers ZeRO-3/FSDP shards; main writes
-        trainer.accelerator.wait_for_everyone()
-        if trainer.is_world_process_zero():
-            _write_readme(folder.adapter_staging, cfg)
-            publish_dir(folder.adapter_staging, folder.adapter)  # the adapter appears whole or not at all
-            log = "".join(json.dumps(record) + "\n" for record in trainer.state.log_history)
-            atomic_write_text(folder.train_log, log)
-            metrics = dict(result.metrics) | {"global_step": trainer.state.global_step}
-            metrics["final_loss"] = _last_logged_loss(trainer.state.log_history)
-            atomic_write_json(folder.train_metrics, metrics)
-    return folder.root
+def _fit(trainer: Trainer, last: Path | None):
+    """`trainer.train()`, from checkpoint `last` if given; a checkpoint whose pickled state was planted or altered is
+    a RunFolderError naming it."""
+    try:
+        return trainer.train(resume_from_checkpoint=str(last) if last else None)
+    except pickle.UnpicklingError as error:  # a checkpoint file (optimizer, scheduler, rng) planted or altered
+        if last is None:
+            raise
+        raise RunFolderError(
+            f"{last}: a file of the checkpoint was {pickle_refusal(error)}; remove {last} to resume from the one before"
+        ) from None
+
+
+def _save_adapter(model, folder: Path, cfg: RunConfig) -> None:
+    model.save_pretrained(folder)
+    _write_readme(folder, cfg)
 
 
 def _write_readme(adapter: Path, cfg: RunConfig) -> None:
@@ -409,27 +407,6 @@ def _full_disk(folder: RunFolder):
         ) from None
 
 
-def _check_folder(folder: RunFolder, cfg: RunConfig, resume: bool) -> None:
-    """What the run folder allows: a new run, or with `resume` the continuation of the same config's run."""
-    if folder.is_finished():
-        raise TrainingError(f"{folder.root} already holds a finished run ({folder.adapter}); choose another output_dir")
-    if folder.complete_checkpoints() and not resume:
-        raise TrainingError(
-            f"{folder.root} holds checkpoints of an unfinished run; pass --resume to continue it, "
-            "or choose another output_dir"
-        )
-    if resume and not folder.config.is_file():
-        raise RunFolderError(
-            f"--resume: {folder.root} holds no run to resume (no config.yaml); start it without --resume"
-        )
-    folder.check_config(cfg, restart=True)
-    checkpoints = folder.complete_checkpoints()
-    problem = checkpoint_problem(checkpoints[-1], cfg) if resume and checkpoints else None
-    if problem is not None:
-        before = checkpoints[-2].name if len(checkpoints) > 1 else "step 0"
-        raise RunFolderError(f"{problem}; to resume from {before} instead, remove {checkpoints[-1]}")
-
-
 def ensure_trained(cfg: RunConfig, cache_dir: str | None = None) -> Path:
     """The run folder of `cfg`, trained: a finished run is reused, an interrupted one resumed."""
     folder = RunFolder(cfg.output_dir)
@@ -441,11 +418,3 @@ def ensure_trained(cfg: RunConfig, cache_dir: str | None = None) -> Path:
 def _last_logged_loss(history: list[dict]) -> float | None:
     losses = [r["loss"] for r in history if "loss" in r]
     return losses[-1] if losses and math.isfinite(losses[-1]) else None
-
-
-def _drop_incomplete_checkpoints(folder: Path, process_index: int) -> None:
-    if process_index != 0:
-        return
-    for path in incomplete_checkpoints(folder):
-        logger.warning("removing incomplete checkpoint %s (the run was interrupted while writing it)", path)
-        shutil.rmtree(path, ignore_errors=True)

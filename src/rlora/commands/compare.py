@@ -44,8 +44,8 @@ from urllib.parse import quote
 
 from .._io import atomic_write_json, atomic_write_text
 from ..errors import ConfigError, TrainingError
-from ..evaluate import ACCURACY_METRICS
 from ..methods import MethodSpec, parse_method
+from ..metrics import ACCURACY_METRICS
 from ..plots import plot_comparison
 from ..reports import comparison_markdown
 from ..run import RunFolder

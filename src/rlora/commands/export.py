@@ -42,7 +42,7 @@ DEFAULT_MAX_EXAMPLES = 256
 
 def parse_gates(spec: str) -> str:
     """`spec` as given on the command line, checked for its form (`uniform`, `per-task`, `task:NAME`, or a file)."""
-    if spec in ("uniform", "per-task") or spec.startswith("task:") and spec[5:]:
+    if spec in ("uniform", "per-task") or (spec.startswith("task:") and spec[5:]):
         return spec
     if Path(spec).is_file():
         return spec
@@ -101,7 +101,7 @@ def _check_out(out: Path, per_task: bool) -> None:
     """An export replaces an earlier export (a folder with gates.json) or fills an empty or new folder, nothing else."""
     folders = [p for p in out.iterdir() if p.is_dir()] if per_task and out.is_dir() else [out]
     for folder in folders:
-        if folder.is_file() or folder.is_dir() and any(folder.iterdir()) and not (folder / GATES_FILE).is_file():
+        if folder.is_file() or (folder.is_dir() and any(folder.iterdir()) and not (folder / GATES_FILE).is_file()):
             raise ConfigError(f"--out {folder}: exists and is not an earlier export (no {GATES_FILE}); choose another")
 
 

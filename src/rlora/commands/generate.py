@@ -77,7 +77,7 @@ def generate_run(
     model.eval()
     device = next(model.parameters()).device
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id  # `models.load_tokenizer` gives every tokenizer one
     encoded = [encode_context(tokenizer, prompt, use_chat) for prompt in prompts]
     check_context(model, encoded, sampling.max_new_tokens)
     outputs = []

@@ -13,6 +13,8 @@ Requests are generated one at a time (a lock), each with its own run's adapter p
 request depends on which adapter another one made active. Errors are OpenAI's JSON (`{"error": {"message", "type",
 "param", "code"}}`): an unknown model is a 404, a malformed body or a prompt over the context limit a 400; anything
 unexpected is logged with its traceback and answered with a 500 that carries none.
+
+Over 400 lines because the OpenAI request and response shapes, their checks and the server live together.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def _plan(served: Served, model_id: str, ids: list[int], max_tokens: int | None,
     """The generation of a request whose model is checked (`chat_ids`, `completion_ids`): refused if the prompt and
     `max_tokens` do not fit in the context; without `max_tokens`, up to DEFAULT_MAX_TOKENS that fit."""
     room = served.context_limit - len(ids)
-    if room < 1 or max_tokens is not None and max_tokens > room:
+    if room < 1 or (max_tokens is not None and max_tokens > room):
         asked = f" and {max_tokens} tokens to generate" if max_tokens is not None else ""
         raise RequestError(
             400,
@@ -227,7 +229,7 @@ def generate(served: Served, job: Generation, streamer=None) -> tuple[list[int],
 
     tokenizer, model = served.tokenizer, served.model
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id  # `models.load_tokenizer` gives every tokenizer one
     with served.lock, torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor([job.ids], device=device),
@@ -287,22 +289,20 @@ def _error_body(message: str, kind: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def build_app(served: Served):
-    """The FastAPI app serving `served`."""
-    from fastapi import FastAPI, Request
+def _add_error_handlers(app) -> None:
+    """Every error as OpenAI's error body: a refused request, a malformed one, an HTTP error, anything unexpected."""
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    app = FastAPI(title="rlora", docs_url=None, redoc_url=None)
-
     @app.exception_handler(RequestError)
-    async def refused(request: Request, error: RequestError):
+    async def refused(_request: Request, error: RequestError):
         kind = "invalid_request_error" if error.status < 500 else "server_error"
         return JSONResponse(_error_body(error.message, kind, error.param, error.code), status_code=error.status)
 
     @app.exception_handler(RequestValidationError)
-    async def malformed(request: Request, error: RequestValidationError):
+    async def malformed(_request: Request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         message = first.get("msg", "malformed request")
@@ -312,13 +312,22 @@ def build_app(served: Served):
         return JSONResponse(_error_body(text, param=where, code="invalid_value"), status_code=400)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException):
+    async def http_error(_request: Request, error: HTTPException):
         return JSONResponse(_error_body(str(error.detail), code=None), status_code=error.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
         logger.error("request %s failed", request.url.path, exc_info=error)
         return JSONResponse(_error_body("internal server error", "server_error"), status_code=500)
+
+
+def build_app(served: Served):
+    """The FastAPI app serving `served`."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI(title="rlora", docs_url=None, redoc_url=None)
+    _add_error_handlers(app)
 
     @app.get("/v1/models")
     def list_models() -> dict:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from ..data import check_task_name, encode_example, gold_pair, load_task, with_default_format
+from ..data import check_task_name, encode_example, gold_pair, load_task
 from ..data.example import turn_pieces
+from ..data.split import split_positions
+from ..data.store import TaskData
 from ..models import DEFAULT_MODEL, load_tokenizer
-from .tasks import task_split_keys, user_tasks
+from .tasks import user_tasks
 
 
 def run(args: argparse.Namespace) -> int:
-    user = user_tasks(args)
-    examples = user[args.task] if args.task in user else load_task(check_task_name(args.task))
-    in_test = task_split_keys(examples) < args.test_fraction
-    positions = [i for i, t in enumerate(in_test) if t == (args.split == "test")][: args.n]
-    chosen = [with_default_format(examples[i], args.format) for i in positions]
+    user = user_tasks(args, args.format)
+    if args.task in user:
+        examples = user[args.task]
+    else:
+        examples = TaskData(args.task, examples_list=load_task(check_task_name(args.task)), default_format=args.format)
+    train, _, test = split_positions(examples.split_keys(), args.test_fraction)
+    chosen = examples.take((test if args.split == "test" else train)[: args.n])
     tokenizer = None
     if args.model or args.chat_template:
         tokenizer = load_tokenizer(args.model or DEFAULT_MODEL, args.cache_dir, chat_template=args.chat_template)

@@ -1,11 +1,19 @@
 """Multi-task data: the example schema, built-in and JSONL tasks, splits, mixtures, tokenizing."""
 
 from ..errors import DataError
-from .example import FORMATS, Example, choice_labels, gold_pair, render_pairs, render_prompt, with_default_format
-from .jsonl import read_jsonl_tasks
-from .mixture import build_mixture, format_mixture_table, mixture_counts, mixture_positions
+from .example import (
+    DEFAULT_FORMAT,
+    FORMATS,
+    Example,
+    choice_labels,
+    gold_pair,
+    render_pairs,
+    render_prompt,
+    with_default_format,
+)
+from .mixture import format_mixture_table, mixture_counts, mixture_positions
 from .registry import COMMONSENSE_8, SUITES, check_task_name, expand_task_names, list_tasks, load_task
-from .split import DEFAULT_TEST_FRACTION, split_examples
+from .split import DEFAULT_TEST_FRACTION
 from .tokenize import (
     IGNORE_INDEX,
     CausalLMCollator,
@@ -24,6 +32,7 @@ from .tokenize import (
 
 __all__ = [
     "COMMONSENSE_8",
+    "DEFAULT_FORMAT",
     "DEFAULT_TEST_FRACTION",
     "FORMATS",
     "IGNORE_INDEX",
@@ -32,7 +41,6 @@ __all__ = [
     "DataError",
     "Example",
     "Spans",
-    "build_mixture",
     "check_task_name",
     "choice_labels",
     "encode_context",
@@ -50,10 +58,8 @@ __all__ = [
     "mixture_counts",
     "mixture_positions",
     "pad_ids",
-    "read_jsonl_tasks",
     "render_pairs",
     "render_prompt",
-    "split_examples",
     "token_lengths",
     "training_feature",
     "with_default_format",

@@ -48,6 +48,8 @@ from ..errors import DataError
 
 LETTERS = string.ascii_uppercase
 FORMATS = ("rc", "mc")
+MIN_CHOICES = 2
+DEFAULT_FORMAT = "rc"  # a run's formulation of multiple choice unless it says otherwise (`data.format`)
 ROLES = ("system", "user", "assistant")
 
 
@@ -62,7 +64,8 @@ class Example:
 
     `cloze` holds the RC rendering, one (context, continuation) pair per choice (None: the default
     ("<prompt>\nAnswer:", choice)). `format` says which formulation to use ("rc" or "mc"; None: the run's
-    default, "mc" where there is no run). Neither enters the train/test split's hash.
+    default, resolved when a run's tasks load (`store.TaskData`), "mc" where there is no run: `formulation`).
+    Neither enters the train/test split's hash.
 
     `turns` makes a free-form example a conversation: (role, content) pairs before the final reply (see the
     module docstring); they enter the split's hash.
@@ -79,12 +82,19 @@ class Example:
     format: str | None = None
     turns: tuple[tuple[str, str], ...] | None = None
 
+    @property
+    def formulation(self) -> str:
+        """How the example is asked and scored: "free" (free-form), else its `format`, "mc" if it names none."""
+        if not self.is_multiple_choice:
+            return "free"
+        return self.format or "mc"
+
     def __post_init__(self) -> None:
         if self.turns is not None:
             problem = conversation_problem(self.turns, self.prompt)
             if problem is not None or self.choices is not None:
                 raise DataError(f"{self.uid}: {problem or 'a conversation has no choices'}")
-        if self.format is not None and self.format not in FORMATS:
+        if format_problem(self.format) is not None:
             raise DataError(f"{self.uid}: format {self.format!r} is not one of {', '.join(FORMATS)}")
         if (self.choices is None) != (self.gold is None) or (
             self.choices is None and (self.labels is not None or self.cloze is not None)
@@ -92,9 +102,9 @@ class Example:
             raise DataError(f"{self.uid}: choices and gold (and labels, cloze) go together")
         if self.choices is None:
             return
-        if len(self.choices) < 2:
-            raise DataError(f"{self.uid}: a multiple-choice example needs at least 2 choices")
-        if not 0 <= self.gold < len(self.choices):
+        if len(self.choices) < MIN_CHOICES:
+            raise DataError(f"{self.uid}: a multiple-choice example needs at least {MIN_CHOICES} choices")
+        if gold_problem(self.gold, len(self.choices)) is not None:
             raise DataError(f"{self.uid}: gold {self.gold} is not an index into {len(self.choices)} choices")
         problem = labelling_problem(len(self.choices), self.labels)
         if problem is not None:
@@ -104,7 +114,7 @@ class Example:
             len(self.cloze) != len(self.choices) or not all(len(pair) == 2 for pair in self.cloze)
         ):
             raise DataError(f"{self.uid}: cloze must hold one (context, continuation) pair per choice")
-        if len(labels) != len(self.choices) or len(set(labels)) != len(labels):
+        if labels_problem(labels, len(self.choices)) is not None:
             raise DataError(f"{self.uid}: labels {labels} must be distinct, one per choice")
         if self.answer != labels[self.gold]:
             raise DataError(f"{self.uid}: answer {self.answer!r} is not the gold label {labels[self.gold]!r}")
@@ -154,6 +164,25 @@ def conversation_problem(turns: tuple[tuple[str, str], ...], prompt: str) -> str
     return None
 
 
+def format_problem(fmt: object) -> str | None:
+    """None if `fmt` names a formulation (or is None: the run's default), else what is expected."""
+    return None if fmt is None or fmt in FORMATS else f"one of {', '.join(map(repr, FORMATS))}"
+
+
+def gold_problem(gold: object, n_choices: int) -> str | None:
+    """None if `gold` is an index into `n_choices` choices, else what is expected."""
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < n_choices:
+        return f"an integer index into 'choices' (0..{n_choices - 1})"
+    return None
+
+
+def labels_problem(labels: tuple[str, ...] | list[str], n_choices: int) -> str | None:
+    """None if `labels` are distinct, one per choice, else what is expected."""
+    if len(labels) != n_choices or len(set(labels)) != len(labels):
+        return f"{n_choices} distinct labels, one per choice"
+    return None
+
+
 def labelling_problem(n_choices: int, labels: tuple[str, ...] | list[str] | None) -> str | None:
     """None if `n_choices` choices can be labelled (by `labels`, or by letters when None), else what is wrong."""
     if labels is None and n_choices > len(LETTERS):
@@ -183,7 +212,7 @@ def render_pairs(example: Example) -> list[tuple[str, str]]:
         return [(render_turns(example.turns), example.answer)]
     if not example.is_multiple_choice:
         return [(render_prompt(example), example.answer)]
-    if example.format == "rc":
+    if example.formulation == "rc":
         return list(example.cloze or ((f"{example.prompt}\nAnswer:", c) for c in example.choices))
     prompt = render_prompt(example)
     return [(prompt, label) for label in example.labels]

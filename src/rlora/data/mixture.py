@@ -13,14 +13,28 @@ from __future__ import annotations
 import math
 import random
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
-from .example import Example
 
 STRATEGIES = ("proportional", "equal", "temperature")
+# The mixture settings' ranges, by their name in a run config's `data` section: (valid?, what is expected).
+MIXTURE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "mixture": (lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+    "temperature": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "max_train_per_task": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+    "total_train": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
+}
+
+
+def mixture_problem(name: str, value: Any) -> str | None:
+    """None if `value` is in the range of the mixture setting `name` (a key of `MIXTURE_RULES`), else what is
+    expected."""
+    valid, expected = MIXTURE_RULES[name]
+    return None if valid(value) else expected
 
 
 def mixture_counts(
@@ -31,11 +45,11 @@ def mixture_counts(
     total: int | None = None,
 ) -> dict[str, int]:
     """How many examples to draw from each task (in the order of `sizes`)."""
-    if strategy not in STRATEGIES:
+    if mixture_problem("mixture", strategy) is not None:
         raise DataError(f"unknown mixing strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if strategy == "temperature" and not temperature > 0:
-        raise DataError(f"temperature must be > 0, got {temperature}")
-    if max_per_task is not None and max_per_task < 1:
+    if strategy == "temperature" and mixture_problem("temperature", temperature) is not None:
+        raise DataError(f"temperature must be > 0 and finite, got {temperature}")
+    if mixture_problem("max_train_per_task", max_per_task) is not None:
         raise DataError(f"max_per_task must be >= 1, got {max_per_task}")
     if any(n < 0 for n in sizes.values()):
         raise DataError(f"task sizes must be >= 0, got {dict(sizes)}")
@@ -144,22 +158,6 @@ def sample_range(rng: random.Random, n: int, k: int) -> array:
             selected.add(j)
             result[i] = j
     return result
-
-
-def build_mixture(
-    tasks: Mapping[str, Sequence[Example]],
-    strategy: str = "proportional",
-    temperature: float = 1.0,
-    max_per_task: int | None = None,
-    total: int | None = None,
-    seed: int = 0,
-) -> list[Example]:
-    """The shuffled training examples: `mixture_counts` of each task, sampled without replacement."""
-    sizes = {t: len(x) for t, x in tasks.items()}
-    counts = mixture_counts(sizes, strategy, temperature, max_per_task, total)
-    names = list(tasks)
-    task_of, position = mixture_positions(sizes, counts, seed)
-    return [tasks[names[t]][p] for t, p in zip(task_of.tolist(), position.tolist(), strict=True)]
 
 
 def format_mixture_table(counts: Mapping[str, int], sizes: Mapping[str, int]) -> str:

@@ -31,11 +31,9 @@ from . import (
     mixture_counts,
     mixture_positions,
     token_lengths,
-    with_default_format,
 )
 from .files import DataFile
-from .mixture import index_dtype
-from .split import SPLIT_SALT, split_sides
+from .split import SPLIT_SALT, split_positions
 from .store import TaskData, file_tasks
 
 logger = logging.getLogger(__name__)
@@ -82,7 +80,7 @@ class DataPlan:
 
     def train_example(self, task_index: int, index: int) -> Example:
         """The `index`-th example of the `task_index`-th task, in the run's formulation."""
-        return with_default_format(self.tasks[self._names[task_index]][index], self.cfg.data.format)
+        return self.tasks[self._names[task_index]][index]
 
     def counts_table(self) -> str:
         return format_mixture_table(self.counts, {t: s["train"] for t, s in self.sizes.items()})
@@ -143,7 +141,6 @@ class TrainingSet:
                 "computed for up to %d)", len(task_of), EXACT_LENGTHS_MAX,
             )  # fmt: skip
         lengths = np.zeros(len(task_of), dtype=np.int32)
-        fmt = self.plan.cfg.data.format
         for t, task in enumerate(self.plan.tasks.values()):
             entries = np.flatnonzero(task_of == t)
             if not len(entries):
@@ -155,14 +152,7 @@ class TrainingSet:
             order = np.argsort(rows, kind="stable")
             found = []
             for chunk in task.chunks(rows[order]):
-                found.append(
-                    token_lengths(
-                        self.tokenizer,
-                        [with_default_format(e, fmt) for e in chunk],
-                        self.chat_template,
-                        self.max_length,
-                    )
-                )
+                found.append(token_lengths(self.tokenizer, chunk, self.chat_template, self.max_length))
             lengths[entries[order]] = np.concatenate(found)
         return lengths
 
@@ -170,10 +160,11 @@ class TrainingSet:
 def load_tasks(cfg: RunConfig, cache_dir: str | None = None) -> dict[str, TaskData]:
     """Built-in tasks (suites expanded) and the files' tasks; names must not clash."""
     names = expand_task_names(cfg.data.tasks)
-    tasks = {name: TaskData(name, examples_list=load_task(name)) for name in names}
+    fmt = cfg.data.format
+    tasks = {name: TaskData(name, examples_list=load_task(name), default_format=fmt) for name in names}
     specs = [DataFile(Path(f), schema="rlora", kind="jsonl") for f in cfg.data.jsonl]  # any suffix, as ever
     specs += [DataFile.from_config(f, f"data.files[{i}]") for i, f in enumerate(cfg.data.files)]
-    tasks.update(file_tasks(specs, reserved=names, cache_dir=cache_dir))
+    tasks.update(file_tasks(specs, reserved=names, cache_dir=cache_dir, default_format=fmt))
     return tasks
 
 
@@ -183,14 +174,13 @@ def plan_data(cfg: RunConfig, cache_dir: str | None = None) -> DataPlan:
     validation = d.holdout == "validation"
     splits, sizes = {}, {}
     for name, task in tasks.items():
-        keys = task.split_keys()
-        train, held_val, held_test = split_sides(keys, d.test_fraction, d.validation_fraction if validation else 0.0)
+        fractions = (d.test_fraction, d.validation_fraction if validation else 0.0)
+        train, held_val, held_test = split_positions(task.split_keys(), *fractions)
         held = held_val if validation else held_test  # with validation, no test example is evaluated or trained on
-        kind = index_dtype(len(keys))
-        splits[name] = (np.flatnonzero(train).astype(kind), np.flatnonzero(held).astype(kind))
-        sizes[name] = {"total": len(keys), "train": int(train.sum()), "test": int(held_test.sum())}
+        splits[name] = (train, held)
+        sizes[name] = {"total": len(task), "train": len(train), "test": len(held_test)}
         if validation:
-            sizes[name]["validation"] = int(held_val.sum())
+            sizes[name]["validation"] = len(held_val)
     for task, (train, held) in splits.items():
         if not len(train) or not len(held):
             side = "training" if not len(train) else d.holdout
@@ -209,11 +199,10 @@ def plan_data(cfg: RunConfig, cache_dir: str | None = None) -> DataPlan:
         position[chosen] = train[position[chosen]]
     if len(tasks) < 2**15:
         task_of = task_of.astype(np.int16)  # every array here is kept for the whole run: millions of entries
-    test = {t: _cap(tasks[t], held, d.max_eval_per_task, d.format) for t, (_, held) in splits.items()}
+    test = {t: _cap(tasks[t], held, d.max_eval_per_task) for t, (_, held) in splits.items()}
     return DataPlan(cfg, tasks, test, sizes, counts, (task_of, position))
 
 
-def _cap(task: TaskData, positions: np.ndarray, limit: int | None, fmt: str) -> list[Example]:
+def _cap(task: TaskData, positions: np.ndarray, limit: int | None) -> list[Example]:
     """The first `limit` test examples in the task's own order: the same for every seed and method."""
-    chosen = positions if limit is None else positions[:limit]
-    return [with_default_format(e, fmt) for e in task.take(chosen)]
+    return task.take(positions if limit is None else positions[:limit])

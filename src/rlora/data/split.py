@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from .example import Example
+from .mixture import index_dtype
 
 SPLIT_SALT = "rlora-split-v1"
 DEFAULT_TEST_FRACTION = 0.2
@@ -42,10 +43,6 @@ def split_keys(examples: Iterable[Example]) -> np.ndarray:
     return np.array([split_key(e) for e in examples], dtype=np.float64)
 
 
-def is_test(example: Example, test_fraction: float = DEFAULT_TEST_FRACTION) -> bool:
-    return split_key(example) < test_fraction
-
-
 def split_sides(
     keys: np.ndarray, test_fraction: float, validation_fraction: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -56,23 +53,19 @@ def split_sides(
     return ~test & ~validation, validation, test
 
 
+def split_positions(
+    keys: np.ndarray, test_fraction: float, validation_fraction: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`split_sides` as positions: (train, validation, test) index arrays into the task, each in the task's order."""
+    sides = split_sides(np.asarray(keys), test_fraction, validation_fraction)
+    kind = index_dtype(len(sides[0]))
+    train, validation, test = (np.flatnonzero(side).astype(kind) for side in sides)
+    return train, validation, test
+
+
 def bad_test_fraction(test_fraction: float, both_sides: bool = False) -> str | None:
     """None if `test_fraction` is a valid test share, else the interval it must be in: [0, 1] for a split (0: every
     example trains, 1: every example tests), (0, 1) with `both_sides` (a run, which both trains and tests)."""
     if both_sides:
         return None if 0 < test_fraction < 1 else "(0, 1)"
     return None if 0 <= test_fraction <= 1 else "[0, 1]"
-
-
-def split_examples(
-    examples: Iterable[Example], test_fraction: float = DEFAULT_TEST_FRACTION
-) -> tuple[list[Example], list[Example]]:
-    """(train, test), each in the input order; about `test_fraction` of the examples go to test."""
-    interval = bad_test_fraction(test_fraction)
-    if interval is not None:
-        raise ValueError(f"test_fraction must be in {interval}, got {test_fraction}")
-    train: list[Example] = []
-    test: list[Example] = []
-    for example in examples:
-        (test if is_test(example, test_fraction) else train).append(example)
-    return train, test

@@ -17,6 +17,8 @@ A task (`TaskData`) is then a table and the row numbers of its examples (a file 
 built-in task's list. The split, the mixture and the test sets are index arrays over tasks; an `Example` is made
 only when one is read. Beside the table, per-row arrays hold each example's split key (`split.split_key`), task
 and length in characters, so splitting a million examples is a comparison of a float64 array.
+
+Over 400 lines because the cache's format, its building, verification and locking are one concern.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_dir, held_by, is_complete, unmark_complete, waiting_lock
 from ..errors import CacheError, DataError
-from .example import Example
+from .example import DEFAULT_FORMAT, Example, with_default_format
 from .files import DataFile, iter_examples
 from .mixture import index_dtype
 from .split import split_key, split_keys
@@ -120,9 +122,9 @@ def _example(row: dict) -> Example:
 
 
 class FileTable:
-    """A user file's examples in a memory-mapped Arrow table, in the file's order, and three per-row arrays kept
-    beside it (split key, task, length in characters), read whole only while the plan is made: a pass over a
-    column of the mapped table would keep its pages in the process's resident memory for the whole run."""
+    """A user file's examples: a memory-mapped Arrow table in the file's order (`examples` makes the `Example`s of
+    some rows), and beside it three per-row arrays, memory-mapped too (`column`: split key, task code, length in
+    characters), so that the plan indexes a task's rows in them instead of passing over a column of the table."""
 
     def __init__(self, spec: DataFile, folder: Path) -> None:
         self.spec = spec
@@ -390,24 +392,30 @@ def _batches(examples: Iterator[Example]) -> Iterator[list[Example]]:
 
 @dataclass
 class TaskData:
-    """One task's examples: rows of a file's table, or a built-in task's list. Indexing makes an `Example`."""
+    """One task's examples: rows of a file's table, or a built-in task's list. Indexing makes an `Example`, in
+    formulation `default_format` unless it names its own (`with_default_format`): the run's formulation is resolved
+    here, where the examples are made, and nowhere else."""
 
     name: str
     examples_list: Sequence[Example] | None = None
     table: FileTable | None = None
     rows: np.ndarray | None = None
+    default_format: str = DEFAULT_FORMAT
 
     def __len__(self) -> int:
         return len(self.examples_list) if self.table is None else len(self.rows)
 
     def __getitem__(self, i: int) -> Example:
-        return self.examples_list[i] if self.table is None else self.table.example(self.rows[i])
+        example = self.examples_list[i] if self.table is None else self.table.example(self.rows[i])
+        return with_default_format(example, self.default_format)
 
     def take(self, positions: np.ndarray) -> list[Example]:
         """The examples at `positions` (indices into this task)."""
         if self.table is None:
-            return [self.examples_list[int(i)] for i in positions]
-        return self.table.examples(self.rows[positions]) if len(positions) else []
+            examples = [self.examples_list[int(i)] for i in positions]
+        else:
+            examples = self.table.examples(self.rows[positions]) if len(positions) else []
+        return [with_default_format(e, self.default_format) for e in examples]
 
     def split_keys(self) -> np.ndarray:
         if self.table is None:
@@ -428,7 +436,10 @@ class TaskData:
 
 
 def file_tasks(
-    specs: Sequence[DataFile], reserved: Sequence[str] = (), cache_dir: str | os.PathLike | None = None
+    specs: Sequence[DataFile],
+    reserved: Sequence[str] = (),
+    cache_dir: str | os.PathLike | None = None,
+    default_format: str = DEFAULT_FORMAT,
 ) -> dict[str, TaskData]:
     """The tasks of the files, by name; a name used twice, or in `reserved` (built-in names), is an error."""
     reserved = set(reserved)
@@ -440,5 +451,5 @@ def file_tasks(
                 raise DataError(f"{spec.path}: task {name!r} has the name of a built-in task; rename it")
             if name in tasks:
                 raise DataError(f"{spec.path}: task {name!r} is defined twice (also in an earlier file)")
-            tasks[name] = TaskData(name, table=table, rows=rows)
+            tasks[name] = TaskData(name, table=table, rows=rows, default_format=default_format)
     return tasks

@@ -177,14 +177,13 @@ def example_spans(tokenizer, example: Example, use_chat_template: bool, max_leng
 
 
 def training_feature(spans: Spans) -> dict:
-    """`input_ids`, `attention_mask`, `labels` (IGNORE_INDEX on the prompt) and `length`."""
+    """`input_ids`, `attention_mask` and `labels` (IGNORE_INDEX on the prompt)."""
     input_ids = spans.input_ids
     prompt_labels = spans.prompt_labels if spans.prompt_labels is not None else [IGNORE_INDEX] * len(spans.prompt)
     return {
         "input_ids": input_ids,
         "attention_mask": [1] * len(input_ids),
         "labels": prompt_labels + spans.answer + spans.end,
-        "length": len(input_ids),  # the sequence's length (training groups batches by `TrainingSet.lengths`)
     }
 
 

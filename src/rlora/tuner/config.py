@@ -149,3 +149,14 @@ def field_error(name: str, value: Any) -> str | None:
     """None if `value` is valid for the field `name` of `FIELD_RULES`, else what the field expects."""
     ok, expected = FIELD_RULES[name]
     return None if ok(value) else expected
+
+
+def field_default(name: str) -> Any:
+    """`RLoraConfig`'s default of the field `name` (the run config's adapter section and `methods.adapter_config`
+    take their defaults from here)."""
+    return RLoraConfig.__dataclass_fields__[name].default
+
+
+def field_help(name: str) -> str:
+    """`RLoraConfig`'s help text of the field `name`."""
+    return RLoraConfig.__dataclass_fields__[name].metadata["help"]

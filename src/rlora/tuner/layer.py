@@ -222,7 +222,7 @@ class RLoraLinear(nn.Module, RLoraLayer):
             result[rows] = self.delta(x[rows], name, result[rows])
         return result
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    def merge(self, *args, **kwargs) -> None:  # PEFT's signature: (safe_merge, adapter_names)
         raise ValueError(MERGE_ERROR)
 
     @torch.no_grad()

@@ -137,7 +137,7 @@ class RLoraModel(BaseTuner):
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
         adapter_names = list(adapter_names)
 
-        def inject(module, args, kwargs):
+        def inject(_module, args, kwargs):
             return args, kwargs | {"adapter_names": adapter_names}
 
         handles = [
