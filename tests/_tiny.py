@@ -38,17 +38,20 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
+TINY_SHAPE = dict(  # the tiny decoders' sizes, shared by the architectures built here
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = LlamaConfig(**TINY_SHAPE)
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
@@ -245,13 +248,7 @@ def tiny_phi3(seed: int = 0, dtype: torch.dtype = torch.float32):
 
     torch.manual_seed(seed)
     config = Phi3Config(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        **TINY_SHAPE,
         pad_token_id=0,
         bos_token_id=0,
         eos_token_id=0,
