@@ -8,9 +8,10 @@ prompt). Every answer is one letter after the same prompt, so every scorer runs 
 scores all letters from the prompt's last position, lm-eval from its one-token-continuation cache.
 
 What each process times, after loading the model (torch threads: `--threads`):
-- rlora (this checkout, and the baseline): `evaluate.predict` (the choice scores, what lm-eval computes) and
-  `evaluate.held_out_loss` (the held-out loss over the gold answer and its end token, a second forward pass per
-  example, which `rlora eval` adds and lm-eval does not compute): `rlora eval` runs both (`evaluate_examples`);
+- rlora (this checkout, and the baseline): `evaluate.predict` (the choice scores, what lm-eval computes), then
+  `evaluate.evaluate_examples`, what `rlora eval` runs per task: the scores and the held-out loss over the gold
+  answer and its end token, which lm-eval does not compute (the baseline: a second forward pass per example; this
+  checkout: from the scoring pass, over the prompt and the gold answer with its end token);
 - lm-eval: `lm_eval.evaluator.evaluate` on a local task (`output_type: multiple_choice`) holding the same contexts
   and letters, with an `HFLM` made before the clock starts.
 Memory: the process's peak resident memory during that work above its resident memory before it
@@ -83,7 +84,7 @@ def child_rlora(spec: dict) -> dict:
     import torch
 
     from rlora.data import Example
-    from rlora.evaluate import held_out_loss, predict
+    from rlora.evaluate import evaluate_examples, predict
     from rlora.models import load_model_and_tokenizer
 
     torch.set_num_threads(spec["threads"])
@@ -92,22 +93,22 @@ def child_rlora(spec: dict) -> dict:
     docs = json.loads(Path(spec["docs"]).read_text())
     examples = [Example.multiple_choice("bench", d["prompt"], d["choices"], d["gold"], d["uid"], format="mc")
                 for d in docs]  # fmt: skip
-    encoding = {"batch_size": spec["batch"], "max_length": spec["max_length"]}
+    encoding = {"batch_size": spec["batch"], "max_length": spec["max_length"], "generate": False}
     out: dict = {}
 
     def scores() -> None:
         start = time.perf_counter()
-        predictions = predict(model, tokenizer, examples, generate=False, **encoding)
+        predictions = predict(model, tokenizer, examples, **encoding)
         out["scores_s"] = time.perf_counter() - start
         out["choices"] = [p.choice() for p in predictions]
 
-    def loss() -> None:
+    def evaluation() -> None:
         start = time.perf_counter()
-        out["loss"] = held_out_loss(model, tokenizer, examples, **encoding)
-        out["loss_s"] = time.perf_counter() - start
+        out["loss"] = evaluate_examples(model, tokenizer, examples, **encoding).loss
+        out["eval_s"] = time.perf_counter() - start
 
     out["scores_peak"] = process_peak_bytes(scores)
-    out["loss_peak"] = process_peak_bytes(loss)
+    out["eval_peak"] = process_peak_bytes(evaluation)
     return out
 
 
@@ -184,20 +185,22 @@ def run(args: argparse.Namespace) -> str:
         return statistics.median(values) if values else None
 
     ref = runs["rlora"][0]["choices"]
-    header = ["scorer", "scores s", "scores peak MiB", "held-out loss s", "loss peak MiB", "scores + loss s",
-              "same choices as rlora", "scores time / lm-eval", "scores peak / lm-eval"]  # fmt: skip
+    lm_eval_s = med("lm-eval", "scores_s")
+    header = ["scorer", "scores s", "scores peak MiB", "scores + held-out loss s", "its peak MiB",
+              "same choices as rlora", "scores time / lm-eval", "scores + loss time / lm-eval",
+              "scores peak / lm-eval"]  # fmt: skip
     rows = []
     for variant in VARIANTS:
         label = {"rlora": f"rlora {checkout_label()}", "rlora baseline": f"rlora {short} (full logits)",
                  "lm-eval": "lm-eval-harness"}[variant]  # fmt: skip
-        scores_s, loss_s = med(variant, "scores_s"), med(variant, "loss_s")
-        peak, loss_peak = med(variant, "scores_peak"), med(variant, "loss_peak")
+        scores_s, eval_s = med(variant, "scores_s"), med(variant, "eval_s")
+        peak, eval_peak = med(variant, "scores_peak"), med(variant, "eval_peak")
         same = sum(a == b for a, b in zip(runs[variant][0]["choices"], ref, strict=True))
         rows.append([
             label, f"{scores_s:.1f}", f"{peak / 2**20:.0f}",
-            "–" if loss_s is None else f"{loss_s:.1f}", "–" if loss_peak is None else f"{loss_peak / 2**20:.0f}",
-            "–" if loss_s is None else f"{scores_s + loss_s:.1f}", f"{same}/{len(ref)}",
-            f"{scores_s / med('lm-eval', 'scores_s'):.2f}", f"{peak / med('lm-eval', 'scores_peak'):.2f}",
+            "–" if eval_s is None else f"{eval_s:.1f}", "–" if eval_peak is None else f"{eval_peak / 2**20:.0f}",
+            f"{same}/{len(ref)}", f"{scores_s / lm_eval_s:.2f}",
+            "–" if eval_s is None else f"{eval_s / lm_eval_s:.2f}", f"{peak / med('lm-eval', 'scores_peak'):.2f}",
         ])  # fmt: skip
     note = (
         f"\n{args.examples} ARC-Easy questions, lettered (MC), few-shot prompts of ~{args.prompt_tokens} tokens "

@@ -9,7 +9,7 @@ from _tiny import F64, tiny_llama
 import rlora.output_head
 from rlora.commands.compare import summarize
 from rlora.data import IGNORE_INDEX, Example, encode_example
-from rlora.evaluate import evaluate_tasks, held_out_loss, perplexity
+from rlora.evaluate import evaluate_examples, evaluate_tasks, held_out_loss, perplexity, predict
 from rlora.reports import comparison_markdown, format_metric, gain_line, results_table
 
 pytestmark = pytest.mark.numerics  # run again on other CPU kernel paths by scripts/test.sh
@@ -101,6 +101,40 @@ def test_each_task_has_loss_and_ppl_and_the_average_is_exp_of_the_mean_loss(mode
     assert average["ppl"] == math.exp(average["loss"])
     assert average["ppl"] < sum(math.exp(v) for v in losses) / 2  # not the mean of the perplexities (convexity)
     assert held_out_loss(model, tiny_tokenizer, []) is None
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+@torch.no_grad()
+def test_an_mc_examples_loss_comes_from_its_scoring_pass_and_equals_a_separate_pass(
+    model, tiny_tokenizer, chat_template
+):
+    """`rlora eval` takes a multiple-choice example's held-out loss from the pass that scores its gold choice (the
+    end tokens appended; attention is causal, so the choices' scores do not change): no second pass over it."""
+    data = examples()  # free-form, RC, MC (one pass over the labels) and a conversation
+    settings = {"chat_template": chat_template, "max_length": 64, "batch_size": 3, "generate": False}
+    passes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: passes.append(1), with_kwargs=True)
+    try:
+        plain = predict(model, tiny_tokenizer, data, **settings)
+        predict_passes = len(passes)
+        fused = predict(model, tiny_tokenizer, data, gold_loss=True, **settings)
+        passes.clear()
+        result = evaluate_examples(model, tiny_tokenizer, data, **settings)
+    finally:
+        hook.remove()
+    mc = [e.is_multiple_choice for e in data]
+    assert [p.gold_nll is not None for p in fused] == mc == [False, False, True, True, False]
+    for a, b in zip(plain, fused, strict=True):  # the same scores from sequences one to two tokens longer
+        assert b.scores == (None if a.scores is None else pytest.approx(a.scores, abs=F64["atol"], rel=F64["rtol"]))
+    for example, prediction in zip(data, fused, strict=True):
+        if prediction.gold_nll is not None:
+            expected, count = naive_loss(model, tiny_tokenizer, [example], chat_template, 64)
+            assert prediction.gold_nll[1] == count
+            assert prediction.gold_nll[0] / count == pytest.approx(expected, abs=F64["atol"], rel=F64["rtol"])
+    expected, _ = naive_loss(model, tiny_tokenizer, data, chat_template, 64)
+    assert result.loss == pytest.approx(expected, abs=F64["atol"], rel=F64["rtol"])
+    # the scoring passes, plus one batch (of 3) for the two examples without choices: not one for all 5 examples
+    assert len(passes) == predict_passes + 1
 
 
 def test_perplexity_overflows_to_infinity():

@@ -22,7 +22,9 @@ Scoring is pure: examples and a model in, scores out; nothing here loads a model
 `commands/eval.py` do, and `reports.py` renders the tables). When an MC example's labels are single tokens after one
 shared prompt (the usual "A"/"B"/..., "yes"/"no"), all its choices come from one pass over the prompt; every other
 continuation is scored in right-padded batches. The output head runs only at the positions scored (`output_head`):
-no batch x sequence x vocabulary tensor is made.
+no batch x sequence x vocabulary tensor is made. A multiple-choice example's held-out loss comes from the pass that
+scores its choices (`predict(gold_loss=True)`: the gold choice's sequence with its end tokens appended, which is its
+training feature); only examples without choices (free-form, conversations) and generated ones take a second pass.
 """
 
 from __future__ import annotations
@@ -62,28 +64,54 @@ class Prediction:
     scores: list[float] | None  # summed log-likelihood of each choice's continuation (multiple choice only)
     chars: list[int] | None  # characters of each choice's continuation (the acc_norm denominator)
     text: str | None  # the greedy generation (when generating)
+    # (summed NLL, tokens) of the gold choice's answer and end tokens, taken from the scoring pass: the example's
+    # share of the held-out loss (`predict(gold_loss=True)`, MC examples that are not generated); else None
+    gold_nll: tuple[float, int] | None = None
 
     def choice(self, normalized: bool = False) -> int:
         values = [s / max(1, c) for s, c in zip(self.scores, self.chars, strict=True)] if normalized else self.scores
         return max(range(len(values)), key=values.__getitem__)  # the first of equal maxima, as numpy's argmax
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreRequest:
+    """One sequence and the (position, target) pairs to score in it: log p(targets[k] | ids[: positions[k] + 1])."""
+
+    ids: list[int]
+    positions: list[int]
+    targets: list[int]
+
+    @classmethod
+    def continuation(cls, spans: Spans, with_end: bool = False) -> ScoreRequest:
+        """The answer's tokens after the prompt (and the end tokens, `with_end`): the logits at position t score
+        the token at t + 1."""
+        tokens = spans.answer + (spans.end if with_end else [])
+        start = len(spans.prompt) - 1
+        return cls(spans.prompt + tokens, list(range(start, start + len(tokens))), tokens)
+
+    @classmethod
+    def labels_and_gold(cls, gold: Spans, labels: list[int]) -> ScoreRequest:
+        """One pass over the gold choice's whole sequence for an example whose choices are single tokens after one
+        prompt: every label at the prompt's last position (attention is causal: the tokens after it do not change
+        it), then the gold answer's and end tokens."""
+        tokens = gold.answer + gold.end
+        start = len(gold.prompt) - 1
+        return cls(gold.input_ids, [start] * len(labels) + list(range(start, start + len(tokens))), labels + tokens)
+
+
 @torch.no_grad()
-def score_continuations(model, spans: Sequence[Spans], pad_id: int, batch_size: int) -> list[float]:
-    """Sum of log P(answer tokens | prompt) for each `Spans`, in right-padded batches (end tokens excluded), from the
-    output head at the answers' positions only (`output_head`)."""
+def score_requests(model, requests: Sequence[ScoreRequest], pad_id: int, batch_size: int) -> list[torch.Tensor]:
+    """The log-probabilities (float64, on the CPU) each `ScoreRequest` asks for, in right-padded batches, longest
+    first, from the output head at the requested positions only (`output_head`)."""
     device = next(model.parameters()).device
-    scores = [0.0] * len(spans)
-    order = sorted(range(len(spans)), key=lambda i: -len(spans[i].prompt) - len(spans[i].answer))
+    out: list[torch.Tensor] = [torch.empty(0, dtype=torch.float64)] * len(requests)
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        ids, mask = pad_ids([spans[i].prompt + spans[i].answer for i in chunk], pad_id)
-        rows, positions, targets = [], [], []  # the logits at position t score the answer token at t + 1
-        for row, i in enumerate(chunk):
-            n_prompt, answer = len(spans[i].prompt), spans[i].answer
-            rows += [row] * len(answer)
-            positions += range(n_prompt - 1, n_prompt - 1 + len(answer))
-            targets += answer
+        ids, mask = pad_ids([requests[i].ids for i in chunk], pad_id)
+        rows = [row for row, i in enumerate(chunk) for _ in requests[i].targets]
+        positions = [p for i in chunk for p in requests[i].positions]
+        targets = [t for i in chunk for t in requests[i].targets]
         logprobs = positions_logprobs(
             model,
             {"input_ids": ids.to(device), "attention_mask": mask.to(device)},
@@ -91,9 +119,10 @@ def score_continuations(model, spans: Sequence[Spans], pad_id: int, batch_size: 
             torch.tensor(positions, device=device),
             torch.tensor(targets, device=device),
         )
-        for i, row_logprobs in zip(chunk, logprobs.split([len(spans[i].answer) for i in chunk]), strict=True):
-            scores[i] = row_logprobs.sum().item()
-    return scores
+        parts = logprobs.to(device="cpu", dtype=torch.float64).split([len(requests[i].targets) for i in chunk])
+        for i, part in zip(chunk, parts, strict=True):
+            out[i] = part
+    return out
 
 
 @torch.no_grad()
@@ -142,11 +171,18 @@ def held_out_loss(
 ) -> float | None:
     """The mean token cross-entropy (nats) of `examples` encoded as in training (`encode_example`), over their
     trained tokens, token-weighted (summed NLL / trained tokens); None when they have no trained token."""
+    total, count = held_out_nll(model, tokenizer, examples, chat_template, max_length, batch_size)
+    return total / count if count else None
+
+
+def held_out_nll(
+    model, tokenizer, examples: Sequence[Example], chat_template: bool, max_length: int, batch_size: int
+) -> tuple[float, int]:
+    """(summed NLL, trained tokens) of `examples` encoded as in training: `held_out_loss`'s sums."""
     model.eval()
     pad_id = tokenizer.pad_token_id  # `models.load_tokenizer` gives every tokenizer one
     features = [encode_example(tokenizer, e, chat_template, max_length) for e in examples]
-    total, count = token_nll(model, features, pad_id, batch_size)
-    return total / count if count else None
+    return token_nll(model, features, pad_id, batch_size)
 
 
 def _one_pass(spans: list[Spans]) -> bool:
@@ -165,6 +201,36 @@ def _check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
         )
 
 
+def _prompt_pass(
+    model, tokenizer, prompts: list[list[int]], generating: bool, max_new_tokens: int
+) -> tuple[torch.Tensor, list[str]]:
+    """The first answer token's log-probabilities after each prompt (prompts, V), from one pass over the prompts
+    padded on the left, and with `generating` their greedy generations (else an empty list)."""
+    pad_id = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    ids, mask = pad_ids(prompts, pad_id, left=True)
+    ids, mask = ids.to(device), mask.to(device)
+    decoded: list[str] = []
+    if generating:
+        _check_context(model, ids.shape[1], max_new_tokens)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        logits = out.logits[0]
+        decoded = tokenizer.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True)
+    else:  # the head at the last position only (left padding: every prompt ends there)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden, head = forward_hidden(model, input_ids=ids, attention_mask=mask, position_ids=positions)
+        logits = head(hidden[:, -1])
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1), decoded
+
+
 @torch.no_grad()
 def predict(
     model,
@@ -177,11 +243,14 @@ def predict(
     generate: bool = True,
     max_new_tokens: int = 8,
     desc: str = "eval",
+    gold_loss: bool = False,
 ) -> list[Prediction]:
-    """Choice scores (multiple choice) and greedy generations (MC and free-form, with `generate`) per example."""
+    """Choice scores (multiple choice) and greedy generations (MC and free-form, with `generate`) per example.
+    With `gold_loss`, an MC example that is not generated also gets its share of the held-out loss
+    (`Prediction.gold_nll`) from the same pass as its scores: the gold choice's sequence is the training
+    feature (`data.gold_spans` is its entry of `data.example_spans`), scored with its end tokens appended."""
     model.eval()
     pad_id = tokenizer.pad_token_id  # `models.load_tokenizer` gives every tokenizer one
-    device = next(model.parameters()).device
     predictions = []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, unit="batch"):
         batch = examples[start : start + batch_size]
@@ -189,52 +258,50 @@ def predict(
         spans = [example_spans(tokenizer, e, chat_template, max_length) for e in batch]
         one_pass = [e.is_multiple_choice and _one_pass(s) for e, s in zip(batch, spans, strict=True)]
         to_generate = [generate and e.formulation != "rc" for e in batch]
-        needs_prompt = [i for i in range(len(batch)) if to_generate[i] or one_pass[i]]
+        fused = [
+            gold_loss and e.is_multiple_choice and e.turns is None and not g
+            for e, g in zip(batch, to_generate, strict=True)
+        ]
+        needs_prompt = [i for i in range(len(batch)) if to_generate[i] or (one_pass[i] and not fused[i])]
         first_logprobs, texts = {}, {}
         if needs_prompt:
-            ids, mask = pad_ids([spans[i][0].prompt for i in needs_prompt], pad_id, left=True)
-            ids, mask = ids.to(device), mask.to(device)
-            if any(to_generate[i] for i in needs_prompt):
-                _check_context(model, ids.shape[1], max_new_tokens)
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=pad_id,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                )
-                logits = out.logits[0]
-                decoded = tokenizer.batch_decode(out.sequences[:, ids.shape[1] :], skip_special_tokens=True)
-                texts = {i: t for i, t in zip(needs_prompt, decoded, strict=True) if to_generate[i]}
-            else:  # the head at the last position only (left padding: every prompt ends there)
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                hidden, head = forward_hidden(model, input_ids=ids, attention_mask=mask, position_ids=positions)
-                logits = head(hidden[:, -1])  # (prompts, V)
-            first = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+            generating = any(to_generate[i] for i in needs_prompt)
+            prompts = [spans[i][0].prompt for i in needs_prompt]
+            first, decoded = _prompt_pass(model, tokenizer, prompts, generating, max_new_tokens)
             first_logprobs = {i: first[row] for row, i in enumerate(needs_prompt) if one_pass[i]}
-        rest = [
-            (i, j)
-            for i, e in enumerate(batch)
-            if e.is_multiple_choice and not one_pass[i]
-            for j in range(len(spans[i]))
-        ]
-        scored = score_continuations(model, [spans[i][j] for i, j in rest], pad_id, batch_size)
-        rest_scores = dict(zip(rest, scored, strict=True))
+            texts = {i: t for i, t in zip(needs_prompt, decoded, strict=True) if to_generate[i]} if generating else {}
+        keys, requests = [], []  # (example, choice or None for one pass over the gold sequence), its request
         for i, e in enumerate(batch):
-            scores = chars = None
+            if not e.is_multiple_choice or i in first_logprobs:
+                continue
+            if one_pass[i]:
+                keys.append((i, None))
+                requests.append(ScoreRequest.labels_and_gold(spans[i][e.gold], [s.answer[0] for s in spans[i]]))
+                continue
+            for j, choice in enumerate(spans[i]):
+                keys.append((i, j))
+                requests.append(ScoreRequest.continuation(choice, with_end=fused[i] and j == e.gold))
+        scored = dict(zip(keys, score_requests(model, requests, pad_id, batch_size), strict=True))
+        for i, e in enumerate(batch):
+            scores = chars = gold_nll = None
             if e.is_multiple_choice:
-                if one_pass[i]:
+                k = len(spans[i])
+                if i in first_logprobs:
                     scores = [first_logprobs[i][s.answer[0]].item() for s in spans[i]]
+                elif one_pass[i]:
+                    scores, gold_logprobs = scored[i, None][:k].tolist(), scored[i, None][k:]
                 else:
-                    scores = [rest_scores[i, j] for j in range(len(spans[i]))]
+                    scores = [scored[i, j][: len(spans[i][j].answer)].sum().item() for j in range(k)]
+                    gold_logprobs = scored[i, e.gold]
+                if fused[i]:
+                    gold_nll = (-gold_logprobs.sum().item(), len(gold_logprobs))
                 chars = [len(continuation) for _, continuation in pairs[i]]
-            predictions.append(Prediction(scores, chars, texts.get(i)))
+            predictions.append(Prediction(scores, chars, texts.get(i), gold_nll))
     return predictions
 
 
 ENCODING = ("chat_template", "max_length", "batch_size")  # `predict`'s settings that `held_out_loss` takes too
+HELD_OUT_DEFAULTS = {"chat_template": False, "max_length": 384, "batch_size": 16}  # `held_out_loss`'s defaults
 
 
 def evaluate_examples(
@@ -243,9 +310,13 @@ def evaluate_examples(
     """The metrics of one task (see the module docstring); `settings` are `predict`'s keyword arguments (the
     encoding, the batch size, generation). Without `accuracy` only the held-out loss (and its perplexity), the
     accuracies None: what choosing settings on a validation split needs, at a fraction of the cost."""
-    predictions = predict(model, tokenizer, examples, **settings) if accuracy else []
-    encoding = {key: value for key, value in settings.items() if key in ENCODING}
-    loss = held_out_loss(model, tokenizer, examples, **encoding)
+    predictions = predict(model, tokenizer, examples, gold_loss=True, **settings) if accuracy else []
+    encoding = {key: settings[key] for key in ENCODING if key in settings}
+    fused = [p.gold_nll for p in predictions if p.gold_nll is not None]  # from the scoring passes
+    rest = [e for e, p in zip(examples, predictions, strict=True) if p.gold_nll is None] if accuracy else examples
+    total, count = held_out_nll(model, tokenizer, rest, **(HELD_OUT_DEFAULTS | encoding))
+    total, count = total + sum(nll for nll, _ in fused), count + sum(n for _, n in fused)
+    loss = total / count if count else None
     n = len(examples)
     formats = {e.formulation for e in examples}
     fmt = formats.pop() if len(formats) == 1 else "mixed"
