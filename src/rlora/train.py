@@ -277,6 +277,7 @@ def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
         remove_unused_columns=False,
         report_to=[],
         dataloader_num_workers=t.dataloader_workers,
+        dataloader_pin_memory=_accelerator() is not None,  # pinned pages only help a copy to an accelerator
         ddp_find_unused_parameters=False,
         deepspeed=t.deepspeed,
         fsdp=t.fsdp or "",
