@@ -113,7 +113,7 @@ def test_an_mc_examples_loss_comes_from_its_scoring_pass_and_equals_a_separate_p
     data = examples()  # free-form, RC, MC (one pass over the labels) and a conversation
     settings = {"chat_template": chat_template, "max_length": 64, "batch_size": 3, "generate": False}
     passes = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: passes.append(1), with_kwargs=True)
+    hook = model.register_forward_pre_hook(lambda *_: passes.append(1), with_kwargs=True)
     try:
         plain = predict(model, tiny_tokenizer, data, **settings)
         predict_passes = len(passes)
