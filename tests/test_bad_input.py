@@ -926,8 +926,8 @@ def test_fsdp_over_cpu_processes_is_refused_instead_of_training_as_ddp(workspace
     assert main(["train", str(config), "training.fsdp=full_shard auto_wrap"]) == 2
     assert capsys.readouterr().err == (
         "rlora: error: training.fsdp: FSDP through the Trainer needs GPUs; on CPU processes it would train "
-        "data-parallel (DDP) without sharding and without a word. Leave training.fsdp unset to train data-parallel on "
-        "CPUs\n"
+        "data-parallel (DDP) without sharding and without a word. Shard over CPU processes with training.deepspeed "
+        "(ZeRO-3), or leave training.fsdp unset to train data-parallel\n"
     )
     assert not (tmp_path / "run").exists()
 

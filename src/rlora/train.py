@@ -297,6 +297,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
     folder = RunFolder(cfg.output_dir)
     args = _trainer_arguments(cfg, folder)
     is_main = args.process_index == 0  # the one process that writes the run folder (and holds its lock)
+    _zero3_ready(args)
     folder.check_start(cfg, resume, is_main)
 
     plan = plan_data(cfg, cache_dir)  # validates tasks and files, before any model is loaded
@@ -353,9 +354,23 @@ def _trainer_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
     if args.fsdp and not torch.cuda.is_available():
         raise ConfigError(
             "training.fsdp: FSDP through the Trainer needs GPUs; on CPU processes it would train data-parallel (DDP) "
-            "without sharding and without a word. Leave training.fsdp unset to train data-parallel on CPUs"
+            "without sharding and without a word. Shard over CPU processes with training.deepspeed (ZeRO-3), or leave "
+            "training.fsdp unset to train data-parallel"
         )
     return args
+
+
+def _zero3_ready(args: TrainingArguments) -> None:
+    """Makes DeepSpeed's communication layer wrap the process group the arguments have set up, before the model loads.
+    With a ZeRO-3 config the arguments switch on `deepspeed.zero.Init` in `from_pretrained` (they hold the config it
+    reads), which partitions the weights as they load and checks the config's batch sizes against DeepSpeed's world
+    size: on GPUs accelerate has initialised that layer already; over CPU processes (gloo) nothing has, and the world
+    size would read 1."""
+    if args.deepspeed and args.world_size > 1:
+        from deepspeed import comm
+
+        if not comm.is_initialized():
+            comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
 def _fit(trainer: Trainer, last: Path | None):
