@@ -1,0 +1,89 @@
+"""`rlora train` over 2 CPU processes (gloo): data-parallel and DeepSpeed ZeRO-3 give the adapter of a single process
+trained on the same global batches."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from _tiny import write_config
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from rlora.cli import main
+from rlora.runconfig import load_run_config
+from rlora.train import train
+
+# Every process draws the same batches as the single one (seeded sampler, random order: the length-grouped order is
+# cut by the per-process batch size) and no dropout mask (drawn per process, it would differ from the single one's).
+SAME_RUN = ["training.max_steps=3", "training.group_by_length=false", "training.save_steps=9", "adapter.lora_dropout=0"]
+# float32 adapters after 3 AdamW steps at lr 1e-3: a process's share of the gradients is summed in another order, so
+# they differ in the last bits (measured: 1e-8); a wrong batch, scale or missing reduction moves them by ~1e-3.
+F32_STEPS = {"atol": 1e-6, "rtol": 0}
+ZERO3 = {
+    "zero_optimization": {"stage": 3},
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+}
+
+
+def two_processes(config, *overrides, timeout):
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + ["-m", "rlora", "train", str(config), *SAME_RUN, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def single(workspace, tmp_path_factory):
+    """The adapter of one process trained with batch 8: the global batch of 2 processes of batch 4."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(load_run_config(write_config(workspace, out), [*SAME_RUN, "training.batch_size=8"]))
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(run, single):
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == single.keys()
+    for name, weight in single.items():
+        torch.testing.assert_close(adapter[name], weight, **F32_STEPS)
+
+
+def test_two_process_data_parallel_training_gives_the_single_process_adapter_and_evaluates(workspace, tmp_path, single):
+    config = write_config(workspace, tmp_path / "ddp")
+    result = two_processes(config, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "train_metrics.json").read_text())
+    assert metrics["global_step"] == 3
+    # two processes of batch 4 make global batches of 8: the epoch count after 3 steps says so
+    n_train = json.loads((tmp_path / "ddp" / "data_manifest.json").read_text())["train_examples"]
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
+    last = [r for r in log if "loss" in r][-1]
+    assert last["epoch"] == pytest.approx(3 / -(-n_train // 8), abs=1e-3)
+    assert_same_adapter(tmp_path / "ddp", single)
+    assert main(["eval", str(tmp_path / "ddp")]) == 0
+    assert json.loads((tmp_path / "ddp" / "eval.json").read_text())["tasks"]["colors"]["n"] == 6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_zero3_over_two_processes_gathers_the_single_process_adapter(workspace, tmp_path, single):
+    ds_config = tmp_path / "zero3.json"
+    ds_config.write_text(json.dumps(ZERO3))
+    config = write_config(workspace, tmp_path / "zero3")
+    # the first DeepSpeed run on a machine compiles its shared-memory communication op (minutes), later ones reuse it
+    result = two_processes(config, f"training.deepspeed={ds_config}", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_adapter(tmp_path / "zero3", single)  # the shards were gathered: every weight whole, none empty
+    base = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    loaded = get_peft_model_state_dict(PeftModel.from_pretrained(base, tmp_path / "zero3" / "adapter"))
+    assert loaded.keys() == single.keys()
+    for name, weight in single.items():
+        torch.testing.assert_close(loaded[name], weight, **F32_STEPS)
