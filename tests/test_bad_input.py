@@ -914,24 +914,6 @@ def test_fp16_needs_an_accelerator_and_flash_attention_a_gpu(workspace, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_fsdp_over_cpu_processes_is_refused_instead_of_training_as_ddp(workspace, tmp_path, capsys, monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    from transformers import TrainingArguments
-    from transformers.training_args import ParallelMode
-
-    # as under torchrun --nproc_per_node=2 on a CPU machine, where the Trainer's fsdp setting falls back to DDP
-    monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda _self: ParallelMode.DISTRIBUTED))
-    config = write_config(workspace, tmp_path / "run")
-    assert main(["train", str(config), "training.fsdp=full_shard auto_wrap"]) == 2
-    assert capsys.readouterr().err == (
-        "rlora: error: training.fsdp: FSDP through the Trainer needs GPUs; on CPU processes it would train "
-        "data-parallel (DDP) without sharding and without a word. Shard over CPU processes with training.deepspeed "
-        "(ZeRO-3), or leave training.fsdp unset to train data-parallel\n"
-    )
-    assert not (tmp_path / "run").exists()
-
-
 def test_quantization_without_bitsandbytes_and_compiling_without_a_compiler_are_refused(
     workspace, tmp_path, capsys, monkeypatch
 ):

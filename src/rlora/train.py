@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import get_peft_model, prepare_model_for_kbit_training
 from safetensors import SafetensorError
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
@@ -142,11 +144,23 @@ class _FiniteLossTrainer(HeadOnlyLossTrainer):
     """Stops at the first NaN or infinite loss, naming the step; the last good checkpoint stays on disk.
 
     With `router_lr_scale` != 1 the routers' weights train at that multiple of the learning rate (their own
-    optimizer group, following the same schedule)."""
+    optimizer group, following the same schedule). `training.fsdp` shards over CPU processes too."""
 
     def __init__(self, *args, router_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_lr_scale = router_lr_scale
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's, with FSDP switched on over CPU processes: accelerate turns the Trainer's FSDP setting on for
+        accelerator devices only and would train data-parallel there without a word, while FSDP2's `fully_shard`
+        shards over gloo as well. Switched on as accelerate does it on GPUs: the plugin on the shared state, and the
+        distributed type on it and on the process state it is copied from."""
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is not None and state.distributed_type == DistributedType.MULTI_CPU:
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.is_fsdp_enabled = True
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -350,12 +364,6 @@ def _trainer_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
         raise ConfigError(
             "training.fsdp: FSDP shards the model over several processes; start them with torchrun or accelerate "
             "launch, or leave training.fsdp unset"
-        )
-    if args.fsdp and not torch.cuda.is_available():
-        raise ConfigError(
-            "training.fsdp: FSDP through the Trainer needs GPUs; on CPU processes it would train data-parallel (DDP) "
-            "without sharding and without a word. Shard over CPU processes with training.deepspeed (ZeRO-3), or leave "
-            "training.fsdp unset to train data-parallel"
         )
     return args
 
