@@ -914,6 +914,24 @@ def test_fp16_needs_an_accelerator_and_flash_attention_a_gpu(workspace, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_accelerates_own_fsdp_settings_over_cpu_processes_are_refused_instead_of_training_as_ddp(
+    workspace, tmp_path, capsys, monkeypatch
+):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    # as under accelerate launch --use_fsdp with 2 CPU processes: refused before any process group is set up
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    config = write_config(workspace, tmp_path / "run")
+    assert main(["train", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        "rlora: error: training.fsdp: unset, and accelerate's own FSDP settings (accelerate launch --use_fsdp) are "
+        "applied on accelerator devices only: these CPU processes would train data-parallel without a word. Give the "
+        'FSDP options as training.fsdp (e.g. "full_shard auto_wrap") to shard over CPU processes\n'
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_quantization_without_bitsandbytes_and_compiling_without_a_compiler_are_refused(
     workspace, tmp_path, capsys, monkeypatch
 ):

@@ -352,6 +352,13 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
 def _trainer_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
     """`training_arguments`, with what the Trainer or this machine refuses of them as a ConfigError, before anything
     is read or written."""
+    launched_with_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if launched_with_fsdp and not cfg.training.fsdp and _multi_process_without_gpu():
+        raise ConfigError(
+            "training.fsdp: unset, and accelerate's own FSDP settings (accelerate launch --use_fsdp) are applied on "
+            "accelerator devices only: these CPU processes would train data-parallel without a word. Give the FSDP "
+            'options as training.fsdp (e.g. "full_shard auto_wrap") to shard over CPU processes'
+        )
     if cfg.training.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
         raise MissingPackage("training.deepspeed: the deepspeed package is not installed; pip install deepspeed")
     try:
