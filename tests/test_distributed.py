@@ -3,6 +3,8 @@ process trained on the same global batches."""
 
 import importlib.util
 import json
+import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from rlora.cli import main
 from rlora.runconfig import load_run_config
-from rlora.train import train
+from rlora.train import check_deepspeed_checkpoint, train
 
 # Every process draws the same batches as the single one (seeded sampler, random order: the length-grouped order is
 # cut by the per-process batch size) and no dropout mask (drawn per process, it would differ from the single one's).
@@ -51,6 +53,18 @@ def single(workspace, tmp_path_factory):
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
+def assert_resumes_to(config, *overrides, single):
+    """Killed after step 2's checkpoint, the run resumes from it (training step 3 only) to the same adapter."""
+    run = config.with_suffix("")
+    shutil.rmtree(run / "adapter")
+    shutil.rmtree(run / "checkpoints" / "checkpoint-3")
+    resumed = two_processes(config, *overrides, "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_adapter(run, single)
+    metrics = json.loads((run / "train_metrics.json").read_text())
+    assert metrics["train_loss"] == pytest.approx(metrics["final_loss"], rel=1e-6)  # the mean loss of step 3 alone
+
+
 def assert_same_adapter(run, single):
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     assert adapter.keys() == single.keys()
@@ -75,7 +89,7 @@ def test_two_process_data_parallel_training_gives_the_single_process_adapter_and
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_zero3_over_two_processes_gathers_the_single_process_adapter(workspace, tmp_path, single):
+def test_zero3_over_two_processes_gathers_the_single_process_adapter_and_resumes(workspace, tmp_path, single):
     ds_config = tmp_path / "zero3.json"
     ds_config.write_text(json.dumps(ZERO3))
     config = write_config(workspace, tmp_path / "zero3")
@@ -83,6 +97,7 @@ def test_zero3_over_two_processes_gathers_the_single_process_adapter(workspace, 
     result = two_processes(config, f"training.deepspeed={ds_config}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_adapter(tmp_path / "zero3", single)  # the shards were gathered: every weight whole, none empty
+    assert_resumes_to(config, f"training.deepspeed={ds_config}", single=single)
     base = AutoModelForCausalLM.from_pretrained(workspace / "model")
     loaded = get_peft_model_state_dict(PeftModel.from_pretrained(base, tmp_path / "zero3" / "adapter"))
     assert loaded.keys() == single.keys()
@@ -96,12 +111,23 @@ def test_fsdp_over_two_cpu_processes_shards_resumes_and_gives_the_single_process
     result = two_processes(config, fsdp, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_adapter(tmp_path / "fsdp", single)
-    checkpoints = tmp_path / "fsdp" / "checkpoints"
-    assert (checkpoints / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()  # FSDP's checkpoint, not DDP's
-    shutil.rmtree(tmp_path / "fsdp" / "adapter")  # as if killed after step 2's checkpoint
-    shutil.rmtree(checkpoints / "checkpoint-3")
-    resumed = two_processes(config, fsdp, "--resume", timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_adapter(tmp_path / "fsdp", single)
-    metrics = json.loads((tmp_path / "fsdp" / "train_metrics.json").read_text())
-    assert metrics["train_loss"] == pytest.approx(metrics["final_loss"], rel=1e-6)  # this run trained step 3 only
+    assert (tmp_path / "fsdp/checkpoints/checkpoint-2/pytorch_model_fsdp.bin").is_file()  # FSDP's, not DDP's
+    assert_resumes_to(config, fsdp, single=single)
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: what a planted file would hold (refused unrun: `true` does nothing anyway)."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_a_planted_deepspeed_checkpoint_file_is_refused_before_deepspeed_unpickles_it(tmp_path):
+    checkpoint = tmp_path / "checkpoint-2"
+    (checkpoint / "global_step2").mkdir(parents=True)
+    torch.save({"module": {"w": torch.zeros(2)}}, checkpoint / "global_step2" / "mp_rank_00_model_states.pt")
+    check_deepspeed_checkpoint(checkpoint)  # tensors and containers load
+    torch.save({"optimizer_state_dict": _RunsCode()}, checkpoint / "global_step2" / "zero_pp_rank_0_optim_states.pt")
+    with pytest.raises(pickle.UnpicklingError, match="GLOBAL posix.system"):
+        check_deepspeed_checkpoint(checkpoint)

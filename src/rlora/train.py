@@ -392,6 +392,8 @@ def _fit(trainer: Trainer, last: Path | None):
     """`trainer.train()`, from checkpoint `last` if given; a checkpoint whose pickled state was planted or altered is
     a RunFolderError naming it."""
     try:
+        if last is not None and trainer.is_deepspeed_enabled:
+            check_deepspeed_checkpoint(last)
         return trainer.train(resume_from_checkpoint=str(last) if last else None)
     except pickle.UnpicklingError as error:  # a checkpoint file (optimizer, scheduler, rng) planted or altered
         if last is None:
@@ -399,6 +401,20 @@ def _fit(trainer: Trainer, last: Path | None):
         raise RunFolderError(
             f"{last}: a file of the checkpoint was {pickle_refusal(error)}; remove {last} to resume from the one before"
         ) from None
+
+
+def check_deepspeed_checkpoint(checkpoint: Path) -> None:
+    """DeepSpeed resumes from its own files in `checkpoint` with torch's full unpickler (`weights_only=False`), which
+    would run whatever code a planted file holds; each must first load with torch's weights-only loading, which builds
+    tensors, containers and the few plain DeepSpeed records its files hold (ZeRO stage, loss scaler, fragment address),
+    and nothing else: pickle.UnpicklingError otherwise."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        for path in sorted(checkpoint.glob("global_step*/*.pt")):
+            torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _save_adapter(model, folder: Path, cfg: RunConfig) -> None:
