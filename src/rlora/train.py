@@ -309,7 +309,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
     before anything is written; a folder that another process is training in is refused (`RunFolder.writer`)."""
     validate_run_config(cfg, "run config")  # the one check of the config here: a RunConfig made in Python gets it too
     folder = RunFolder(cfg.output_dir)
-    args = _trainer_arguments(cfg, folder)
+    args = _trainer_arguments(cfg, folder)  # before the model loads, and held while it does: ZeRO-3 loads partitioned
     is_main = args.process_index == 0  # the one process that writes the run folder (and holds its lock)
     _zero3_ready(args)
     folder.check_start(cfg, resume, is_main)
