@@ -932,7 +932,7 @@ def test_accelerates_own_fsdp_settings_over_cpu_processes_are_refused_instead_of
     assert not (tmp_path / "run").exists()
 
 
-def test_quantization_without_bitsandbytes_and_compiling_without_a_compiler_are_refused(
+def test_quantization_without_bitsandbytes_and_compiling_or_deepspeed_without_a_compiler_are_refused(
     workspace, tmp_path, capsys, monkeypatch
 ):
     config = write_config(workspace, tmp_path / "run")
@@ -953,6 +953,12 @@ def test_quantization_without_bitsandbytes_and_compiling_without_a_compiler_are_
     assert capsys.readouterr().err == (
         f"rlora: error: {config}: training.torch_compile: on a CPU torch.compile builds C++ code and no C++ compiler "
         "(c++, g++, clang++) is on PATH; install one or set training.torch_compile: false\n"
+    )
+    (tmp_path / "ds.json").write_text("{}")
+    assert main(["train", str(config), f"training.deepspeed={tmp_path / 'ds.json'}"]) == 2
+    assert capsys.readouterr().err == (
+        "rlora: error: training.deepspeed: on CPUs DeepSpeed builds its communication op from C++ on its first run "
+        "and no C++ compiler (c++, g++, clang++) is on PATH; install one, or shard with training.fsdp instead\n"
     )
     assert not (tmp_path / "run").exists()
 

@@ -359,6 +359,11 @@ def _trainer_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
             "accelerator devices only: these CPU processes would train data-parallel without a word. Give the FSDP "
             'options as training.fsdp (e.g. "full_shard auto_wrap") to shard over CPU processes'
         )
+    if cfg.training.deepspeed is not None and not torch.cuda.is_available() and not models.has_cpp_compiler():
+        raise ConfigError(
+            "training.deepspeed: on CPUs DeepSpeed builds its communication op from C++ on its first run and no C++ "
+            "compiler (c++, g++, clang++) is on PATH; install one, or shard with training.fsdp instead"
+        )
     if cfg.training.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
         raise MissingPackage("training.deepspeed: the deepspeed package is not installed; pip install deepspeed")
     try:
