@@ -914,25 +914,25 @@ def test_fp16_needs_an_accelerator_and_flash_attention_a_gpu(workspace, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_fsdp_over_cpu_processes_is_refused_instead_of_training_as_ddp(workspace, tmp_path, capsys, monkeypatch):
+def test_accelerates_own_fsdp_settings_over_cpu_processes_are_refused_instead_of_training_as_ddp(
+    workspace, tmp_path, capsys, monkeypatch
+):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    from transformers import TrainingArguments
-    from transformers.training_args import ParallelMode
-
-    # as under torchrun --nproc_per_node=2 on a CPU machine, where the Trainer's fsdp setting falls back to DDP
-    monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda _self: ParallelMode.DISTRIBUTED))
+    # as under accelerate launch --use_fsdp with 2 CPU processes: refused before any process group is set up
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     config = write_config(workspace, tmp_path / "run")
-    assert main(["train", str(config), "training.fsdp=full_shard auto_wrap"]) == 2
+    assert main(["train", str(config)]) == 2
     assert capsys.readouterr().err == (
-        "rlora: error: training.fsdp: FSDP through the Trainer needs GPUs; on CPU processes it would train "
-        "data-parallel (DDP) without sharding and without a word. Leave training.fsdp unset to train data-parallel on "
-        "CPUs\n"
+        "rlora: error: training.fsdp: unset, and accelerate's own FSDP settings (accelerate launch --use_fsdp) are "
+        "applied on accelerator devices only: these CPU processes would train data-parallel without a word. Give the "
+        'FSDP options as training.fsdp (e.g. "full_shard auto_wrap") to shard over CPU processes\n'
     )
     assert not (tmp_path / "run").exists()
 
 
-def test_quantization_without_bitsandbytes_and_compiling_without_a_compiler_are_refused(
+def test_quantization_without_bitsandbytes_and_compiling_or_deepspeed_without_a_compiler_are_refused(
     workspace, tmp_path, capsys, monkeypatch
 ):
     config = write_config(workspace, tmp_path / "run")
@@ -953,6 +953,12 @@ def test_quantization_without_bitsandbytes_and_compiling_without_a_compiler_are_
     assert capsys.readouterr().err == (
         f"rlora: error: {config}: training.torch_compile: on a CPU torch.compile builds C++ code and no C++ compiler "
         "(c++, g++, clang++) is on PATH; install one or set training.torch_compile: false\n"
+    )
+    (tmp_path / "ds.json").write_text("{}")
+    assert main(["train", str(config), f"training.deepspeed={tmp_path / 'ds.json'}"]) == 2
+    assert capsys.readouterr().err == (
+        "rlora: error: training.deepspeed: on CPUs DeepSpeed builds its communication op from C++ on its first run "
+        "and no C++ compiler (c++, g++, clang++) is on PATH; install one, or shard with training.fsdp instead\n"
     )
     assert not (tmp_path / "run").exists()
 

@@ -1,4 +1,4 @@
-"""The main job on a tiny model and tiny JSONL tasks: train, evaluate, resume, fail well, distribute."""
+"""The main job on a tiny model and tiny JSONL tasks: train, evaluate, resume, fail well."""
 
 import dataclasses
 import json
@@ -227,24 +227,3 @@ def test_resume_refuses_a_different_config_and_a_finished_run(workspace, tmp_pat
     shutil.rmtree(tmp_path / "run" / "adapter")  # as if killed after its last checkpoint
     result = run_cli("train", config, "training.max_steps=4", "--resume")
     assert result.returncode == 2 and "was made with a different config" in result.stderr
-
-
-def test_two_process_data_parallel_training_loads_and_evaluates_like_a_single_one(workspace, tmp_path):
-    config = write_config(workspace, tmp_path / "ddp")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
-        + ["-m", "rlora", "train", str(config), "training.max_steps=3"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "ddp" / "train_metrics.json").read_text())
-    assert metrics["global_step"] == 3
-    # two processes of batch 4 make global batches of 8: the epoch count after 3 steps says so
-    n_train = json.loads((tmp_path / "ddp" / "data_manifest.json").read_text())["train_examples"]
-    log = [json.loads(line) for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
-    last = [r for r in log if "loss" in r][-1]
-    assert last["epoch"] == pytest.approx(3 / -(-n_train // 8), abs=1e-3)
-    assert main(["eval", str(tmp_path / "ddp")]) == 0
-    assert json.loads((tmp_path / "ddp" / "eval.json").read_text())["tasks"]["colors"]["n"] == 6

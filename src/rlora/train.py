@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import get_peft_model, prepare_model_for_kbit_training
 from safetensors import SafetensorError
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
@@ -142,11 +144,23 @@ class _FiniteLossTrainer(HeadOnlyLossTrainer):
     """Stops at the first NaN or infinite loss, naming the step; the last good checkpoint stays on disk.
 
     With `router_lr_scale` != 1 the routers' weights train at that multiple of the learning rate (their own
-    optimizer group, following the same schedule)."""
+    optimizer group, following the same schedule). `training.fsdp` shards over CPU processes too."""
 
     def __init__(self, *args, router_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_lr_scale = router_lr_scale
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's, with FSDP switched on over CPU processes: accelerate turns the Trainer's FSDP setting on for
+        accelerator devices only and would train data-parallel there without a word, while FSDP2's `fully_shard`
+        shards over gloo as well. Switched on as accelerate does it on GPUs: the plugin on the shared state, and the
+        distributed type on it and on the process state it is copied from."""
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is not None and state.distributed_type == DistributedType.MULTI_CPU:
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.is_fsdp_enabled = True
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -295,8 +309,9 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
     before anything is written; a folder that another process is training in is refused (`RunFolder.writer`)."""
     validate_run_config(cfg, "run config")  # the one check of the config here: a RunConfig made in Python gets it too
     folder = RunFolder(cfg.output_dir)
-    args = _trainer_arguments(cfg, folder)
+    args = _trainer_arguments(cfg, folder)  # before the model loads, and held while it does: ZeRO-3 loads partitioned
     is_main = args.process_index == 0  # the one process that writes the run folder (and holds its lock)
+    _zero3_ready(args)
     folder.check_start(cfg, resume, is_main)
 
     plan = plan_data(cfg, cache_dir)  # validates tasks and files, before any model is loaded
@@ -337,6 +352,18 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
 def _trainer_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
     """`training_arguments`, with what the Trainer or this machine refuses of them as a ConfigError, before anything
     is read or written."""
+    launched_with_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if launched_with_fsdp and not cfg.training.fsdp and _multi_process_without_gpu():
+        raise ConfigError(
+            "training.fsdp: unset, and accelerate's own FSDP settings (accelerate launch --use_fsdp) are applied on "
+            "accelerator devices only: these CPU processes would train data-parallel without a word. Give the FSDP "
+            'options as training.fsdp (e.g. "full_shard auto_wrap") to shard over CPU processes'
+        )
+    if cfg.training.deepspeed is not None and not torch.cuda.is_available() and not models.has_cpp_compiler():
+        raise ConfigError(
+            "training.deepspeed: on CPUs DeepSpeed builds its communication op from C++ on its first run and no C++ "
+            "compiler (c++, g++, clang++) is on PATH; install one, or shard with training.fsdp instead"
+        )
     if cfg.training.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
         raise MissingPackage("training.deepspeed: the deepspeed package is not installed; pip install deepspeed")
     try:
@@ -350,18 +377,28 @@ def _trainer_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
             "training.fsdp: FSDP shards the model over several processes; start them with torchrun or accelerate "
             "launch, or leave training.fsdp unset"
         )
-    if args.fsdp and not torch.cuda.is_available():
-        raise ConfigError(
-            "training.fsdp: FSDP through the Trainer needs GPUs; on CPU processes it would train data-parallel (DDP) "
-            "without sharding and without a word. Leave training.fsdp unset to train data-parallel on CPUs"
-        )
     return args
+
+
+def _zero3_ready(args: TrainingArguments) -> None:
+    """Makes DeepSpeed's communication layer wrap the process group the arguments have set up, before the model loads.
+    With a ZeRO-3 config the arguments switch on `deepspeed.zero.Init` in `from_pretrained` (they hold the config it
+    reads), which partitions the weights as they load and checks the config's batch sizes against DeepSpeed's world
+    size: on GPUs accelerate has initialised that layer already; over CPU processes (gloo) nothing has, and the world
+    size would read 1."""
+    if args.deepspeed and args.world_size > 1:
+        from deepspeed import comm
+
+        if not comm.is_initialized():
+            comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
 def _fit(trainer: Trainer, last: Path | None):
     """`trainer.train()`, from checkpoint `last` if given; a checkpoint whose pickled state was planted or altered is
     a RunFolderError naming it."""
     try:
+        if last is not None and trainer.is_deepspeed_enabled:
+            check_deepspeed_checkpoint(last)
         return trainer.train(resume_from_checkpoint=str(last) if last else None)
     except pickle.UnpicklingError as error:  # a checkpoint file (optimizer, scheduler, rng) planted or altered
         if last is None:
@@ -369,6 +406,20 @@ def _fit(trainer: Trainer, last: Path | None):
         raise RunFolderError(
             f"{last}: a file of the checkpoint was {pickle_refusal(error)}; remove {last} to resume from the one before"
         ) from None
+
+
+def check_deepspeed_checkpoint(checkpoint: Path) -> None:
+    """DeepSpeed resumes from its own files in `checkpoint` with torch's full unpickler (`weights_only=False`), which
+    would run whatever code a planted file holds; each must first load with torch's weights-only loading, which builds
+    tensors, containers and the few plain DeepSpeed records its files hold (ZeRO stage, loss scaler, fragment address),
+    and nothing else: pickle.UnpicklingError otherwise."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        for path in sorted(checkpoint.glob("global_step*/*.pt")):
+            torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _save_adapter(model, folder: Path, cfg: RunConfig) -> None:
