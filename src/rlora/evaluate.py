@@ -171,12 +171,20 @@ def held_out_loss(
 ) -> float | None:
     """The mean token cross-entropy (nats) of `examples` encoded as in training (`encode_example`), over their
     trained tokens, token-weighted (summed NLL / trained tokens); None when they have no trained token."""
-    total, count = held_out_nll(model, tokenizer, examples, chat_template, max_length, batch_size)
+    total, count = held_out_nll(
+        model, tokenizer, examples, chat_template=chat_template, max_length=max_length, batch_size=batch_size
+    )
     return total / count if count else None
 
 
 def held_out_nll(
-    model, tokenizer, examples: Sequence[Example], chat_template: bool, max_length: int, batch_size: int
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    chat_template: bool = False,
+    max_length: int = 384,
+    batch_size: int = 16,
 ) -> tuple[float, int]:
     """(summed NLL, trained tokens) of `examples` encoded as in training: `held_out_loss`'s sums."""
     model.eval()
@@ -301,7 +309,6 @@ def predict(
 
 
 ENCODING = ("chat_template", "max_length", "batch_size")  # `predict`'s settings that `held_out_loss` takes too
-HELD_OUT_DEFAULTS = {"chat_template": False, "max_length": 384, "batch_size": 16}  # `held_out_loss`'s defaults
 
 
 def evaluate_examples(
@@ -314,7 +321,7 @@ def evaluate_examples(
     encoding = {key: settings[key] for key in ENCODING if key in settings}
     fused = [p.gold_nll for p in predictions if p.gold_nll is not None]  # from the scoring passes
     rest = [e for e, p in zip(examples, predictions, strict=True) if p.gold_nll is None] if accuracy else examples
-    total, count = held_out_nll(model, tokenizer, rest, **(HELD_OUT_DEFAULTS | encoding))
+    total, count = held_out_nll(model, tokenizer, rest, **encoding)
     total, count = total + sum(nll for nll, _ in fused), count + sum(n for _, n in fused)
     loss = total / count if count else None
     n = len(examples)
