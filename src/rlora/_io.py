@@ -3,7 +3,9 @@
 - A file is written to a temporary name beside it, flushed to disk and renamed over it (`atomic_write_*`).
 - A folder is built under a temporary name beside it and renamed into place in one step (`atomic_dir`, or
   `publish_dir` for a folder that several processes wrote together): a reader sees the old folder or the new one,
-  never a mix.
+  never a mix. The old folder is replaced only when it is rlora's: empty, or holding the file that the writer names
+  as its mark (`owned`: the complete marker by default, an export's gates.json, ...); any other folder there is the
+  user's, and the write is refused (`OutputError`) with nothing removed.
 - A folder that is shared by processes that may race to build it (the converted model cache) is also marked
   complete (`COMPLETE_MARKER`) before it moves into place; the first complete one stays.
 - A folder that another library writes in place (the Trainer's checkpoints) is marked complete once it is fully
@@ -26,6 +28,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import OutputError
 
 COMPLETE_MARKER = ".rlora-complete"
 
@@ -71,11 +75,13 @@ def is_complete(folder: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, *, shared: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, shared: bool = False, owned: str | None = COMPLETE_MARKER) -> Iterator[Path]:
     """Yields a new temporary folder beside `path`; on success it replaces `path` in one rename, on error it is
     removed. With `shared`, the folder is marked complete first, and a complete folder that another process put at
-    `path` meanwhile is kept (ours is dropped)."""
+    `path` meanwhile is kept (ours is dropped). A folder at `path` is replaced only when it is rlora's (see
+    `publish_dir`); that is checked before the block runs too, so that nothing is built in vain."""
     path = Path(path)
+    check_replaceable(path, owned)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it a normal folder's mode
@@ -83,17 +89,31 @@ def atomic_dir(path: str | Path, *, shared: bool = False) -> Iterator[Path]:
         yield tmp
         if shared:
             mark_complete(tmp)
-        publish_dir(tmp, path, keep_complete=shared)
+        publish_dir(tmp, path, keep_complete=shared, owned=owned)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
-def publish_dir(tmp: str | Path, path: str | Path, *, keep_complete: bool = False) -> None:
+def check_replaceable(path: Path, owned: str | None) -> None:
+    """Refuses (`OutputError`) a `path` that holds something rlora may not replace: a file, or a folder that is not
+    empty and lacks the file `owned` (with `owned` None, a folder of rlora's own tree: anything there is rlora's)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputError(f"{path}: exists and is not a folder; refused to replace it (choose another place)")
+    if owned is None or not path.is_dir() or (path / owned).is_file() or not any(path.iterdir()):
+        return
+    raise OutputError(
+        f"{path}: a folder that rlora did not write (no {owned} in it); refused to replace it (choose another place)"
+    )
+
+
+def publish_dir(tmp: str | Path, path: str | Path, *, keep_complete: bool = False, owned: str | None = None) -> None:
     """Moves the finished folder `tmp` to `path` in one rename; a folder already at `path` is replaced, unless it
-    is complete and `keep_complete` is set (then `tmp` is left for the caller to remove)."""
+    is complete and `keep_complete` is set (then `tmp` is left for the caller to remove). With `owned`, only a folder
+    that is empty or holds the file `owned` is replaced; anything else is refused (`check_replaceable`)."""
     tmp, path = Path(tmp), Path(path)
     if keep_complete and is_complete(path):
         return
+    check_replaceable(path, owned)
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)

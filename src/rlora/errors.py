@@ -44,6 +44,11 @@ class CacheError(RloraError, OSError):
     """A cache folder that cannot be used (not a folder, not writable, its disk full); the message names it."""
 
 
+class OutputError(RloraError, OSError):
+    """A place rlora was asked to write that it may not or cannot use: outside the folder the user named, a folder
+    rlora did not write (it would be replaced), not writable, or on a full disk; the message names it."""
+
+
 def pickle_refusal(error: Exception) -> str:
     """Why torch's weights-only loading refused a file, in one clause: the object it would not build."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

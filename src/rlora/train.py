@@ -18,7 +18,9 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -398,7 +400,8 @@ def _fit(trainer: Trainer, last: Path | None):
     a RunFolderError naming it."""
     try:
         if last is not None and trainer.is_deepspeed_enabled:
-            check_deepspeed_checkpoint(last)
+            with _deepspeed_loads_tag(check_deepspeed_checkpoint(last)):
+                return trainer.train(resume_from_checkpoint=str(last))
         return trainer.train(resume_from_checkpoint=str(last) if last else None)
     except pickle.UnpicklingError as error:  # a checkpoint file (optimizer, scheduler, rng) planted or altered
         if last is None:
@@ -408,18 +411,63 @@ def _fit(trainer: Trainer, last: Path | None):
         ) from None
 
 
-def check_deepspeed_checkpoint(checkpoint: Path) -> None:
-    """DeepSpeed resumes from its own files in `checkpoint` with torch's full unpickler (`weights_only=False`), which
-    would run whatever code a planted file holds; each must first load with torch's weights-only loading, which builds
-    tensors, containers and the few plain DeepSpeed records its files hold (ZeRO stage, loss scaler, fragment address),
-    and nothing else: pickle.UnpicklingError otherwise."""
+DEEPSPEED_TAG = re.compile(r"global_step\d{1,12}")  # the tags the Trainer's DeepSpeed checkpoints are saved under
+
+
+def check_deepspeed_checkpoint(checkpoint: Path) -> str:
+    """The tag DeepSpeed is to resume `checkpoint` from, once checked: rlora reads the checkpoint's `latest` file
+    itself (DeepSpeed would follow it anywhere), accepts only a plain `global_stepN` naming a folder of the checkpoint,
+    and loads every file in that folder with torch's weights-only loading first. DeepSpeed unpickles its files with
+    torch's full unpickler (`weights_only=False`), which would run whatever code a planted file holds; the weights-only
+    loading builds tensors, containers and the few plain DeepSpeed records its files hold (ZeRO stage, loss scaler,
+    fragment address), and nothing else: pickle.UnpicklingError otherwise. Any other fault is a RunFolderError."""
+    latest = checkpoint / "latest"
+    redo = f"remove {checkpoint} to resume from the one before"
+    try:
+        with open(latest, "rb") as f:
+            tag = f.read(64).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        why = error.strerror if isinstance(error, OSError) else "not ASCII text"
+        raise RunFolderError(f"{latest}: cannot read DeepSpeed's checkpoint tag ({why}); {redo}") from None
+    folder = checkpoint / tag
+    if not DEEPSPEED_TAG.fullmatch(tag) or folder.is_symlink() or not folder.is_dir():
+        raise RunFolderError(
+            f"{latest}: names {tag[:40]!r}, expected global_stepN naming a folder of the checkpoint; {redo}"
+        )
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
-        for path in sorted(checkpoint.glob("global_step*/*.pt")):
+        for path in sorted(folder.rglob("*.pt")):  # what DeepSpeed loads: model, optimizer and expert states
             torch.load(path, map_location="cpu", weights_only=True)
+    return tag
+
+
+@contextlib.contextmanager
+def _deepspeed_loads_tag(tag: str) -> Iterator[None]:
+    """While the block runs, the Trainer resumes DeepSpeed from the checkpoint folder `tag` (checked by
+    `check_deepspeed_checkpoint`) instead of whatever the checkpoint's `latest` file says by then. The Trainer calls
+    transformers' `deepspeed_load_checkpoint`, which passes no tag; this one passes it (a test pins the name)."""
+    import transformers.trainer as hf_trainer
+
+    def load(engine, checkpoint_path: str, load_module_strict: bool = True) -> None:
+        path, _ = engine.load_checkpoint(
+            checkpoint_path,
+            tag=tag,
+            load_module_strict=load_module_strict,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if path is None:
+            raise RunFolderError(f"{checkpoint_path}: DeepSpeed could not load {tag}; remove it to resume from before")
+
+    original = hf_trainer.deepspeed_load_checkpoint
+    hf_trainer.deepspeed_load_checkpoint = load
+    try:
+        yield
+    finally:
+        hf_trainer.deepspeed_load_checkpoint = original
 
 
 def _save_adapter(model, folder: Path, cfg: RunConfig) -> None:
