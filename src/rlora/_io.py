@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -58,6 +59,50 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_json_and_view(path: str | Path, data: Any, view: str | Path, text: str) -> None:
+    """`data` as JSON at `path` and `text`, its rendering, at `view` (eval.json and eval.md): the old view is removed
+    first, then the JSON written, then the view. A kill at any point leaves a view of the same data as the JSON, or
+    none (render it again from the JSON), never a view of other data."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(view)
+    atomic_write_json(path, data)
+    atomic_write_text(view, text)
+
+
+def check_writable(folder: str | Path, what: str) -> None:
+    """Refuses (`OutputError`) a folder where a file cannot be made, before the work whose results go there: tried
+    with an empty temporary file, removed again (in the nearest folder that exists, for one not made yet). `what`
+    ends the message (what was not done)."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".rlora-can-write.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as error:
+        raise OutputError(f"{output_problem(folder, error)}; {what}") from None
+
+
+@contextlib.contextmanager
+def writing(folder: str | Path) -> Iterator[None]:
+    """Turns a failure to write into `folder` (a full disk, a read-only file system, no permission) into one line
+    naming it (`OutputError`) instead of a traceback."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, OutputError) or error.errno not in WRITE_ERRNOS:
+            raise
+        raise OutputError(output_problem(Path(folder), error)) from None
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR)
+
+
+def output_problem(folder: Path, error: OSError) -> str:
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return f"{folder}: cannot write there ({'the disk is full' if full else error.strerror or error})"
 
 
 def mark_complete(folder: str | Path, note: str = "") -> None:
