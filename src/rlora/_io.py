@@ -74,9 +74,11 @@ def atomic_write_json_and_view(path: str | Path, data: Any, view: str | Path, te
 def check_writable(folder: str | Path, what: str) -> None:
     """Refuses (`OutputError`) a folder where a file cannot be made, before the work whose results go there: tried
     with an empty temporary file, removed again (in the nearest folder that exists, for one not made yet). `what`
-    ends the message (what was not done)."""
+    ends the message (what was not done). A file in the folder's place is left to the code that makes it."""
     folder = Path(folder).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return  # a file in the way: what makes the folder says so, naming it
     try:
         fd, tmp = tempfile.mkstemp(dir=existing, prefix=".rlora-can-write.", suffix=".tmp")
         os.close(fd)
