@@ -911,8 +911,8 @@ CASES = [
     Case(
         "error-line-that-an-alias-makes-long",  # 946 KB of values, cut to MAX_MESSAGE characters (the path varies)
         lambda c: ["train", c.file("long.yaml", _LONG_ALIAS)],
-        "{tmp}/long.yaml: seed: expected an integer, got {{'a0': ['xxxxxxxxxx', ... ... (94...,... characters left out) "
-        "... xxxxxxxxx'], ... 'xxxxxxxxxx']]]]]}}",
+        "{tmp}/long.yaml: seed: expected an integer, got {{'a0': ['xxxxxxxxxx', ... "
+        "(94...,... characters left out) ... xxxxxxxxx'], ... 'xxxxxxxxxx']]]]]}}",
     ),
     Case(
         "resume-after-the-task-data-changed",
