@@ -125,10 +125,8 @@ def _commands(tmp_path: Path, workspace: Path, runs, data: Path) -> dict[str, li
     }
 
 
-def _tree(root: Path) -> dict[str, int | None]:
-    """Every path under `root`, with a file's modification time (a folder's changes with the trial file that checks
-    it can be written: `_io.check_writable`)."""
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns if p.is_file() else None for p in root.rglob("*")}
+def _tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
 
 
 @pytest.mark.parametrize("command", ["train", "compare", "demo", "eval", "analyze", "export-per-task"])
@@ -249,20 +247,16 @@ def test_eval_on_a_full_disk_is_one_line_naming_the_folder(runs, tmp_path, monke
     assert not (run / "eval.json").exists() and not (run / "eval.md").exists()
 
 
-def test_check_writable_names_a_full_disk_and_looks_where_a_folder_will_be(tmp_path, monkeypatch):
-    import tempfile
-
-    check_writable(tmp_path / "not" / "yet", "x")  # the nearest folder that exists takes a file: fine
-    assert list(tmp_path.iterdir()) == []  # the trial file is gone, no folder made
-
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(tempfile, "mkstemp", no_space)
+def test_check_writable_writes_nothing_and_names_a_full_disk(tmp_path, monkeypatch):
+    check_writable(tmp_path / "not" / "yet", "x")  # the nearest folder that exists can take a file: fine
+    assert list(tmp_path.iterdir()) == []  # nothing made
+    real = os.statvfs(tmp_path)
+    full = os.statvfs_result((*real[:4], 0, *real[5:]))  # f_bavail: no block left for a user
+    monkeypatch.setattr(os, "statvfs", lambda _path: full)
     with pytest.raises(OutputError, match=rf"^{tmp_path}: cannot write there \(the disk is full\); nothing done$"):
         check_writable(tmp_path, "nothing done")
     with pytest.raises(OutputError, match=rf"^{tmp_path}: cannot write there \(the disk is full\)$"), writing(tmp_path):
-        no_space()
+        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 @pytest.mark.parametrize("killed_at", ["view removed", "json written"])

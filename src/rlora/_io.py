@@ -72,19 +72,27 @@ def atomic_write_json_and_view(path: str | Path, data: Any, view: str | Path, te
 
 
 def check_writable(folder: str | Path, what: str) -> None:
-    """Refuses (`OutputError`) a folder where a file cannot be made, before the work whose results go there: tried
-    with an empty temporary file, removed again (in the nearest folder that exists, for one not made yet). `what`
-    ends the message (what was not done). A file in the folder's place is left to the code that makes it."""
+    """Refuses (`OutputError`) a folder that cannot take a file, before the work whose results go there: on a
+    read-only file system, without write permission, or on a full disk (in the nearest folder that exists, for one
+    not made yet). It writes nothing. `what` ends the message (what was not done). A file in the folder's place is
+    left to the code that makes it."""
     folder = Path(folder).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         return  # a file in the way: what makes the folder says so, naming it
     try:
-        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".rlora-can-write.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(tmp)
+        disk = os.statvfs(existing)
     except OSError as error:
         raise OutputError(f"{output_problem(folder, error)}; {what}") from None
+    if disk.f_flag & os.ST_RDONLY:
+        code = errno.EROFS
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        code = errno.EACCES
+    elif disk.f_bavail == 0:
+        code = errno.ENOSPC
+    else:
+        return
+    raise OutputError(f"{output_problem(folder, OSError(code, os.strerror(code)))}; {what}")
 
 
 @contextlib.contextmanager
@@ -144,9 +152,11 @@ def atomic_dir(path: str | Path, *, shared: bool = False, owned: str | None = CO
 def check_replaceable(path: Path, owned: str | None) -> None:
     """Refuses (`OutputError`) a `path` that holds something rlora may not replace: a file, or a folder that is not
     empty and lacks the file `owned` (with `owned` None, a folder of rlora's own tree: anything there is rlora's)."""
+    if owned is None:
+        return
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise OutputError(f"{path}: exists and is not a folder; refused to replace it (choose another place)")
-    if owned is None or not path.is_dir() or (path / owned).is_file() or not any(path.iterdir()):
+    if not path.is_dir() or (path / owned).is_file() or not any(path.iterdir()):
         return
     raise OutputError(
         f"{path}: a folder that rlora did not write (no {owned} in it); refused to replace it (choose another place)"
