@@ -170,3 +170,18 @@ def test_rlora_cache_lists_the_tables_and_removes_the_stale_ones(tmp_path, monke
     assert [t.source["path"] for t in store.cached_tables()] == [str(kept)]
     assert main(["cache", "--clear"]) == 0
     assert store.cached_tables() == [] and capsys.readouterr().out.endswith("0 tables, 0.0 MB; removed 1\n")
+
+
+@pytest.mark.parametrize("source", ["jsonl", "files"])
+def test_a_config_naming_its_own_files_trains_and_evaluates_on_those_alone(tmp_path, source):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": f"a{i}"}) + "\n" for i in range(20)))
+    cfg = _config(tmp_path, f"data.{source}=[{path}]")  # no data.tasks: no built-in task is added
+    assert cfg.data.tasks == []
+    plan = plan_data(cfg)
+    assert list(plan.tasks) == ["mine"] and list(plan.test) == ["mine"] and list(plan.counts) == ["mine"]
+
+
+def test_a_config_without_any_data_source_gets_the_default_tasks(tmp_path):
+    assert _config(tmp_path).data.tasks == ["boolq", "piqa", "arc_easy", "winogrande"]
+    assert _config(tmp_path, "data.tasks=[piqa]").data.tasks == ["piqa"]

@@ -72,12 +72,17 @@ def _rlora_field(name: str, optional: bool = False) -> Any:
     return _key(None if optional else field_default(name), field_help(name), rule)
 
 
+# The tasks a run config without any data source trains on; a config naming its own files gets only those.
+DEFAULT_TASKS = ("boolq", "piqa", "arc_easy", "winogrande")
+
+
 @dataclass
 class DataSettings:
+    # None until `validate_run_config` resolves it: the default tasks only where no data source is given
     tasks: list[str] = _key(
         None,
-        "built-in task names or suites (`rlora tasks`)",
-        factory=lambda: ["boolq", "piqa", "arc_easy", "winogrande"],
+        "built-in task names or suites (`rlora tasks`); when not given: " + ", ".join(DEFAULT_TASKS) + " if neither "
+        "data.jsonl nor data.files is given either, else none (your files alone)",
     )
     jsonl: list[str] = _key(None, "files in rlora's own JSONL schema (see the README's data section)", factory=list)
     files: list[str | dict] = _key(
@@ -373,6 +378,8 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
     problem = model_problem(cfg.model)
     if problem is not None:
         raise ConfigError(f"{source}: model: {problem}")
+    if cfg.data.tasks is None:
+        cfg.data.tasks = [] if cfg.data.jsonl or cfg.data.files else list(DEFAULT_TASKS)
     if not cfg.data.tasks and not cfg.data.jsonl and not cfg.data.files:
         raise ConfigError(
             f"{source}: data: no tasks: give data.tasks (built-in names), data.files or data.jsonl (your files)"
