@@ -84,7 +84,7 @@ class DataSettings:
         "built-in task names or suites (`rlora tasks`); when not given: " + ", ".join(DEFAULT_TASKS) + " if neither "
         "data.jsonl nor data.files is given either, else none (your files alone)",
     )
-    jsonl: list[str] = _key(None, "files in rlora's own JSONL schema (see the README's data section)", factory=list)
+    jsonl: list[str] = _key(None, "files in rlora's own JSONL schema (docs/data.md)", factory=list)
     files: list[str | dict] = _key(
         None, "instruction data and other files: a path, or {path, schema, task, columns}", factory=list
     )
