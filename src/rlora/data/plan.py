@@ -35,7 +35,7 @@ from . import (
 from .files import DataFile
 from .settings import DataSettings
 from .split import SPLIT_SALT, split_positions
-from .store import TaskData, file_tasks
+from .store import ListTask, TaskData, file_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def load_tasks(data: DataSettings, cache_dir: str | None = None) -> dict[str, Ta
     """Built-in tasks (suites expanded) and the files' tasks; names must not clash."""
     names = expand_task_names(data.tasks)
     fmt = data.format
-    tasks = {name: TaskData(name, examples_list=load_task(name), default_format=fmt) for name in names}
+    tasks = {name: ListTask(name, load_task(name), fmt) for name in names}
     specs = [DataFile(Path(f), schema="rlora", kind="jsonl") for f in data.jsonl]  # any suffix, as ever
     specs += [DataFile.from_config(f, f"data.files[{i}]") for i, f in enumerate(data.files)]
     tasks.update(file_tasks(specs, reserved=names, cache_dir=cache_dir, default_format=fmt))
