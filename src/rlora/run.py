@@ -327,10 +327,6 @@ class Run:
         return run
 
     @property
-    def method(self) -> str:
-        return self.cfg.method
-
-    @property
     def multi_head(self) -> bool:
         """Heads and a router (every method but plain LoRA; `methods.is_multi_head`)."""
         return is_multi_head(self.cfg.method)
@@ -362,14 +358,20 @@ class Run:
         return plan_data(self.cfg.data, self.cfg.seed, self.cache_dir)
 
     @functools.cached_property
-    def tokenizer(self) -> Any:
-        """The base model's tokenizer, with the chat template the run config asks for."""
-        return models.load_tokenizer(self.cfg.model, self.cache_dir, self.cfg.data.chat_template)
+    def _base(self) -> tuple[Any, Any]:
+        return load_base_model(self.cfg, self.cache_dir)
 
-    @functools.cached_property
+    @property
+    def tokenizer(self) -> Any:
+        """The base model's tokenizer, with the chat template the run config asks for (loaded with the base)."""
+        return self._base[1]
+
+    @property
     def base_model(self) -> Any:
-        """The base model alone, loaded as the run config's `base` section says (quantized or not)."""
-        return models.load_model(self.cfg.model, self.tokenizer, cache_dir=self.cache_dir, loading=self.cfg.base)
+        """The base model, loaded as the run config's `base` section says (quantized or not). PEFT adapts it in
+        place: once `model` is loaded it holds the adapter's layers; open the run with `adapter=False` for a bare
+        base."""
+        return self._base[0]
 
     @functools.cached_property
     def model(self) -> Any:
@@ -406,7 +408,7 @@ def load_run(
 
 def load_base_model(cfg: RunConfig, cache_dir: str | None = None) -> tuple[Any, Any]:
     """The run's base model and tokenizer (with the chat template the run config asks for, loaded as its `base`
-    section says: quantized or not), without any adapter (the former way; prefer `Run.base_model`)."""
+    section says: quantized or not), without any adapter (`Run.base_model` and `Run.tokenizer` load them so)."""
     return models.load_model_and_tokenizer(
         cfg.model, cache_dir=cache_dir, chat_template=cfg.data.chat_template, loading=cfg.base
     )
