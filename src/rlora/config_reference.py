@@ -45,7 +45,10 @@ def _section(name: str, cls: type, help_text: str) -> str:
 
 def _row(key: str, f: dataclasses.Field, hint: Any) -> str:
     expected = f.metadata["range"][1] if "range" in f.metadata else ""
-    cells = [f"`{key}`", _types(hint), _default(f), expected, f.metadata.get("help", "")]
+    default = _default(f)
+    if default == "null" and type(None) not in typing.get_args(hint):  # resolved when the config is read
+        default = "see what it does"
+    cells = [f"`{key}`", _types(hint), default, expected, f.metadata.get("help", "")]
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
