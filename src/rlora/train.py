@@ -38,7 +38,7 @@ from .adapters import README_FILE, adapter_readme
 from .data.mixture import index_dtype
 from .data.plan import plan_data
 from .errors import ConfigError, MissingPackage, RloraError, RunFolderError, TrainingError, pickle_refusal
-from .methods import PEFT_TYPES, adapter_config, adapter_sizes
+from .methods import PEFT_TYPES, adapter_config, adapter_sizes, is_multi_head
 from .output_head import causal_lm_loss
 from .run import (
     RunFolder,
@@ -261,7 +261,7 @@ def check_adapter_fits(cfg: RunConfig, model: torch.nn.Module) -> None:
         heads, per_rank = adapter_sizes(model, a.target_modules, a.r, a.num_heads)
     except ConfigError:  # no layer matches: PEFT says so, in its words
         return
-    plain = cfg.method == "lora" and a.lora_r is not None
+    plain = not is_multi_head(cfg.method) and a.lora_r is not None
     weights = per_rank * a.lora_r if plain else heads
     what = f"lora_r {a.lora_r}" if plain else f"r {a.r} x num_heads {a.num_heads}"
     need = weights * TRAINING_COPIES * 4  # float32
@@ -324,7 +324,7 @@ def train(
     _zero3_ready(args)
     folder.check_start(cfg, resume, is_main)
 
-    plan = plan_data(cfg, cache_dir)  # validates tasks and files, before any model is loaded
+    plan = plan_data(cfg.data, cfg.seed, cache_dir)  # validates tasks and files, before any model is loaded
     logger.info("training mixture:\n%s", plan.counts_table())
     tokenizer = models.load_tokenizer(cfg.model, cache_dir, chat_template=cfg.data.chat_template)
     train_dataset = plan.train_dataset(tokenizer)  # every example fits data.max_length

@@ -44,7 +44,7 @@ from urllib.parse import quote
 
 from .._io import atomic_write_json, atomic_write_text, check_writable
 from ..errors import ConfigError, TrainingError
-from ..methods import MethodSpec, parse_method
+from ..methods import MethodSpec, is_multi_head, parse_method
 from ..metrics import ACCURACY_METRICS
 from ..names import check_name
 from ..plots import plot_comparison
@@ -141,7 +141,7 @@ def run_config_for(
     """`base` as a run of `spec` (its method, and a plain LoRA's rank) with `seed`, written into `folder`."""
     cfg = copy.deepcopy(base)
     cfg.method, cfg.seed, cfg.output_dir = spec.method, seed, str(folder)
-    if spec.method == "lora" and spec.rank(matched_rank) is not None:
+    if not is_multi_head(spec.method) and spec.rank(matched_rank) is not None:
         cfg.adapter.lora_r = spec.rank(matched_rank)
     return cfg
 

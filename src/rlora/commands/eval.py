@@ -10,26 +10,24 @@ from pathlib import Path
 from .._io import atomic_write_json_and_view, check_writable, writing
 from ..adapters import load_adapter
 from ..analysis import router_health, router_usage
-from ..data.plan import plan_data
 from ..errors import ConfigError
 from ..evaluate import evaluate_plan
-from ..methods import PEFT_TYPES
 from ..reports import results_table
-from ..run import LoadedRun, RunFolder, check_lengths, gold_sequences, load_base_model, load_run
+from ..run import Run, RunFolder, gold_sequences
 from ..runconfig import RunConfig, load_run_config, validate_run_config
 
 NOT_EVALUATED = "nothing was evaluated (its results go there): make it writable, or evaluate a copy"
 
 
-def _evaluate(run: LoadedRun, base: bool, accuracy: bool = True) -> dict:
+def _evaluate(run: Run, base: bool, accuracy: bool = True) -> dict:
     """The run's results on its held-out split; for a multi-head adapter, unless only the loss is asked for
     (`accuracy` False), its router's health there too (`router`: `analysis.router_health` of the gates on every
     evaluated example's gold context and answer)."""
     adapter = None if base else str(run.folder.adapter)
-    check_lengths(run.cfg, run.model)
+    run.check_lengths()
     results = {"model": run.cfg.model, "adapter": adapter, "method": run.cfg.method}
     results |= evaluate_plan(run.model, run.tokenizer, run.cfg, run.plan, accuracy=accuracy)
-    if accuracy and not base and PEFT_TYPES[run.cfg.method] == "RLORA":
+    if accuracy and not base and run.multi_head:
         usage = router_usage(run.model, gold_sequences(run), batch_size=run.cfg.eval.batch_size)
         results["router"] = router_health(usage)
     return results
@@ -40,7 +38,7 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, base: bool =
     into the run folder (`RunFolder.results`) and returns them; without `accuracy`, the held-out loss only, as
     choosing settings on a validation split needs."""
     check_writable(RunFolder(run_dir).root, NOT_EVALUATED)
-    run = load_run(run_dir, cache_dir, adapter=not base)
+    run = Run.open(run_dir, cache_dir, adapter=not base).load()
     results = _evaluate(run, base, accuracy)
     run.folder.write_results(results, base)
     return results
@@ -54,13 +52,14 @@ def evaluate_config(cfg: RunConfig, cache_dir: str | None = None) -> dict:
     folder = RunFolder(cfg.output_dir)
     folder.check_free()
     folder.check_config(cfg)
-    plan = plan_data(cfg, cache_dir)
+    run = Run(folder, cfg, cache_dir, adapter=False)
+    _ = run.plan  # the data is checked before the folder is taken and the model loads
     with folder.writer():
         check_writable(folder.root, NOT_EVALUATED)
-        model, tokenizer = load_base_model(cfg, cache_dir)
+        run.load()
         folder.check_config(cfg)  # again: it may have been written while the model loaded
         folder.write_config(cfg)
-        results = _evaluate(LoadedRun(folder, cfg, plan, model, tokenizer), base=True)
+        results = _evaluate(run, base=True)
         folder.write_results(results, base=True)
     return results
 
@@ -72,8 +71,8 @@ def evaluate_adapter(run_dir: str | Path, adapter_dir: str | Path, cache_dir: st
     adapter_dir = Path(adapter_dir)
     if adapter_dir.is_dir():  # else loading the adapter says what is wrong
         check_writable(adapter_dir, NOT_EVALUATED)
-    run = load_run(run_dir, cache_dir, adapter=False)
-    model = load_adapter(run.model, adapter_dir).eval()
+    run = Run.open(run_dir, cache_dir, adapter=False).load()
+    model = load_adapter(run.base_model, adapter_dir).eval()
     results = {"model": run.cfg.model, "adapter": str(adapter_dir), "method": f"adapter {adapter_dir.name}"}
     results |= evaluate_plan(model, run.tokenizer, run.cfg, run.plan)
     table = results_table({results["method"]: results}) + "\n"

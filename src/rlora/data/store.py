@@ -393,49 +393,92 @@ def _batches(examples: Iterator[Example]) -> Iterator[list[Example]]:
         yield batch
 
 
-@dataclass
 class TaskData:
-    """One task's examples: rows of a file's table, or a built-in task's list. Indexing makes an `Example`, in
-    formulation `default_format` unless it names its own (`with_default_format`): the run's formulation is resolved
-    here, where the examples are made, and nowhere else."""
+    """One task's examples, of one of two kinds: `ListTask` (a built-in task's list, in memory) or `TableTask` (rows
+    of a file's table, mapped from disk). Indexing makes an `Example`, in formulation `default_format` unless it
+    names its own (`with_default_format`): the run's formulation is resolved here, where the examples are made, and
+    nowhere else. Each kind gives its length, its raw examples, their split keys and their lengths in characters."""
 
     name: str
-    examples_list: Sequence[Example] | None = None
-    table: FileTable | None = None
-    rows: np.ndarray | None = None
-    default_format: str = DEFAULT_FORMAT
+    default_format: str
 
     def __len__(self) -> int:
-        return len(self.examples_list) if self.table is None else len(self.rows)
+        raise NotImplementedError
 
-    def __getitem__(self, i: int) -> Example:
-        example = self.examples_list[i] if self.table is None else self.table.example(self.rows[i])
-        return with_default_format(example, self.default_format)
+    def _example(self, i: int) -> Example:
+        raise NotImplementedError
 
-    def take(self, positions: np.ndarray) -> list[Example]:
-        """The examples at `positions` (indices into this task)."""
-        if self.table is None:
-            examples = [self.examples_list[int(i)] for i in positions]
-        else:
-            examples = self.table.examples(self.rows[positions]) if len(positions) else []
-        return [with_default_format(e, self.default_format) for e in examples]
+    def _examples(self, positions: np.ndarray) -> list[Example]:
+        raise NotImplementedError
 
     def split_keys(self) -> np.ndarray:
-        if self.table is None:
-            return split_keys(self.examples_list)
-        return self.table.column("keys")[self.rows]
+        raise NotImplementedError
 
     def text_lengths(self, positions: np.ndarray) -> np.ndarray:
         """Characters of the prompt, answer and turns of the examples at `positions`: a length estimate that needs
         no example made (a file's are computed when it is read)."""
-        if self.table is None:
-            return np.array([_chars(self.examples_list[int(i)]) for i in positions], dtype=np.int32)
-        return self.table.column("chars")[self.rows[positions]]
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Example:
+        return with_default_format(self._example(i), self.default_format)
+
+    def take(self, positions: np.ndarray) -> list[Example]:
+        """The examples at `positions` (indices into this task)."""
+        return [with_default_format(e, self.default_format) for e in self._examples(positions)]
 
     def chunks(self, positions: np.ndarray, size: int = 4096) -> Iterator[list[Example]]:
         """The examples at `positions`, `size` at a time (for a pass over a large task)."""
         for start in range(0, len(positions), size):
             yield self.take(positions[start : start + size])
+
+
+@dataclass
+class ListTask(TaskData):
+    """A task whose examples are a list in memory (a built-in task's)."""
+
+    name: str
+    examples_list: Sequence[Example]
+    default_format: str = DEFAULT_FORMAT
+
+    def __len__(self) -> int:
+        return len(self.examples_list)
+
+    def _example(self, i: int) -> Example:
+        return self.examples_list[i]
+
+    def _examples(self, positions: np.ndarray) -> list[Example]:
+        return [self.examples_list[int(i)] for i in positions]
+
+    def split_keys(self) -> np.ndarray:
+        return split_keys(self.examples_list)
+
+    def text_lengths(self, positions: np.ndarray) -> np.ndarray:
+        return np.array([_chars(self.examples_list[int(i)]) for i in positions], dtype=np.int32)
+
+
+@dataclass
+class TableTask(TaskData):
+    """A task whose examples are rows of a file's Arrow table (`FileTable`), made when read."""
+
+    name: str
+    table: FileTable
+    rows: np.ndarray
+    default_format: str = DEFAULT_FORMAT
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _example(self, i: int) -> Example:
+        return self.table.example(self.rows[i])
+
+    def _examples(self, positions: np.ndarray) -> list[Example]:
+        return self.table.examples(self.rows[positions]) if len(positions) else []
+
+    def split_keys(self) -> np.ndarray:
+        return self.table.column("keys")[self.rows]
+
+    def text_lengths(self, positions: np.ndarray) -> np.ndarray:
+        return self.table.column("chars")[self.rows[positions]]
 
 
 def file_tasks(
@@ -454,5 +497,5 @@ def file_tasks(
                 raise DataError(f"{spec.path}: task {name!r} has the name of a built-in task; rename it")
             if name in tasks:
                 raise DataError(f"{spec.path}: task {name!r} is defined twice (also in an earlier file)")
-            tasks[name] = TaskData(name, table=table, rows=rows, default_format=default_format)
+            tasks[name] = TableTask(name, table, rows, default_format)
     return tasks
