@@ -311,7 +311,9 @@ def test_every_precision_the_run_config_accepts_takes_a_step_or_is_refused_first
     ("dtype", "precision"),
     [("bfloat16", "bf16"), ("bfloat16", "fp32"), ("float16", "fp32")],  # fp16 weights: no fp16 autocast on a CPU
 )
-def test_a_base_loaded_in_low_precision_weights_trains_evaluates_and_generates(dtype, precision, workspace, tmp_path):
+def test_a_base_loaded_in_low_precision_weights_trains_evaluates_generates_and_exports(
+    dtype, precision, workspace, tmp_path
+):
     config = write_config(workspace, tmp_path / "run")
     overrides = [f"base.dtype={dtype}", f"training.precision={precision}", "training.max_steps=2"]
     assert main(["train", str(config), *overrides, "training.logging_steps=1"]) == 0
@@ -323,6 +325,11 @@ def test_a_base_loaded_in_low_precision_weights_trains_evaluates_and_generates(d
     results = RunFolder(tmp_path / "run").read_results()
     assert all(math.isfinite(task["loss"]) for task in results["tasks"].values())
     assert main(["generate", str(tmp_path / "run"), "the sky is", "--max-new-tokens", "3"]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--merged"]) == 0
+    merged = load_file(next((tmp_path / "merged").glob("*.safetensors")))
+    # merged into a float32 base whatever base.dtype: rounding W + update to bf16 would lose what of the update is
+    # under half a bf16 step of W
+    assert merged["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
 
 
 def test_a_bf16_run_resumes_to_the_uninterrupted_adapter_bitwise(workspace, tmp_path):
