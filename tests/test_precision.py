@@ -384,3 +384,31 @@ def test_torch_compile_in_bf16_takes_the_models_own_loss(tmp_path, monkeypatch):
     )
     rlora.train._FiniteLossTrainer(model=adapted("gemma2"), args=args, train_dataset=rows).train()
     check_records(records, steps=2, roundings=ROUNDINGS["gemma2"])
+
+
+@pytest.mark.slow  # the embedded model in bf16: minutes on a CPU without AVX-512 BF16 or AMX
+def test_the_demo_trains_in_bf16_with_the_models_own_loss_and_evaluates(model_cache_dir, tmp_path, monkeypatch):
+    """The GPU user's first command, on the CPU: `rlora train demo training.precision=bf16` (one step of 2 rows)."""
+    records = record_losses(monkeypatch)
+    run = tmp_path / "demo"
+    overrides = ["training.precision=bf16", "training.max_steps=1", "training.batch_size=2", *EXACT]
+    overrides += ["data.max_train_per_task=8", "data.max_eval_per_task=2", f"output_dir={run}"]
+    assert main(["train", "demo", *overrides, "--cache-dir", str(model_cache_dir)]) == 0
+    check_records(records, steps=1)
+    assert main(["eval", str(run), "--cache-dir", str(model_cache_dir)]) == 0
+    assert all(math.isfinite(task["loss"]) for task in RunFolder(run).read_results()["tasks"].values())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapters_kept_in_bf16_weights_train_with_dropout(method):
+    """PEFT keeps adapter weights in the base's bf16 with `autocast_adapter_dtype=False`: every method takes a
+    training step there too, with dropout on (HydraLoRA's single mask on x leaves no fused matmul of x)."""
+    torch.manual_seed(0)
+    base = ARCHITECTURES["llama"]().to(torch.bfloat16)
+    config = adapter_config(method, r=2, lora_alpha=4, num_heads=3, lora_dropout=0.1, target_modules=TARGETS, lora_r=2)
+    model = get_peft_model(base, config, autocast_adapter_dtype=False).train()
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    loss = causal_lm_loss(model, batch())
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
