@@ -109,14 +109,17 @@ def batch(seed: int = 0, rows: int = 3, length: int = 11) -> dict:
 
 
 @numerics
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
-def test_the_head_only_loss_under_bf16_autocast_is_the_models_own_loss(architecture):
+def test_the_head_only_loss_under_low_precision_autocast_is_the_models_own_loss(architecture, dtype):
+    """bf16 and fp16 autocast (a GPU's fp16 path, run by torch's CPU autocast): fp16's unit round-off is 2^-11, under
+    bf16's, so `bf16_loss_bound` holds for both."""
     model, inputs = adapted(architecture), batch()
-    with torch.autocast("cpu", torch.bfloat16):
+    with torch.autocast("cpu", dtype):
         own = model(**inputs)
         ours = causal_lm_loss(model, inputs)
     largest = own.logits.abs().max().item()
-    assert own.logits.dtype == torch.bfloat16  # the model's own logits, under autocast: what rlora must match
+    assert own.logits.dtype == dtype  # the model's own logits, under autocast: what rlora must match
     assert abs(ours.item() - own.loss.item()) <= bf16_loss_bound(ROUNDINGS[architecture], largest)
     ours.backward()  # the head's chunks are recomputed in the backward pass: under the same autocast
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
