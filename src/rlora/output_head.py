@@ -71,7 +71,7 @@ class OutputHead:
         weight = getattr(self.module, "weight", None)
         vocab = getattr(self.module, "out_features", None) or getattr(config, "vocab_size", None)
         self.vocab_size = int(vocab) if vocab else int(weight.shape[0])
-        self.autocast: Autocast | None = None  # the forward's, once it reached the head (`forward_hidden`)
+        self.autocast: Autocast | None = None  # the forward's, once it reached the head (`capture_hidden`)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         with self.autocast.region() if self.autocast is not None else contextlib.nullcontext():
@@ -91,15 +91,10 @@ class OutputHead:
         return 1 + (self.logit_scale is not None) + (self.logits_scaling is not None) + 3 * (self.softcap is not None)
 
     def describe(self) -> str:
-        done = [f"{k} {v}" for k, v in self._post_processing().items() if v is not None]
-        return ", ".join(done) or "none"
-
-    def _post_processing(self) -> dict:
-        return {
-            "logit_scale": self.logit_scale,
-            "logits_scaling": self.logits_scaling,
-            "final_logit_softcapping": self.softcap,
-        }
+        """The post-processing applied, e.g. "final_logit_softcapping 30.0" ("none")."""
+        done = {"logit_scale": self.logit_scale, "logits_scaling": self.logits_scaling}
+        done["final_logit_softcapping"] = self.softcap
+        return ", ".join(f"{k} {v}" for k, v in done.items() if v is not None) or "none"
 
     @property
     def rows_per_chunk(self) -> int:
