@@ -457,6 +457,11 @@ CASES = [
         "{cfg}: base.compute_dtype: expected one of float32, bfloat16, float16, got 'int8'",
     ),
     Case(
+        "base-dtype-unknown",
+        lambda c: ["train", c.config, "base.dtype=int8"],
+        "{cfg}: base.dtype: expected one of float32, bfloat16, float16, got 'int8'",
+    ),
+    Case(
         "attention-unknown",
         lambda c: ["train", c.config, "base.attn_implementation=fast"],
         "{cfg}: base.attn_implementation: expected one of eager, sdpa, flash_attention_2 or null, got 'fast'",

@@ -118,3 +118,16 @@ def test_quantized_benchmark_has_every_base_method_and_checkpointing_with_ratios
     assert [row[:3] for row in body] == expected
     assert all(row[4] == "1.00" and row[6] == "1.00" for row in body if row[0] == "float32" and row[2] == "off")
     assert all(float(row[6]) < 1 for row in body if row[0] != "float32")  # quantized weights take less memory
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_gpu_check_smoke_version_trains_each_method_in_bf16_and_fp32_and_compares_them():
+    import gpu_check
+
+    text = gpu_check.main(["--cpu"])
+    losses = table_rows(text.split("### Loss", 1)[1].split("###", 1)[0])
+    header, body = losses[0], losses[1:]
+    assert header[:3] == ["method", "fp32 loss @1", "bf16 loss @1"] and header[-1] == "within 2%"
+    assert [row[0] for row in body] == list(gpu_check.METHODS.values())
+    assert [row[-1] for row in body] == ["pass"] * 3 and body[0][-2] == "1.00"  # ratios to PEFT LoRA
+    assert text.rstrip().endswith("Result: every method within 2% of fp32.")

@@ -308,7 +308,8 @@ def test_a_resume_on_changed_task_data_is_refused_unless_the_user_accepts_it(wor
     assert main(["train", str(config), *overrides]) == 0
     folder = RunFolder(tmp_path / "run")
     checkpoint = folder.complete_checkpoints()[-1]
-    fingerprint = plan_data(load_run_config(config, overrides)).fingerprint()
+    cfg = load_run_config(config, overrides)
+    fingerprint = plan_data(cfg.data, cfg.seed).fingerprint()
     assert (checkpoint / DATA_FINGERPRINT_FILE).read_text() == fingerprint + "\n"
     shutil.rmtree(folder.adapter)  # as if it had stopped after its last checkpoint
     capsys.readouterr()

@@ -71,6 +71,7 @@ WHAT_MODELS = (
 QUANTIZATIONS = ("none", "4bit", "8bit")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = COMPUTE_DTYPES
 ATTENTION = ("eager", "sdpa", "flash_attention_2")
 QUANT_EXTRA = "pip install 'rlora[quant]' (bitsandbytes)"
 
@@ -105,12 +106,21 @@ class BaseLoading:
             "own choice"
         },
     )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "float32 | bfloat16 | float16: the dtype the base model's weights load in (all but quantized "
+            "ones); the adapter's weights stay float32. Half the base's memory in bfloat16/float16; "
+            "training.precision sets the training's autocast, whatever this is"
+        },
+    )
 
 
 def loading_problem(loading: BaseLoading) -> tuple[str, str] | None:
     """None if `loading` can be used on this machine, else (its key, what is wrong): a choice out of range, a 4-bit
     setting without 4-bit, a package or a GPU that is missing. Looks at installed packages and devices only."""
-    choices = {"quantization": QUANTIZATIONS, "quant_type": QUANT_TYPES, "compute_dtype": COMPUTE_DTYPES}
+    choices = {"quantization": QUANTIZATIONS, "dtype": DTYPES, "quant_type": QUANT_TYPES}
+    choices["compute_dtype"] = COMPUTE_DTYPES
     for key, allowed in choices.items():
         if getattr(loading, key) not in allowed:
             return key, f"expected one of {', '.join(allowed)}, got {getattr(loading, key)!r}"
@@ -383,15 +393,16 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     loading: BaseLoading | None = None,
 ):
-    """The model, ready for training (float32 unless `dtype` says otherwise), padding with `tokenizer`'s pad token;
-    quantized and with the attention kernel that `loading` gives (checked first: `check_loading`)."""
+    """The model, ready for training, in `dtype` (else `loading.dtype`, float32 by default), padding with
+    `tokenizer`'s pad token; quantized and with the attention kernel that `loading` gives (checked first:
+    `check_loading`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     loading = loading or BaseLoading()
     check_loading(loading, "model")
     kwargs = _loading_kwargs(loading)
-    model = _load(AutoModelForCausalLM, name_or_path, cache_dir, dtype=dtype or torch.float32, **kwargs)
+    model = _load(AutoModelForCausalLM, name_or_path, cache_dir, dtype=dtype or getattr(torch, loading.dtype), **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

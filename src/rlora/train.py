@@ -39,7 +39,7 @@ from .data.mixture import index_dtype
 from .data.plan import plan_data
 from .errors import ConfigError, MissingPackage, RloraError, RunFolderError, TrainingError, pickle_refusal
 from .methods import PEFT_TYPES, adapter_config, adapter_sizes, is_multi_head
-from .output_head import causal_lm_loss
+from .output_head import Capture, capture_hidden, causal_lm, head_only_loss, router_aux_loss
 from .run import (
     RunFolder,
     check_lengths,
@@ -122,29 +122,45 @@ class LengthGroupedIndices(torch.utils.data.Sampler):
 
 class HeadOnlyLossTrainer(Trainer):
     """The Trainer, with the causal-LM loss computed from the output head at the trained positions only
-    (`output_head.causal_lm_loss`: no batch x sequence x vocabulary logits), the same loss and gradients as the
-    model's own. Where the model's weights are sharded over processes (DeepSpeed, FSDP: the head's weights exist
-    whole only inside the model's forward), or a label smoother or custom loss function is set, or the outputs
-    are asked for, the Trainer's own `compute_loss` runs instead."""
+    (`output_head.head_only_loss`: no batch x sequence x vocabulary logits), the same loss and gradients as the
+    model's own, its router's auxiliary loss included. The loss is the Trainer's public `compute_loss_func` hook: the
+    Trainer runs the forward (under its autocast), counts the trained tokens and scales the loss as for any such
+    function; `compute_loss` only makes that forward skip the logits (`capture_hidden`), and the head then runs in the
+    forward's own autocast state. Where the model's weights are sharded over processes (DeepSpeed, FSDP: the head's
+    weights exist whole only inside the model's forward) or the outputs are asked for, the same loss comes from the
+    model's full logits through its own loss function. A label smoother or a `compute_loss_func` of the caller's is
+    left to the Trainer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.compute_loss_func is None and self.label_smoother is None:
+            self.compute_loss_func = self._causal_lm_loss
+        self._capture: Capture | None = None
+        self._shift_labels: torch.Tensor | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if (
-            return_outputs
-            or "labels" not in inputs
-            or "shift_labels" in inputs
-            or self.label_smoother is not None
-            or self.compute_loss_func is not None
-            or self.is_deepspeed_enabled
-            or self.is_fsdp_enabled
-        ):
+        if self.compute_loss_func != self._causal_lm_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # As `Trainer.compute_loss` with a model that sums and divides by `num_items_in_batch` when it takes it
-        loss = causal_lm_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
-        counted = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        if self.args.average_tokens_across_devices and counted:
-            loss_scale = self.accelerator.num_processes // self.get_tp_size()
-            loss *= loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu
-        return loss
+        inputs = dict(inputs)
+        self._shift_labels = inputs.pop("shift_labels", None)  # the Trainer passes only `labels` to the function
+        skip_logits = not (return_outputs or self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        try:
+            with capture_hidden(model) if skip_logits else contextlib.nullcontext() as self._capture:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._capture = self._shift_labels = None
+
+    def _causal_lm_loss(self, outputs, labels, num_items_in_batch=None) -> torch.Tensor:
+        if self._capture is not None:
+            self._capture.outputs = outputs
+            return head_only_loss(self._capture, labels, num_items_in_batch, self._shift_labels)
+        lm = causal_lm(self.model)
+        vocab_size = lm.config.get_text_config().vocab_size
+        loss = lm.loss_function(
+            outputs.logits, labels, vocab_size, num_items_in_batch=num_items_in_batch, shift_labels=self._shift_labels
+        )
+        aux = router_aux_loss(lm, outputs)
+        return loss if aux is None else loss + aux.to(loss.device)
 
 
 class _FiniteLossTrainer(HeadOnlyLossTrainer):
