@@ -9,17 +9,18 @@ cache, not the process.
 
 Nothing in the cache is trusted unchecked, at a cost that does not grow with the data on every start. A table records
 a blake2b hash of its source's bytes and of each of its own files (`INTEGRITY_FILE`), written when it is built; the
-first run that finds all of them as recorded (a full check, reading every byte) then records their identity
+first run that finds all of them as recorded (a full check, reading every byte) then records their identities
 (`IDENTITY_FILE`: size, modification and change times in ns, inode and device of the source and of each of the
-table's files, and a hash of each file's first and last 64 KiB: an Arrow file's schema and footer, a .npy's header).
-A later run compares those identities only: nothing else is read. Writing a file changes its change time, which no
-user can set back (`os.utime` sets the modification time only), and replacing it changes its inode, so a source
-edited in place with its size and time kept, or a table damaged or rewritten, fails the identity, gets the full
-check, and is read again (one warning), never used; a file merely touched, copied or restored passes the full check
-and its new identity is recorded. A file changed within `RACY_NS` of the moment its identity is taken is not trusted
-by identity (as git treats "racily clean" files): the next run checks it in full again. What the identity cannot see
-is a change below the file system (a flipped bit on disk): `rlora cache --verify` hashes everything in full. These
-checks are against accidents, not against someone who can write the cache (who could rewrite its records as well).
+table's files, and a hash of each file's first and last 4 KiB, or, for the Arrow file, of its first 4 KiB and its
+whole footer: its schema, where its record batches lie, a .npy's header). A later run compares those identities
+only. Writing a file changes its change time, which no user can set back (`os.utime` sets the access and
+modification times only), and replacing it changes its inode, so a source edited in place with its size and time
+kept, or a table damaged or rewritten, fails its identity, gets the full check, and is read again (one warning),
+never used; a file merely touched, copied or restored passes the full check and its new identity is recorded. A
+file changed within `RACY_NS` of the moment its identity is taken is not trusted by identity (as git treats
+"racily clean" files): the next run checks it in full again. What identities cannot see is a change below the file
+system (a flipped bit on disk): `rlora cache --verify` hashes every byte. These checks are against accidents, not
+against someone who can write the cache (who could rewrite its records as well).
 One process at a time builds a table (a lock beside it, `.<key>.building`); `rlora cache` lists tables being built
 and never removes them.
 
@@ -69,7 +70,8 @@ INTEGRITY_FILE = "integrity.json"  # hashes of the source's bytes and of the tab
 OWN_FILES = (TABLE_FILE, "keys.npy", "chars.npy", "tasks.npy", "tasks.json", SOURCE_FILE)
 IDENTITY_FILE = "identity.json"  # identities of the source and the files as the last full check found them
 HASH_CHUNK = 1 << 20
-ENDS = 1 << 16  # bytes hashed at each end of a file for its identity: an Arrow file's schema and footer
+ENDS = 1 << 12  # bytes hashed at each end of a file for its identity (a .npy's header, an Arrow file's schema)
+ARROW_MAGIC = b"ARROW1"  # an Arrow IPC file ends with its footer, the footer's length (int32) and this
 RACY_NS = 2 * 10**9  # a file changed this recently when its identity is taken gets a full check next run too
 
 _STRINGS = pa.list_(pa.string())
@@ -274,20 +276,31 @@ def _identity(path: Path, racy_before: int | None) -> dict | None:
         return None
     if racy_before is not None and max(info.st_ctime_ns, info.st_mtime_ns) >= racy_before:
         return None
-    digest = hashlib.blake2b(digest_size=20)
     with open(path, "rb") as f:
-        digest.update(f.read(ENDS))
-        if info.st_size > ENDS:
-            f.seek(max(ENDS, info.st_size - ENDS))
-            digest.update(f.read(ENDS))
+        ends = _ends_hash(f, info.st_size)
     return {
         "bytes": info.st_size,
         "mtime_ns": info.st_mtime_ns,
         "ctime_ns": info.st_ctime_ns,
         "inode": info.st_ino,
         "device": info.st_dev,
-        "ends": digest.hexdigest(),
+        "ends": ends,
     }
+
+
+def _ends_hash(f, size: int) -> str:
+    """blake2b of a file's first `ENDS` bytes and of its last `ENDS`, or, for an Arrow IPC file, of its whole footer
+    (where every record batch lies; 24 bytes a batch)."""
+    tail = min(size, ENDS)
+    f.seek(max(0, size - 4 - len(ARROW_MAGIC)))
+    trailer = f.read()
+    if len(trailer) == 4 + len(ARROW_MAGIC) and trailer.endswith(ARROW_MAGIC):
+        tail = min(size, int.from_bytes(trailer[:4], "little") + len(trailer))
+    f.seek(0)
+    digest = hashlib.blake2b(f.read(ENDS), digest_size=20)
+    f.seek(size - tail)
+    digest.update(f.read(tail))
+    return digest.hexdigest()
 
 
 def table_problem(folder: Path, source: str | None) -> str | None:
