@@ -27,7 +27,7 @@ def held(param) -> dict:
             "shape": list(param.shape),
             "numel": param.numel(),
             "local_numel": local.numel(),
-            "placements": [str(p) for p in param.placements],
+            "placements": [repr(p) for p in param.placements],  # "Shard(dim=0)"
         }
     if hasattr(param, "ds_numel"):  # a ZeRO-3 parameter: its data is an empty placeholder, its shard in ds_tensor
         return {
