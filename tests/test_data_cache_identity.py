@@ -186,3 +186,19 @@ def test_rlora_cache_verify_passes_a_whole_table(tmp_path, capsys, hashes):
     assert main(["cache", "--verify"]) == 0
     assert f"{path}: 300 examples" in capsys.readouterr().out
     assert hashes == ["qa.jsonl", *store.OWN_FILES]
+
+
+def test_a_cache_that_cannot_record_identities_is_checked_in_full_every_time(tmp_path, monkeypatch, hashes):
+    path = _source(tmp_path)
+    _served(path)
+    _settle()
+
+    def read_only(*_):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(store, "atomic_write_json", read_only)
+    for _ in range(2):
+        hashes.clear()
+        assert _served(path) == _fresh(path)
+        assert hashes == ["qa.jsonl", *store.OWN_FILES]
+    assert not (_table() / store.IDENTITY_FILE).exists()
