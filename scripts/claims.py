@@ -177,6 +177,16 @@ CLAIMS = [
         _t("test_tuner_imports", "test_importing_the_tuner_alone_loads_only_the_tuner_and_registers_it"),
     ),
     Claim(
+        "docs/data-cache.md",
+        "a file only touched, copied or restored (new times or inode, same bytes) passes",
+        _t("test_data_cache_identity", "test_a_touched_table_passes_the_full_check_and_its_new_identity_is_recorded"),
+    ),
+    Claim(
+        "docs/data-cache.md",
+        "A cache that the run cannot write (read-only) cannot record identities",
+        _t("test_data_cache_identity", "test_a_cache_that_cannot_record_identities_is_checked_in_full_every_time"),
+    ),
+    Claim(
         "docs/benchmarks.md",
         "checks that `--help`, `tasks` and `show` load neither torch nor PEFT nor transformers",
         _t("test_cli", "test_help_and_the_data_commands_start_without_torch_peft_or_transformers"),
