@@ -11,16 +11,16 @@ Nothing in the cache is trusted unchecked, at a cost that does not grow with the
 a blake2b hash of its source's bytes and of each of its own files (`INTEGRITY_FILE`), written when it is built; the
 first run that finds all of them as recorded (a full check, reading every byte) then records their identities
 (`IDENTITY_FILE`: size, modification and change times in ns, inode and device of the source and of each of the
-table's files, and a hash of each file's first and last 4 KiB, or, for the Arrow file, of its first 4 KiB and its
-whole footer: its schema, where its record batches lie, a .npy's header). A later run compares those identities
-only. Writing a file changes its change time, which no user can set back (`os.utime` sets the access and
-modification times only), and replacing it changes its inode, so a source edited in place with its size and time
-kept, or a table damaged or rewritten, fails its identity, gets the full check, and is read again (one warning),
-never used; a file merely touched, copied or restored passes the full check and its new identity is recorded. A
-file changed within `RACY_NS` of the moment its identity is taken is not trusted by identity (as git treats
-"racily clean" files): the next run checks it in full again. What identities cannot see is a change below the file
-system (a flipped bit on disk): `rlora cache --verify` hashes every byte. These checks are against accidents, not
-against someone who can write the cache (who could rewrite its records as well).
+table's files, and a hash of the Arrow file's first 4 KiB and its whole footer: its schema and where its record
+batches lie). A later run compares those identities only. Writing a file changes its change time, which no user
+can set back (`os.utime` sets the access and modification times only), and replacing it changes its inode, so a
+source edited in place with its size and time kept, or a table damaged or rewritten, fails its identity, gets the
+full check, and is read again (one warning), never used; a file merely touched, copied or restored passes the full
+check and its new identity is recorded. A file changed within `RACY_NS` of the moment its identity is taken is not
+trusted by identity (as git treats "racily clean" files): the next run checks it in full again. What identities
+cannot see is a change below the file system (a flipped bit on disk): `rlora cache --verify` hashes every byte.
+These checks are against accidents, not against someone who can write the cache (who could rewrite its records as
+well).
 One process at a time builds a table (a lock beside it, `.<key>.building`); `rlora cache` lists tables being built
 and never removes them.
 
@@ -70,7 +70,7 @@ INTEGRITY_FILE = "integrity.json"  # hashes of the source's bytes and of the tab
 OWN_FILES = (TABLE_FILE, "keys.npy", "chars.npy", "tasks.npy", "tasks.json", SOURCE_FILE)
 IDENTITY_FILE = "identity.json"  # identities of the source and the files as the last full check found them
 HASH_CHUNK = 1 << 20
-ENDS = 1 << 12  # bytes hashed at each end of a file for its identity (a .npy's header, an Arrow file's schema)
+ENDS = 1 << 12  # bytes hashed at each end of the table's file for its identity (its schema; its footer, below)
 ARROW_MAGIC = b"ARROW1"  # an Arrow IPC file ends with its footer, the footer's length (int32) and this
 RACY_NS = 2 * 10**9  # a file changed this recently when its identity is taken gets a full check next run too
 
@@ -241,7 +241,7 @@ def verified_problem(folder: Path, source: Path, full: bool = False) -> str | No
         return None
     identities = _identities(folder, source, racy_before=time.time_ns() - RACY_NS)
     problem = table_problem(folder, content_hash(source))
-    if problem is None and identities is not None:
+    if problem is None and identities is not None and is_complete(folder):  # not one discarded meanwhile
         with contextlib.suppress(OSError):
             atomic_write_json(folder / IDENTITY_FILE, identities)
     return problem
@@ -262,7 +262,7 @@ def _identities(folder: Path, source: Path, racy_before: int | None = None) -> d
         source = Path(source).expanduser().resolve()
         files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
         sources = {file.relative_to(source).as_posix(): _identity(file, racy_before) for file in files}
-        own = {name: _identity(folder / name, racy_before) for name in (*OWN_FILES, INTEGRITY_FILE)}
+        own = {name: _identity(folder / name, racy_before, name == TABLE_FILE) for name in (*OWN_FILES, INTEGRITY_FILE)}
     except OSError:
         return None
     if None in sources.values() or None in own.values():
@@ -270,22 +270,24 @@ def _identities(folder: Path, source: Path, racy_before: int | None = None) -> d
     return {"source": str(source), "source_files": sources, "files": own}
 
 
-def _identity(path: Path, racy_before: int | None) -> dict | None:
+def _identity(path: Path, racy_before: int | None, ends: bool = False) -> dict | None:
+    """A file's size, times, inode and device, and with `ends` the hash of its ends (`_ends_hash`)."""
     info = path.stat()
     if not stat_mode.S_ISREG(info.st_mode):
         return None
     if racy_before is not None and max(info.st_ctime_ns, info.st_mtime_ns) >= racy_before:
         return None
-    with open(path, "rb") as f:
-        ends = _ends_hash(f, info.st_size)
-    return {
+    identity = {
         "bytes": info.st_size,
         "mtime_ns": info.st_mtime_ns,
         "ctime_ns": info.st_ctime_ns,
         "inode": info.st_ino,
         "device": info.st_dev,
-        "ends": ends,
     }
+    if ends:
+        with open(path, "rb") as f:
+            identity["ends"] = _ends_hash(f, info.st_size)
+    return identity
 
 
 def _ends_hash(f, size: int) -> str:
