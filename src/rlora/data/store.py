@@ -19,10 +19,9 @@ full check, and is read again (one warning), never used; a file merely touched, 
 check and its new identity is recorded. A file changed within `RACY_NS` of the moment its identity is taken is not
 trusted by identity (as git treats "racily clean" files): the next run checks it in full again. What identities
 cannot see is a change below the file system (a flipped bit on disk): `rlora cache --verify` hashes every byte.
-These checks are against accidents, not against someone who can write the cache (who could rewrite its records as
-well).
-One process at a time builds a table (a lock beside it, `.<key>.building`); `rlora cache` lists tables being built
-and never removes them.
+These checks are against accidents, not against someone who can write the cache (who could rewrite its records
+too). One process at a time builds a table (a lock beside it, `.<key>.building`); `rlora cache` lists tables being
+built and never removes them.
 
 A task (`TaskData`) is then a table and the row numbers of its examples (a file may hold several tasks), or a
 built-in task's list. The split, the mixture and the test sets are index arrays over tasks; an `Example` is made
