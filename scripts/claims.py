@@ -183,6 +183,11 @@ CLAIMS = [
     ),
     Claim(
         "docs/data-cache.md",
+        "The next run checks such a file in full again, then records it",
+        _t("test_data_cache_identity", "test_files_changed_within_the_racy_window_are_not_trusted_by_identity"),
+    ),
+    Claim(
+        "docs/data-cache.md",
         "A cache that the run cannot write (read-only) cannot record identities",
         _t("test_data_cache_identity", "test_a_cache_that_cannot_record_identities_is_checked_in_full_every_time"),
     ),

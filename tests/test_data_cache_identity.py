@@ -202,3 +202,16 @@ def test_a_cache_that_cannot_record_identities_is_checked_in_full_every_time(tmp
         assert _served(path) == _fresh(path)
         assert hashes == ["qa.jsonl", *store.OWN_FILES]
     assert not (_table() / store.IDENTITY_FILE).exists()
+
+
+def test_files_changed_within_the_racy_window_are_not_trusted_by_identity(tmp_path, monkeypatch, hashes):
+    """A file written moments before its identity is taken could be written again within the same tick of a coarse
+    clock, keeping its times: its identity is not recorded, and the next run checks it in full again."""
+    monkeypatch.setattr(store, "RACY_NS", 3600 * 10**9)  # everything written in the last hour is recent
+    path = _source(tmp_path)
+    _served(path)
+    for _ in range(2):
+        hashes.clear()
+        assert _served(path) == _fresh(path)
+        assert hashes == ["qa.jsonl", *store.OWN_FILES]
+    assert not (_table() / store.IDENTITY_FILE).exists()
