@@ -121,12 +121,9 @@ def test_zero3_over_two_processes_gathers_the_single_process_adapter_and_resumes
     assert result.returncode == 0, result.stderr[-3000:]
     # as the base loads (before the Trainer or DeepSpeed's engine exist), each of its weights is already split in
     # two: each process holds its half (DeepSpeed pads a partition to ceil(numel / 2)) and no whole weight
-    loaded = held(tmp_path / "probe", "loaded")
-    for params in loaded:
+    for params in held(tmp_path / "probe", "loaded"):
         for name, p in params.items():
             assert (p["local_numel"], p["data_numel"]) == (-(-p["numel"] // 2), 0), name
-    base = sum(p["numel"] for p in loaded[0].values())
-    assert sum(p["local_numel"] for p in loaded[0].values()) <= base // 2 + len(loaded[0])
     for params in held(tmp_path / "probe", "training"):  # and so they stay, adapters included, while it trains
         assert all(p["local_numel"] == -(-p["numel"] // 2) and p["data_numel"] == 0 for p in params.values())
     assert_same_adapter(tmp_path / "zero3", single)  # the shards were gathered: every weight whole, none empty
