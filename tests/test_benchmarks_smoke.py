@@ -106,6 +106,21 @@ def test_data_scale_benchmark_times_one_training_step_on_a_generated_mixture(tmp
     assert all((tmp_path / "again" / f.name).read_bytes() == f.read_bytes() for f in files)
 
 
+@pytest.mark.slow  # fresh processes build and map the tables of 2,000 examples twice, one from a git worktree
+def test_data_cache_benchmark_times_warm_starts_against_a_baseline_and_the_full_check(tmp_path):
+    import bench_data_cache
+
+    out = tmp_path / "cache.json"
+    table = bench_data_cache.main(["--quick", "--baselines", "HEAD", "--json", str(out)])
+    rows = table_rows(table)
+    assert rows[0] == ["path", "load_file s (median)", "process wall s (median)", f"load_file / {rows[2][0][6:]}"]
+    assert rows[1][0].startswith("this checkout") and rows[2][0].startswith("rlora ") and rows[2][3] == "1.000"
+    assert [row[0] for row in rows[4:]] == ["rlora cache (identities, as a run)", "rlora cache --verify (every byte)"]
+    data = json.loads(out.read_text())
+    assert data["size"] == 2000 and len(data["warm_starts"]["new"]) == 1
+    assert {r[2] for runs in data["warm_starts"].values() for r in runs} == {2000}  # every path served them all
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_quantized_benchmark_has_every_base_method_and_checkpointing_with_ratios_to_float32():
     pytest.importorskip("bitsandbytes")

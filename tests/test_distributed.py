@@ -1,5 +1,6 @@
 """`rlora train` over 2 CPU processes (gloo): data-parallel, FSDP2 and DeepSpeed ZeRO-3 give the adapter of a single
-process trained on the same global batches."""
+process trained on the same global batches; inside the runs, ZeRO-3 holds half of every base weight per process as
+the model loads and FSDP2 shards every parameter (a probe records what each process holds: `_sharding_probe.py`)."""
 
 import importlib.util
 import json
@@ -38,14 +39,28 @@ ZERO3 = {
 }
 
 
-def two_processes(config, *overrides, timeout):
+PROBE = Path(__file__).with_name("_sharding_probe.py")
+
+
+def two_processes(config, *overrides, timeout, probe=None):
+    """`rlora train` in 2 processes; with `probe` (a folder), through `_sharding_probe.py`, which records there how
+    each process holds the parameters once the base model is loaded and once training begins."""
+    command = ["-m", "rlora", "train"] if probe is None else [str(PROBE)]
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        + ["-m", "rlora", "train", str(config), *SAME_RUN, *overrides],
+        + [*command, str(config), *SAME_RUN, *overrides],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=os.environ | ({"RLORA_SHARDING_PROBE": str(probe)} if probe else {}),
     )
+
+
+def held(probe, when):
+    """Per process (rank 0, 1), what `_sharding_probe.py` recorded: parameter name -> global and local numel, ..."""
+    ranks = [json.loads((probe / f"rank{rank}-{when}.json").read_text()) for rank in range(2)]
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    return ranks
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +92,11 @@ def assert_same_adapter(run, single):
 
 def test_two_process_data_parallel_training_gives_the_single_process_adapter_and_evaluates(workspace, tmp_path, single):
     config = write_config(workspace, tmp_path / "ddp")
-    result = two_processes(config, timeout=300)
+    result = two_processes(config, timeout=300, probe=tmp_path / "probe")
     assert result.returncode == 0, result.stderr[-3000:]
+    for when in ("loaded", "training"):  # data-parallel: every process holds every parameter whole
+        for params in held(tmp_path / "probe", when):
+            assert all(p["local_numel"] == p["numel"] and "placements" not in p for p in params.values())
     metrics = json.loads((tmp_path / "ddp" / "train_metrics.json").read_text())
     assert metrics["global_step"] == 3
     # two processes of batch 4 make global batches of 8: the epoch count after 3 steps says so
@@ -100,8 +118,15 @@ def test_zero3_over_two_processes_gathers_the_single_process_adapter_and_resumes
     ds_config.write_text(json.dumps(ZERO3))
     config = write_config(workspace, tmp_path / "zero3")
     # the first DeepSpeed run on a machine compiles its shared-memory communication op (minutes), later ones reuse it
-    result = two_processes(config, f"training.deepspeed={ds_config}", timeout=600)
+    result = two_processes(config, f"training.deepspeed={ds_config}", timeout=600, probe=tmp_path / "probe")
     assert result.returncode == 0, result.stderr[-3000:]
+    # as the base loads (before the Trainer or DeepSpeed's engine exist), each of its weights is already split in
+    # two: each process holds its half (DeepSpeed pads a partition to ceil(numel / 2)) and no whole weight
+    for params in held(tmp_path / "probe", "loaded"):
+        for name, p in params.items():
+            assert (p["local_numel"], p["data_numel"]) == (-(-p["numel"] // 2), 0), name
+    for params in held(tmp_path / "probe", "training"):  # and so they stay, adapters included, while it trains
+        assert all(p["local_numel"] == -(-p["numel"] // 2) and p["data_numel"] == 0 for p in params.values())
     assert_same_adapter(tmp_path / "zero3", single)  # the shards were gathered: every weight whole, none empty
     assert_resumes_to(config, f"training.deepspeed={ds_config}", single=single)
     base = AutoModelForCausalLM.from_pretrained(workspace / "model")
@@ -114,8 +139,16 @@ def test_zero3_over_two_processes_gathers_the_single_process_adapter_and_resumes
 def test_fsdp_over_two_cpu_processes_shards_resumes_and_gives_the_single_process_adapter(workspace, tmp_path, single):
     config = write_config(workspace, tmp_path / "fsdp")
     fsdp = "training.fsdp=full_shard auto_wrap"
-    result = two_processes(config, fsdp, timeout=300)
+    result = two_processes(config, fsdp, timeout=300, probe=tmp_path / "probe")
     assert result.returncode == 0, result.stderr[-3000:]
+    # training: every parameter, base and adapter, is a DTensor sharded on its first dimension, the two processes'
+    # shards making the whole (torch.chunk's split: ceil(rows / 2) on the first process, the rest on the second)
+    ranks = held(tmp_path / "probe", "training")
+    for name, p in ranks[0].items():
+        rows, per_row = p["shape"][0], p["numel"] // p["shape"][0]
+        assert [r[name]["placements"] for r in ranks] == [["Shard(dim=0)"]] * 2, name
+        first = -(-rows // 2) * per_row
+        assert [r[name]["local_numel"] for r in ranks] == [first, p["numel"] - first], name
     assert_same_adapter(tmp_path / "fsdp", single)
     assert (tmp_path / "fsdp/checkpoints/checkpoint-2/pytorch_model_fsdp.bin").is_file()  # FSDP's, not DDP's
     assert_resumes_to(config, fsdp, single=single)

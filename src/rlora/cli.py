@@ -71,6 +71,12 @@ def _add_cache(subparsers) -> None:
     group.add_argument("--clear-stale", action="store_true", help="remove the tables of files changed or gone")
     group.add_argument("--clear", action="store_true", help="remove every table (files are read again when used)")
     parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every byte of each table and its source (a run checks only their sizes, times and inodes once a "
+        "full check has passed)",
+    )
+    parser.add_argument(
         "--cache-dir",
         help="rlora's cache, whose data/ folder holds the tables (default: $RLORA_DATA_CACHE, else "
         "$RLORA_CACHE_DIR/data)",
