@@ -68,5 +68,11 @@ def lora_config(layers: Mapping[str, RLoraLinear], rank: int, base_model: str | 
 
 def merged_copy(model: nn.Module, gates: Mapping[str, torch.Tensor], adapter_name: str = "default") -> nn.Module:
     """A copy of the base model of the PEFT `model` with every adapted layer's fixed-gate update merged into its
-    weight (`RLoraModel.merge_with_fixed_gates`); `model` itself is left as it was."""
-    return copy.deepcopy(model).base_model.merge_with_fixed_gates(dict(gates), adapter_name)
+    weight (`RLoraModel.merge_with_fixed_gates`); `model` itself is left as it was. Weights held in bf16 or fp16 are
+    merged in float32: rounding W + update to half precision would lose what of the update is under half a step of W
+    (quantized weights are left to their layer's own merge)."""
+    merged = copy.deepcopy(model)
+    for tensor in [*merged.parameters(), *merged.buffers()]:
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor.data = tensor.data.float()
+    return merged.base_model.merge_with_fixed_gates(dict(gates), adapter_name)
