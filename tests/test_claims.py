@@ -2,6 +2,7 @@
 finds a phrase a document no longer says and a test that is gone."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -42,3 +43,6 @@ def test_the_table_lists_every_claim_and_the_unbacked_ones_with_what_they_should
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + len(claims.CLAIMS) + len(claims.UNBACKED)
     assert all("none: " in line and "should say" in line for line in lines[-len(claims.UNBACKED) :])
+    # three cells a row: a phrase quoting a table row ("`rlora demo` | ...") has its `|` escaped
+    assert [len(re.findall(r"(?<!\\)\|", line)) for line in lines] == [4] * len(lines)
+    assert any("\\|" in line for line in lines)
