@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -21,8 +22,6 @@ from rlora.export_readme import vllm_max_lora_rank
 from rlora.fidelity import ExampleScores, flag, paired
 from rlora.models import portable_name
 from rlora.stats import t_quantile_975
-
-gguf = pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +316,149 @@ def test_eval_adapter_writes_where_out_says(runs, exported, tmp_path):
     out = tmp_path / "scores" / "fixed.json"
     assert main(["eval", str(runs["rlora"]), "--adapter", str(exported["tasks"] / "colors"), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["method"] == "adapter colors" and out.with_suffix(".md").is_file()
+
+
+def test_generate_with_an_export_is_the_fixed_gate_models_greedy_text(runs, exported, workspace):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlora.commands.generate import Sampling, generate_run
+
+    prompt = "Question: is the sky blue?"
+    (got,) = generate_run(
+        runs["rlora"], [prompt], sampling=Sampling(max_new_tokens=6), adapter=exported["f32"], stream=False
+    )
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "model"), exported["f32"])
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0].tolist()
+    assert got["ids"] == expected
+
+
+LLAMA_CPP_RUN = """
+model: smollm2-135m
+output_dir: {out}
+data:
+  tasks: []
+  jsonl: [{colors}, {letters}]
+  max_eval_per_task: 4
+  max_length: 64
+adapter:
+  r: 4
+  num_heads: 3
+  target_modules: [q_proj, k_proj, v_proj, up_proj, down_proj]
+"""
+
+
+def llama_cpp_greedy(llm, adapters: list, scales: list[float], prompt: list[int], steps: int):
+    """Greedy tokens from llama.cpp with `adapters` at `scales`, and the log-softmax at each step (float64)."""
+    import ctypes
+
+    import llama_cpp
+
+    array = (llama_cpp.llama_adapter_lora_p_ctypes * max(1, len(adapters)))(*adapters)
+    weights = (ctypes.c_float * max(1, len(scales)))(*scales)
+    assert llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, array, len(adapters), weights) == 0
+    llm.reset()
+    tokens, logprobs = list(prompt), []
+    for _ in range(steps):
+        llm.eval(tokens[llm.n_tokens :])
+        logits = torch.from_numpy(llm.scores[llm.n_tokens - 1].astype(np.float64))
+        logprobs.append(logits.log_softmax(-1))
+        tokens.append(int(logits.argmax()))
+    return tokens[len(prompt) :], logprobs
+
+
+def teacher_forced(model, tokens: list[int], prompt_len: int) -> list[torch.Tensor]:
+    """The model's log-softmax (float64) at each generated position of `tokens`, read in one forward pass."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens])).logits[0, prompt_len - 1 : -1]
+    return list(logits.double().log_softmax(-1))
+
+
+def llama_cpp_run(workspace, tmp_path, cache_dir) -> str:
+    """A run on the embedded model whose R-LoRA adapter (q, k, v, up, down) is moved off its init, exported three
+    ways: uniform gates as GGUF, gates [0.7, 0.3, 0] as PEFT, and the heads as GGUF adapters."""
+    from transformers import AutoModelForCausalLM
+
+    from rlora.models import resolve_model
+    from rlora.run import RunFolder
+    from rlora.runconfig import load_run_config
+    from rlora.train import build_peft_model
+
+    config = tmp_path / "run.yaml"
+    files = {name: workspace / f"{name}.jsonl" for name in ("colors", "letters")}
+    config.write_text(LLAMA_CPP_RUN.format(out=tmp_path / "run", **files))
+    cfg = load_run_config(config, [])
+    folder = RunFolder(cfg.output_dir)
+    folder.write_config(cfg)
+    model = build_peft_model(cfg, AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model, cache_dir)))
+    model.save_pretrained(folder.adapter_init)
+    perturb_adapter(model, scale=0.02)  # heads off their init, as training moves them: the export is not the base
+    model.save_pretrained(folder.adapter)
+    run, common = str(folder.root), ["--no-fidelity", "--cache-dir", str(cache_dir)]
+    (tmp_path / "mix.json").write_text("[0.7, 0.3, 0.0]")  # two heads mixed, the same gates in every layer
+    for args in (
+        ["--format", "gguf", "--out", str(tmp_path / "uniform")],
+        ["--gates", str(tmp_path / "mix.json"), "--out", str(tmp_path / "mix")],
+        ["--as-scales", "--format", "gguf", "--out", str(tmp_path / "heads")],
+    ):
+        assert main(["export", run, *args, *common]) == 0
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_llama_cpp_generates_the_fixed_gate_models_text(workspace, tmp_path, model_cache_dir):
+    """llama.cpp itself (llama-cpp-python) loads the embedded base GGUF with rlora's GGUF adapters and generates
+    greedily the text `rlora generate --adapter` gives with the fixed-gate model; the same with two heads mixed per
+    request by scales. Run by scripts/check_llamacpp.sh (it builds llama.cpp once)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from rlora.adapters import load_adapter
+    from rlora.commands.generate import Sampling, generate_run
+    from rlora.models import embedded_gguf_path
+    from rlora.run import load_run
+
+    run = llama_cpp_run(workspace, tmp_path, model_cache_dir)
+    text, steps = "Question: what colour is the sky on a clear day?\nAnswer:", 12
+    base_model = load_run(run, str(model_cache_dir), adapter=False)
+    prompt = base_model.tokenizer(text).input_ids
+    llm = llama_cpp.Llama(
+        model_path=str(embedded_gguf_path("smollm2-135m")), n_ctx=128, logits_all=True, verbose=False, n_threads=2
+    )
+
+    def load(path):
+        handle = llama_cpp.llama_adapter_lora_init(llm._model.model, str(path).encode())
+        assert handle is not None, path
+        return handle
+
+    heads = [load(tmp_path / "heads" / n / "adapter-f32.gguf") for n in ("head_0", "head_1", "head_2", "offset")]
+    base_tokens, base_cpp = llama_cpp_greedy(llm, [], [], prompt, steps)
+    # llama.cpp against transformers on the base alone, after the prompt: its Q4_1 weights times 8-bit activations
+    base_gap = (base_cpp[0] - teacher_forced(base_model.model, prompt + base_tokens, len(prompt))[0]).abs().max().item()
+    cases = {
+        "uniform": ([load(tmp_path / "uniform" / "adapter-f32.gguf")], [1.0], tmp_path / "uniform"),
+        "two heads mixed by scales": (heads, [0.7, 0.3, 0.0, 1.0], tmp_path / "mix"),
+    }
+    report = {"base_gap": base_gap}
+    for case, (handles, scales, export) in cases.items():
+        tokens, cpp = llama_cpp_greedy(llm, handles, scales, prompt, steps)
+        sampling = Sampling(max_new_tokens=steps)
+        (out,) = generate_run(
+            run, [text], sampling=sampling, adapter=export, cache_dir=str(model_cache_dir), stream=False
+        )
+        expected = out["ids"][len(prompt) :]
+        assert out["ids"][: len(prompt)] == prompt and expected != base_tokens  # the adapter changes the text
+        fixed = load_adapter(load_run(run, str(model_cache_dir), adapter=False).model, export).eval()
+        hf = teacher_forced(fixed, out["ids"], len(prompt))
+        same = next((i for i, (a, b) in enumerate(zip(tokens, expected, strict=False)) if a != b), steps)
+        # after the prompt the log-probabilities differ by about the base's quantization gap (a wrong adapter, e.g.
+        # q/k rows not permuted as llama.cpp stores them, is far further)
+        gap = (cpp[0] - hf[0]).abs().max().item()
+        assert gap <= 2 * base_gap + 0.05, (case, gap, base_gap)
+        if same < steps:  # both read the same tokens up to here: a different choice only where the two best are close
+            top = hf[same].topk(2).values
+            assert (top[0] - top[1]).item() <= 2 * (cpp[same] - hf[same]).abs().max().item(), (case, same)
+        report[case] = {"same_tokens": same, "of": steps, "gap": gap, "text": base_model.tokenizer.decode(tokens)}
+    print(json.dumps(report))

@@ -239,6 +239,11 @@ def _add_generate(subparsers) -> None:
         metavar="FILE.png|FILE.html",
         help="also draw the head each adapted layer's router favours at every token (multi-head runs)",
     )
+    parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="generate with this adapter folder (e.g. an `rlora export`: the fixed-gate model) on the run's base",
+    )
     _add_cache_dir(parser)
     parser.set_defaults(func=_command("generate"))
 

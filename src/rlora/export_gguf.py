@@ -36,7 +36,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": ("qwen2", False),
     "Qwen3ForCausalLM": ("qwen3", False),
 }
-GGUF_EXTRA = "pip install 'rlora[gguf]' (the gguf package)"
+GGUF_INSTALL = "pip install gguf"
 CONVERT_BASE = "python convert_hf_to_gguf.py BASE_MODEL_FOLDER --outfile base-f16.gguf --outtype f16"
 
 
@@ -94,7 +94,7 @@ def write_gguf_adapter(
     try:
         import gguf
     except ImportError:
-        raise MissingPackage(f"--format gguf needs the gguf package, not installed; {GGUF_EXTRA}") from None
+        raise MissingPackage(f"--format gguf needs the gguf package, not installed; {GGUF_INSTALL}") from None
     import numpy as np
     import torch
 
