@@ -462,3 +462,12 @@ def test_llama_cpp_generates_the_fixed_gate_models_text(workspace, tmp_path, mod
             assert (top[0] - top[1]).item() <= 2 * (cpp[same] - hf[same]).abs().max().item(), (case, same)
         report[case] = {"same_tokens": same, "of": steps, "gap": gap, "text": base_model.tokenizer.decode(tokens)}
     print(json.dumps(report))
+
+
+@pytest.mark.parametrize("flag", [["--as-scales"], ["--format", "gguf"]])
+def test_merged_is_not_mixed_with_adapter_formats(runs, tmp_path, capsys, flag):
+    assert main(["export", str(runs["rlora"]), "--merged", *flag, "--out", str(tmp_path / "o")]) == 2
+    assert "--merged writes a full model; --as-scales and --format gguf write adapters: choose one" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "o").exists()

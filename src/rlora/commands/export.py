@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 from .._io import atomic_dir, atomic_write_json
 from ..errors import ConfigError, RunFolderError
-from .export_deploy import Deployer, DeployOptions
 
 if TYPE_CHECKING:
     import torch
 
     from ..run import LoadedRun
+    from .export_deploy import DeployOptions
 
 GATES_FILE = "gates.json"
 PEFT_PREFIX = "base_model.model."  # what PEFT puts before a module's name in the saved keys (and vLLM strips)
@@ -69,6 +69,7 @@ def export_run(
     `out`; `deploy` says what else each adapter folder gets (`export_deploy`), `as_scales` writes the heads as
     adapters with per-task scales instead (`export_heads`). Returns the folders written."""
     from ..run import RunFolder, load_run
+    from .export_deploy import Deployer, DeployOptions
 
     gates = parse_gates(gates)
     max_examples = max_examples or DEFAULT_MAX_EXAMPLES
@@ -81,6 +82,8 @@ def export_run(
         )
     deploy = deploy or DeployOptions()
     deploy.check()
+    if merged and (as_scales or deploy.format != "peft"):
+        raise ConfigError("--merged writes a full model; --as-scales and --format gguf write adapters: choose one")
     _check_out(Path(out), per_task=gates == "per-task" and not as_scales)
     run = load_run(run_dir, cache_dir, multi_head=True)
     run.model.eval()
@@ -296,6 +299,8 @@ def _base_model_path(run: LoadedRun) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .export_deploy import DeployOptions
+
     deploy = DeployOptions(args.format, args.outtype, not args.no_fidelity, args.max_loss_rise)
     written = export_run(
         args.run_dir,

@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..export_gguf import OUTTYPES, base_gguf, gguf_name, write_gguf_adapter
 from ..export_readme import ExportFacts, lora_readme
 from ..fidelity import DEFAULT_MAX_LOSS_RISE, Fidelity
+from .export import GATES_FILE, PEFT_PREFIX
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
     from ..run import LoadedRun
 
 FORMATS = ("peft", "gguf")
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Deployer:
             record = {"gates": gates}
             if measured is not None:
                 record["fidelity"] = measured
-            atomic_write_json(folder / "gates.json", record)
+            atomic_write_json(folder / GATES_FILE, record)
             what = gates_words(self.spec, task)
             facts = self.facts(rank, sorted(config.target_modules), what, measured)
             atomic_write_text(folder / README_FILE, lora_readme(facts, name))
