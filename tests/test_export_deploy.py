@@ -17,7 +17,7 @@ from rlora.cli import main
 from rlora.commands.export import adapted_modules, export_run
 from rlora.commands.export_heads import head_tensors
 from rlora.errors import ConfigError
-from rlora.export_gguf import gguf_tensors, permute_rows
+from rlora.export_gguf import CONVERT_BASE, base_gguf, gguf_tensors, permute_rows
 from rlora.export_readme import vllm_max_lora_rank
 from rlora.fidelity import ExampleScores, flag, paired
 from rlora.models import portable_name
@@ -44,6 +44,9 @@ def exported(runs, tmp_path_factory) -> dict[str, Path]:
 def test_the_base_is_named_portably(exported, workspace):
     assert portable_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # not the converted cache folder
     assert portable_name("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    path, where = base_gguf("smollm2-135m")  # the embedded model ships as GGUF: llama.cpp's base as it is
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file() and path.name in where
+    assert base_gguf("Qwen/Qwen2.5-0.5B") == (None, f"make it with llama.cpp's converter, `{CONVERT_BASE}`")
     config = json.loads((exported["f32"] / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(workspace / "model")  # the run config's model, as the user gave it
     heads = json.loads((exported["heads"] / "head_0" / "adapter_config.json").read_text())
@@ -63,7 +66,7 @@ def test_the_readme_gives_the_servers_commands(exported, workspace):
     assert "llama-cli -m BASE.gguf --lora f32/adapter-f32.gguf --temp 0" in readme
     assert "python convert_hf_to_gguf.py BASE_MODEL_FOLDER --outfile base-f16.gguf --outtype f16" in readme
     tasks = (exported["tasks"] / "colors" / "README.md").read_text()
-    assert f"python convert_lora_to_gguf.py colors --base-model-id {base} --outtype f16" in tasks
+    assert f"python convert_lora_to_gguf.py colors --base {base} --outtype f16" in tasks  # a local base folder
     assert "## Fidelity" not in tasks  # --no-fidelity
 
 
@@ -218,8 +221,10 @@ def test_per_task_scales_are_each_tasks_mean_gates_averaged_over_layers(exported
     s = record["scales"]["colors"]
     request = [{"id": k, "scale": round(s[k], 6)} for k in range(3)] + [{"id": 3, "scale": 1.0}]
     assert json.dumps(request) in readme
-    assert "llama-server -m BASE.gguf --lora head_0/adapter-f32.gguf --lora head_1/adapter-f32.gguf" in readme
-    assert "--max-lora-rank 8 --max-loras 4" in readme  # rank 4 each: vLLM's least accepted value is 8
+    server = "llama-server -m BASE.gguf --lora-init-without-apply --lora head_0/adapter-f32.gguf --lora head_1/"
+    assert server in readme
+    assert f"llama-cli -m BASE.gguf --lora-scaled head_0/adapter-f32.gguf:{s[0]:.6g} --lora-scaled" in readme
+    assert "vllm serve" not in readme  # vLLM applies one adapter per request: it cannot mix the heads
 
 
 def naive_paired(routed_nll, fixed_nll, tokens, routed_ok, fixed_ok):
@@ -471,3 +476,15 @@ def test_merged_is_not_mixed_with_adapter_formats(runs, tmp_path, capsys, flag):
         capsys.readouterr().err
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_a_hub_base_readme_names_the_hub_id_and_the_least_vllm_rank():
+    from rlora.export_readme import ExportFacts, lora_readme
+
+    hub = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    facts = ExportFacts(hub, 18, ["q_proj", "v_proj"], "uniform (1/K for every head)", "somewhere")
+    readme = lora_readme(facts, "exp")
+    # r = 9 with the offset: rank 18, past vLLM's default --max-lora-rank of 16; 32 is the next value it accepts
+    assert f"vllm serve {hub} --enable-lora --max-lora-rank 32 --max-loras 1 \\\n    --lora-modules exp=exp" in readme
+    assert f"python convert_lora_to_gguf.py exp --base-model-id {hub} --outtype f16" in readme
+    assert "## Fidelity" not in readme  # none measured

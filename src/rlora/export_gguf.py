@@ -131,5 +131,5 @@ def base_gguf(model: str) -> tuple[Path | None, str]:
 
     if model in models.EMBEDDED_MODELS:
         path = models.embedded_gguf_path(model)
-        return path, f"the embedded model is a GGUF file already ({path.name}, in the {path.parent.name} package)"
-    return None, f"make it with llama.cpp's converter: {CONVERT_BASE}"
+        return path, f"the embedded model is one already, `{path.name}` in the `{path.parent.name}` package"
+    return None, f"make it with llama.cpp's converter, `{CONVERT_BASE}`"

@@ -21,6 +21,7 @@ class ExportFacts:
     base_gguf: str  # where the base model is as GGUF (a sentence)
     gguf_files: list[str] = field(default_factory=list)  # adapter GGUF files written, relative to the folder
     fidelity: dict | None = None  # `fidelity.Fidelity.measure`'s result
+    base_is_folder: bool = False  # the base model is a local folder (else a Hub id)
 
 
 def vllm_max_lora_rank(rank: int) -> int:
@@ -54,25 +55,25 @@ def _vllm(facts: ExportFacts, modules: list[tuple[str, str]]) -> list[str]:
     ]
 
 
-def _llama_cpp(facts: ExportFacts, adapters: list[str], convert_from: list[str]) -> list[str]:
+def _llama_cpp(facts: ExportFacts, cli: str, server: str, convert_from: list[str]) -> list[str]:
+    """The llama.cpp section: `cli` and `server` are the adapter options of llama-cli and llama-server."""
     lines = ["## llama.cpp", "", f"The base model as GGUF: {facts.base_gguf}.", ""]
     if not facts.gguf_files:
-        model = facts.base_model
-        converts = [f"python convert_lora_to_gguf.py {f} --base-model-id {model} --outtype f16" for f in convert_from]
+        base = f"--base {facts.base_model}" if facts.base_is_folder else f"--base-model-id {facts.base_model}"
+        converts = [f"python convert_lora_to_gguf.py {f} {base} --outtype f16" for f in convert_from]
         lines += [
             "No GGUF adapter was written (`rlora export ... --format gguf` writes one). llama.cpp's converter makes it",
-            "from this PEFT folder (with `--base LOCAL_BASE_FOLDER` instead of `--base-model-id` offline):",
+            "from this PEFT folder (offline, with `--base` and a local copy of the base model):",
             "",
             "```sh",
             *converts,
             "```",
             "",
         ]
-    loras = " ".join(f"--lora {a}" for a in adapters)
     lines += [
         "```sh",
-        f"llama-cli -m BASE.gguf {loras} --temp 0 -n 64 -p 'Question: ...'",
-        f"llama-server -m BASE.gguf {loras} --host 127.0.0.1 --port 8080",
+        f"llama-cli -m BASE.gguf {cli} --temp 0 -n 64 -p 'Question: ...'",
+        f"llama-server -m BASE.gguf {server} --host 127.0.0.1 --port 8080",
         "```",
         "",
     ]
@@ -134,8 +135,8 @@ def lora_readme(facts: ExportFacts, name: str) -> str:
         "",
     ]
     lines += _vllm(facts, [(name, name)])
-    adapters = [f"{name}/{f}" for f in facts.gguf_files] or [f"{name}.gguf"]
-    lines += _llama_cpp(facts, adapters, [name])
+    lora = f"--lora {name}/{facts.gguf_files[0]}" if facts.gguf_files else f"--lora {name}.gguf"
+    lines += _llama_cpp(facts, lora, lora, [name])
     lines += fidelity_lines(facts.fidelity)
     return "\n".join(lines)
 
@@ -161,17 +162,18 @@ def heads_readme(facts: ExportFacts, adapters: list[str], scales: dict[str, list
     ]
     lines += [f"| {task} | " + " | ".join(f"{v:.4f}" for v in s) + " |" for task, s in scales.items()]
     lines.append("")
-    lines += _vllm(facts, [(a, a) for a in adapters])
     gguf = [f"{a}/{facts.gguf_files[0]}" for a in adapters] if facts.gguf_files else [f"{a}.gguf" for a in adapters]
-    lines += _llama_cpp(facts, gguf, adapters)
     task, first = next(iter(scales.items()))
-    request = [{"id": i, "scale": round(v, 6)} for i, v in enumerate(first)]
-    request += [{"id": k, "scale": 1.0}] if offset else []
+    task_scales = [*first, 1.0] if offset else list(first)
+    cli = " ".join(f"--lora-scaled {g}:{s:.6g}" for g, s in zip(gguf, task_scales, strict=True))
+    server = "--lora-init-without-apply " + " ".join(f"--lora {g}" for g in gguf)
+    lines += [f"The llama-cli line applies `{task}`'s scales.", ""]
+    lines += _llama_cpp(facts, cli, server, adapters)
+    request = [{"id": i, "scale": round(s, 6)} for i, s in enumerate(task_scales)]
     lines += [
-        "Start llama-server with `--lora-init-without-apply` and the adapters in this order (ids 0.."
-        f"{len(adapters) - 1}); llama.cpp applies per request the adapters a request lists, at its scales (one it",
-        "leaves out: 0). The",
-        f"request for `{task}`:",
+        f"llama-server loads the adapters in this order (ids 0..{len(adapters) - 1}) at scale 0, and applies per",
+        "request the adapters a request lists at its scales (one it leaves out: 0). The request for",
+        f"`{task}`:",
         "",
         "```sh",
         "curl http://127.0.0.1:8080/completion -d '"
@@ -179,7 +181,8 @@ def heads_readme(facts: ExportFacts, adapters: list[str], scales: dict[str, list
         + "'",
         "```",
         "",
-        "vLLM applies one adapter per request: there, serve the per-task exports (`rlora export --gates per-task`).",
+        "vLLM applies one adapter per request, so it cannot mix these: serve the per-task exports there (`rlora export",
+        "--gates per-task`, each with its README's vLLM command).",
         "",
     ]
     lines += fidelity_lines(facts.fidelity)

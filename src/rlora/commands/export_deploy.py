@@ -68,7 +68,8 @@ class Deployer:
     def facts(self, rank: int, targets: list[str], gates: str, fidelity: dict | None) -> ExportFacts:
         _, where = base_gguf(self.run.cfg.model)
         files = [gguf_name(self.options.outtype)] if self.options.format == "gguf" else []
-        return ExportFacts(self.base_model, rank, targets, gates, where, files, fidelity)
+        folder = Path(self.run.cfg.model).expanduser().is_dir()
+        return ExportFacts(self.base_model, rank, targets, gates, where, files, fidelity, folder)
 
     def write_gguf(self, folder: Path, parts: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> None:
         if self.options.format == "gguf":
