@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +18,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rlora.cli import main
+from rlora.errors import RunFolderError
 from rlora.models import has_cpp_compiler
 from rlora.runconfig import load_run_config
-from rlora.train import check_deepspeed_checkpoint, train
+from rlora.train import _deepspeed_loads_tag, check_deepspeed_checkpoint, train
 
 # Every process draws the same batches as the single one (seeded sampler, random order: the length-grouped order is
 # cut by the per-process batch size) and no dropout mask (drawn per process, it would differ from the single one's).
@@ -130,8 +132,85 @@ class _RunsCode:
 def test_a_planted_deepspeed_checkpoint_file_is_refused_before_deepspeed_unpickles_it(tmp_path):
     checkpoint = tmp_path / "checkpoint-2"
     (checkpoint / "global_step2").mkdir(parents=True)
+    (checkpoint / "latest").write_text("global_step2")
     torch.save({"module": {"w": torch.zeros(2)}}, checkpoint / "global_step2" / "mp_rank_00_model_states.pt")
-    check_deepspeed_checkpoint(checkpoint)  # tensors and containers load
+    assert check_deepspeed_checkpoint(checkpoint) == "global_step2"  # tensors and containers load
     torch.save({"optimizer_state_dict": _RunsCode()}, checkpoint / "global_step2" / "zero_pp_rank_0_optim_states.pt")
     with pytest.raises(pickle.UnpicklingError, match="GLOBAL posix.system"):
         check_deepspeed_checkpoint(checkpoint)
+
+
+def _planted_elsewhere(tmp_path: Path) -> Path:
+    """A checkpoint whose own global_step2 is whole, and a folder outside it holding a file that runs code."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    (checkpoint / "global_step2").mkdir(parents=True)
+    torch.save({"module": {"w": torch.zeros(2)}}, checkpoint / "global_step2" / "mp_rank_00_model_states.pt")
+    (tmp_path / "elsewhere" / "global_step9").mkdir(parents=True)
+    torch.save({"module": _RunsCode()}, tmp_path / "elsewhere" / "global_step9" / "mp_rank_00_model_states.pt")
+    return checkpoint
+
+
+@pytest.mark.parametrize(
+    "latest",
+    [
+        "../../../elsewhere/global_step9",
+        "{tmp}/elsewhere/global_step9",
+        "global_step9",  # a link in the checkpoint to the folder outside
+        "global_step2/../../../../elsewhere/global_step9",
+        "global_step3",  # no such folder
+    ],
+)
+def test_a_deepspeed_latest_that_points_anywhere_but_a_step_folder_of_the_checkpoint_is_refused_unread(
+    tmp_path, latest
+):
+    """DeepSpeed would resume from whatever folder `latest` names, unpickling its files: rlora reads `latest`
+    itself and refuses it before any file is loaded (the planted file would be an UnpicklingError if it were read)."""
+    checkpoint = _planted_elsewhere(tmp_path)
+    (checkpoint / "global_step9").symlink_to(tmp_path / "elsewhere" / "global_step9")
+    tag = latest.format(tmp=tmp_path)
+    (checkpoint / "latest").write_text(tag + "\n")
+    expected = (
+        f"{checkpoint}/latest: names {tag[:40]!r}, expected global_stepN naming a folder of the checkpoint; "
+        f"remove {checkpoint} to resume from the one before"
+    )
+    with pytest.raises(RunFolderError) as raised:
+        check_deepspeed_checkpoint(checkpoint)
+    assert str(raised.value) == expected
+
+
+def test_a_deepspeed_checkpoint_without_a_readable_latest_is_refused(tmp_path):
+    checkpoint = _planted_elsewhere(tmp_path)
+    with pytest.raises(RunFolderError, match=r"checkpoint-2/latest: cannot read DeepSpeed's checkpoint tag \(No such"):
+        check_deepspeed_checkpoint(checkpoint)
+    (checkpoint / "latest").write_bytes(b"global_step2\xff")
+    with pytest.raises(RunFolderError, match=r"cannot read DeepSpeed's checkpoint tag \(not ASCII text\)"):
+        check_deepspeed_checkpoint(checkpoint)
+
+
+def test_the_trainer_resumes_deepspeed_from_the_checked_tag_it_is_given():
+    """The Trainer resumes DeepSpeed through transformers' `deepspeed_load_checkpoint`, which passes no tag (DeepSpeed
+    would read `latest` again); while `_deepspeed_loads_tag` holds, that call passes the checked tag explicitly."""
+    import transformers.trainer as hf_trainer
+
+    calls = []
+
+    class Engine:
+        def load_checkpoint(self, path, **kwargs):
+            calls.append((path, kwargs))
+            return path, {}
+
+    original = hf_trainer.deepspeed_load_checkpoint
+    with _deepspeed_loads_tag("global_step4"):
+        hf_trainer.deepspeed_load_checkpoint(Engine(), "ckpt", load_module_strict=False)
+    assert hf_trainer.deepspeed_load_checkpoint is original
+    assert calls == [
+        (
+            "ckpt",
+            {
+                "tag": "global_step4",
+                "load_module_strict": False,
+                "load_optimizer_states": True,
+                "load_lr_scheduler_states": True,
+            },
+        )
+    ]

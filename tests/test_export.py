@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import F64, MLP, perturb_adapter, tiny_llama, untrained_runs
+from _tiny import F64, MLP, perturb_adapter, tiny_gpt2, tiny_llama, untrained_runs, word_tokenizer
 from peft import get_peft_model, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from rlora import RLoraConfig
 from rlora.cli import main
-from rlora.commands.export import adapted_modules, export_run, lora_config, lora_tensors
+from rlora.commands.export import adapted_modules, export_run, lora_config, lora_tensors, write_merged
 from rlora.errors import ConfigError, RunFolderError
 from rlora.run import load_run
 
@@ -84,6 +85,45 @@ def test_the_exported_lora_is_the_fixed_gate_model_in_float64(head_init):
         routed = rlora(input_ids=ids).logits
     torch.testing.assert_close(got, expected, **F64)  # the same algebra in float64 (see F64)
     assert (routed - expected).abs().max() > 1e-3  # the routed model is another function: fixed gates cost something
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize(
+    ("make", "targets"),
+    [(tiny_gpt2, ["c_attn", "c_fc", "c_proj"]), (tiny_llama, ["q_proj", "v_proj", *MLP])],
+    ids=["gpt2-conv1d", "llama-linear"],
+)
+def test_the_merged_export_is_the_fixed_gate_model_in_float64_for_every_layer_layout(make, targets, tmp_path):
+    """`export --merged` writes the base with each layer's fixed-gate update merged in the layer's own layout: GPT-2's
+    Conv1D stores its weight transposed (d_in, d_out); its c_attn (32 -> 96), c_fc (32 -> 128) and MLP c_proj
+    (128 -> 32) are non-square, the attention's c_proj (32 -> 32) square (where a wrong layout would be silent).
+    The model saved and loaded again equals the R-LoRA model with its routers replaced by those fixed gates, within
+    F64: the same algebra in float64, summed in another order ((W + BA) x against W x + B (A x)), relative rounding
+    about 1e-16 per operation on values of order 1. The run's own model is left as it was (the merge is on a copy)."""
+    rlora = get_peft_model(make(dtype=torch.float64), RLoraConfig(r=2, num_heads=3, target_modules=targets)).eval()
+    perturb_adapter(rlora, scale=0.5)
+    layers = adapted_modules(rlora)
+    gen = torch.Generator().manual_seed(1)
+    gates = {name: torch.rand(3, generator=gen, dtype=torch.float64).softmax(0) for name in layers}
+    ids = torch.randint(0, 97, (2, 9), generator=gen)
+    with torch.no_grad():
+        routed = rlora(input_ids=ids).logits
+    before = {k: v.clone() for k, v in rlora.state_dict().items()}
+    write_merged(rlora, word_tokenizer(), gates, tmp_path / "merged")
+    assert all(torch.equal(v, before[k]) for k, v in rlora.state_dict().items())  # merged on a copy: untouched
+
+    def fixed(module, args, _output):
+        return module.get_base_layer()(args[0]) + naive_fixed_gate_delta(module, args[0], gates[by_module[module]])
+
+    by_module = {layer: name for name, layer in layers.items()}
+    hooks = [layer.register_forward_hook(fixed) for layer in layers.values()]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64).eval()
+    with torch.no_grad():
+        expected = rlora(input_ids=ids).logits
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, **F64)
+    assert (routed - expected).abs().max() > 1e-3  # the gates are fixed for real: the routed model differs
 
 
 def test_the_export_is_a_plain_peft_lora_adapter_with_server_compatible_names(exported):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from .data import DEFAULT_FORMAT, DEFAULT_TEST_FRACTION, FORMATS
 from .data.split import bad_test_fraction
-from .errors import RloraError, TrainingError
+from .errors import RloraError, TrainingError, one_line
 from .methods import METHOD_SPELLINGS, METHODS
 from .models import DEFAULT_MODEL
 
@@ -122,6 +122,11 @@ def _add_train(subparsers) -> None:
     parser.add_argument("config", help="a run config YAML file, or a preset name (demo, paper-qwen2.5-0.5b)")
     _add_run_options(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument(
+        "--accept-changed-data",
+        action="store_true",
+        help="with --resume: train on although the task data changed since the checkpoint (refused otherwise)",
+    )
     parser.set_defaults(func=_command("train"))
 
 
@@ -380,10 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except TrainingError as error:
-        print(f"rlora: training stopped: {error}", file=sys.stderr)
+        print(f"rlora: training stopped: {one_line(error)}", file=sys.stderr)
         return 1
     except RloraError as error:  # bad input, a missing package or file: what the user can fix
-        print(f"rlora: error: {error}", file=sys.stderr)
+        print(f"rlora: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = "; `rlora train CONFIG --resume` continues from the last checkpoint" if args.command == "train" else ""

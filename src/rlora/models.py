@@ -312,7 +312,7 @@ def _convert_embedded(name: str, target: Path) -> None:
             shutil.rmtree(left, ignore_errors=True)
         logger.info("Converting the embedded model %s (%s) to %s, once (about 20-40 s)", name, gguf.name, target)
         start = time.perf_counter()
-        with atomic_dir(target, shared=True) as tmp:
+        with atomic_dir(target, shared=True, owned=None) as tmp:
             _gguf_to_safetensors(gguf, tmp)
         logger.info("Converted %s in %.0f s", name, time.perf_counter() - start)
 

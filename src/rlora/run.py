@@ -40,11 +40,13 @@ from ._io import (
     Busy,
     atomic_dir,
     atomic_write_json,
+    atomic_write_json_and_view,
     atomic_write_text,
     exclusive_lock,
     held_by,
     is_complete,
     publish_dir,
+    writing,
 )
 from .adapters import CONFIG_FILE, load_adapter, read_adapter
 from .data import gold_spans
@@ -221,9 +223,11 @@ class RunFolder:
         return load_run_config(self.config)
 
     def write_results(self, results: dict, base: bool = False) -> None:
-        atomic_write_json(self.results(base), results)
-        column = "base" if base else results["method"]
-        atomic_write_text(self.results(base, ".md"), results_table({column: results}) + "\n")
+        """The results as JSON and their table beside it, never out of step (`atomic_write_json_and_view`); a disk
+        that cannot take them is one line naming the folder."""
+        table = results_table({"base" if base else results["method"]: results}) + "\n"
+        with writing(self.root):
+            atomic_write_json_and_view(self.results(base), results, self.results(base, ".md"), table)
 
     def read_results(self, base: bool = False) -> dict | None:
         """The saved results, or None when there are none, or when the file is damaged (not JSON, or without its

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .._io import atomic_write_json, atomic_write_text
+from .._io import atomic_write_json, atomic_write_text, check_writable, writing
 from ..adapters import load_adapter
 from ..analysis import head_projection, head_similarity, router_usage
 from ..methods import PEFT_TYPES
@@ -22,6 +22,7 @@ def analyze_run(run_dir: str | Path, cache_dir: str | None = None, max_prompts_p
     has_init = folder.adapter_init.is_dir()
     if has_init:  # checked before any model loads, like the trained adapter
         check_adapter(folder.adapter_init, folder.read_config())
+    check_writable(folder.root, "nothing was analyzed (its results go there): make it writable, or analyze a copy")
     run = load_run(run_dir, cache_dir, multi_head=True)
     model = run.model.eval()
     trained = head_similarity(model)
@@ -34,11 +35,12 @@ def analyze_run(run_dir: str | Path, cache_dir: str | None = None, max_prompts_p
 
     out = run.folder.analysis
     data = {"head_similarity": {"init": init, "trained": trained}, "router_usage": usage, "head_projection": projection}
-    atomic_write_json(out / "analysis.json", data)
-    atomic_write_text(out / "head_similarity.md", similarity_table(init, trained) + "\n")
-    plot_similarity(init, trained, out / "head_similarity.png")
-    plot_router_usage(usage, out / "router_usage.png")
-    plot_head_projection(projection, out / "heads_pca.png")
+    with writing(out):
+        atomic_write_json(out / "analysis.json", data)
+        atomic_write_text(out / "head_similarity.md", similarity_table(init, trained) + "\n")
+        plot_similarity(init, trained, out / "head_similarity.png")
+        plot_router_usage(usage, out / "router_usage.png")
+        plot_head_projection(projection, out / "heads_pca.png")
     return data
 
 

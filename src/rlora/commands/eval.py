@@ -7,16 +7,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .._io import atomic_write_json, atomic_write_text
+from .._io import atomic_write_json_and_view, check_writable, writing
 from ..adapters import load_adapter
 from ..analysis import router_health, router_usage
 from ..data.plan import plan_data
 from ..errors import ConfigError
 from ..evaluate import evaluate_plan
 from ..methods import PEFT_TYPES
+from ..names import inside
 from ..reports import results_table
 from ..run import LoadedRun, RunFolder, check_lengths, gold_sequences, load_base_model, load_run
 from ..runconfig import RunConfig, load_run_config, validate_run_config
+
+NOT_EVALUATED = "nothing was evaluated (its results go there): make it writable, or evaluate a copy"
 
 
 def _evaluate(run: LoadedRun, base: bool, accuracy: bool = True) -> dict:
@@ -37,6 +40,7 @@ def evaluate_run(run_dir: str | Path, cache_dir: str | None = None, base: bool =
     """Evaluates a trained run (or, with `base`, its base model alone) on its held-out split, writes the results
     into the run folder (`RunFolder.results`) and returns them; without `accuracy`, the held-out loss only, as
     choosing settings on a validation split needs."""
+    check_writable(RunFolder(run_dir).root, NOT_EVALUATED)
     run = load_run(run_dir, cache_dir, adapter=not base)
     results = _evaluate(run, base, accuracy)
     run.folder.write_results(results, base)
@@ -53,6 +57,7 @@ def evaluate_config(cfg: RunConfig, cache_dir: str | None = None) -> dict:
     folder.check_config(cfg)
     plan = plan_data(cfg, cache_dir)
     with folder.writer():
+        check_writable(folder.root, NOT_EVALUATED)
         model, tokenizer = load_base_model(cfg, cache_dir)
         folder.check_config(cfg)  # again: it may have been written while the model loaded
         folder.write_config(cfg)
@@ -63,9 +68,11 @@ def evaluate_config(cfg: RunConfig, cache_dir: str | None = None) -> dict:
 
 def adapter_results_path(run_dir: str | Path, adapter_dir: str | Path, out: str | Path | None = None) -> Path:
     """Where `evaluate_adapter` writes: `out` (a .json file), else RUN_DIR/eval_adapter_<the adapter folder's
-    name>.json; a path inside the adapter folder is refused."""
+    name>.json; a path inside the adapter folder is refused (writing there would change what it evaluates)."""
     adapter = Path(adapter_dir).resolve()
-    path = Path(out) if out is not None else Path(run_dir) / f"eval_adapter_{adapter.name}.json"
+    if out is None:
+        return inside(run_dir, f"eval_adapter_{adapter.name}.json")
+    path = Path(out)
     if path.suffix != ".json":
         raise ConfigError(f"--out {out}: expected a file name ending in .json (a .md table is written beside it)")
     if path.resolve().is_relative_to(adapter):
@@ -79,13 +86,17 @@ def evaluate_adapter(
     """Scores the adapter folder `adapter_dir` (an export, or any PEFT adapter for the run's base model) on the run's
     held-out split with the run's settings, exactly as `rlora eval RUN_DIR` scores the run's own adapter; writes the
     results to `adapter_results_path` (a .json file and a .md table beside it) and returns them."""
+    adapter_dir = Path(adapter_dir)
     path = adapter_results_path(run_dir, adapter_dir, out)
+    check_writable(path.parent, NOT_EVALUATED)
     run = load_run(run_dir, cache_dir, adapter=False)
     model = load_adapter(run.model, adapter_dir).eval()
-    results = {"model": run.cfg.model, "adapter": str(adapter_dir), "method": f"adapter {Path(adapter_dir).name}"}
+    results = {"model": run.cfg.model, "adapter": str(adapter_dir), "method": f"adapter {adapter_dir.name}"}
     results |= evaluate_plan(model, run.tokenizer, run.cfg, run.plan)
-    atomic_write_json(path, results)
-    atomic_write_text(path.with_suffix(".md"), results_table({results["method"]: results}) + "\n")
+    table = results_table({results["method"]: results}) + "\n"
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json_and_view(path, results, path.with_suffix(".md"), table)
     return results
 
 

@@ -1,12 +1,9 @@
 r"""`rlora export`: a multi-head run as plain PEFT LoRA adapters (or full merged models) that any LoRA server loads.
 
-With FIXED gates g (K,) an adapted layer's update is a plain LoRA update of rank r, or 2r with R-LoRA's offset:
-
-    s * (sum_k g_k B_k) A  -  offset_B offset_A  =  [s * sum_k g_k B_k, -offset_B] @ [A; offset_A]
-
-(`RLoraLinear.fixed_gate_lora`). The exported `LoraConfig` has `lora_alpha = r` and no rsLoRA, so PEFT's scaling is 1,
-and no dropout. It is exact for those gates, and an approximation of the trained model, whose router mixes the heads
-per token: `rlora eval` on the export against the run says what the fixed gates cost.
+With FIXED gates an adapted layer's update is a plain LoRA update of rank r, or 2r with R-LoRA's offset
+(`rlora.tuner.convert`, which also merges it into a copy of the base model through each layer's own layout). It is
+exact for those gates, and an approximation of the trained model, whose router mixes the heads per token: `rlora
+eval` on the export against the run says what the fixed gates cost.
 
 Gates (`--gates`):
 - `uniform`: 1/K for every head of every layer;
@@ -32,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from .._io import atomic_dir, atomic_write_json
 from ..errors import ConfigError, RunFolderError
+from ..names import inside
+from ..tuner.convert import PEFT_PREFIX, lora_config, lora_tensors, merged_copy
 
 if TYPE_CHECKING:
     import torch
@@ -39,8 +38,7 @@ if TYPE_CHECKING:
     from ..run import LoadedRun
     from .export_deploy import DeployOptions
 
-GATES_FILE = "gates.json"
-PEFT_PREFIX = "base_model.model."  # what PEFT puts before a module's name in the saved keys (and vLLM strips)
+GATES_FILE = "gates.json"  # also what marks a folder as an earlier export, which an export may replace
 DEFAULT_MAX_EXAMPLES = 256
 
 
@@ -91,6 +89,8 @@ def export_run(
     if gates == "uniform":
         plans = {None: uniform_gates(layers)}
     elif gates == "per-task":
+        for task in run.plan.tasks:  # every target checked before any is computed
+            inside(out, task)
         plans = {task: task_gates(run, task, max_examples) for task in run.plan.tasks}
     elif gates.startswith("task:"):
         plans = {None: task_gates(run, gates[5:], max_examples)}
@@ -101,13 +101,11 @@ def export_run(
 
         return [export_heads(run, layers, plans, Path(out), Deployer(run, layers, deploy, gates))]
     deployer = None if merged else Deployer(run, layers, deploy, gates)
-    base = None
     written = []
     for task, layer_gates in plans.items():
-        target = Path(out) / task if task is not None else Path(out)
+        target = inside(out, task) if task is not None else Path(out)
         if merged:
-            base = base or _plain_base(run, cache_dir)
-            write_merged(base, run.tokenizer, layers, layer_gates, target)
+            write_merged(run.model, run.tokenizer, layer_gates, target)
         else:
             extras = deployer.extras(task, target.name)
             write_lora(run.model, layers, layer_gates, target, base_model=_base_model_path(run), extras=extras)
@@ -194,49 +192,6 @@ def read_gates_file(path: str | Path, layers: dict[str, Any]) -> dict[str, torch
     return out
 
 
-def lora_tensors(layers: dict[str, Any], gates: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """The plain LoRA tensors under PEFT's saved names (`base_model.model.<module>.lora_A.weight`, ...) in the
-    adapter's own dtype (computed in float64), and their rank."""
-    import torch
-
-    tensors, ranks = {}, set()
-    for name, layer in layers.items():
-        B, A = layer.fixed_gate_lora("default", gates[name], torch.float64)  # one rounding to the adapter's dtype
-        dtype = layer.rlora_A["default"].dtype
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous()
-        ranks.add(A.shape[0])
-    if len(ranks) != 1:
-        raise ValueError(f"adapted layers of different ranks {sorted(ranks)}")  # one RLoraConfig: never
-    return tensors, ranks.pop()
-
-
-def lora_config(layers: dict[str, Any], rank: int, base_model: str | None, model) -> Any:
-    """PEFT's `LoraConfig` of the export: scaling lora_alpha / r = 1, no dropout, and target modules that match
-    exactly the adapted layers (their leaf names when those match nothing else, else the full names)."""
-    from peft import LoraConfig
-    from torch import nn
-
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in layers})
-    linear = {  # every linear layer of the base model, by its own name (an adapted one's is its wrapper's)
-        n.removeprefix(PEFT_PREFIX).removesuffix(".base_layer")
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-    }
-    matched = {n for n in linear if n.rsplit(".", 1)[-1] in leaves}
-    targets = leaves if matched == set(layers) else sorted(layers)
-    return LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        use_rslora=False,
-        lora_dropout=0.0,
-        bias="none",
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model,
-    )
-
-
 def write_lora(
     model,
     layers: dict[str, Any],
@@ -251,7 +206,7 @@ def write_lora(
 
     tensors, rank = lora_tensors(layers, gates)
     config = lora_config(layers, rank, base_model, model)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owned=GATES_FILE) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / GATES_FILE, {name: g.tolist() for name, g in gates.items()})
@@ -259,36 +214,14 @@ def write_lora(
             extras(tmp, tensors, rank, config, {name: g.tolist() for name, g in gates.items()})
 
 
-def write_merged(base, tokenizer, layers: dict[str, Any], gates: dict[str, torch.Tensor], out: Path) -> None:
-    """A full model folder: `base` with every adapted layer's fixed-gate update added to its weight, saved with the
-    tokenizer; `base`'s weights are restored afterwards (so one base serves every task of `per-task`)."""
-    import torch
-
-    modules = dict(base.named_modules())
-    saved = {}
-    with torch.no_grad():
-        for name, layer in layers.items():
-            weight = modules[name].weight
-            saved[name] = weight.detach().clone()
-            B, A = layer.fixed_gate_lora("default", gates[name], torch.float64)
-            weight.copy_(weight.double() + B @ A)  # in float64, then one rounding to the weight's dtype
-        try:
-            with atomic_dir(out) as tmp:
-                base.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
-                atomic_write_json(tmp / GATES_FILE, {name: g.tolist() for name, g in gates.items()})
-        finally:
-            for name, weight in saved.items():
-                modules[name].weight.copy_(weight)
-
-
-def _plain_base(run: LoadedRun, cache_dir: str | None):
-    from .. import models
-
-    model, _ = models.load_model_and_tokenizer(
-        run.cfg.model, cache_dir=cache_dir, chat_template=run.cfg.data.chat_template
-    )
-    return model.eval()
+def write_merged(model, tokenizer, gates: dict[str, torch.Tensor], out: Path) -> None:
+    """A full model folder: the base of the PEFT `model` with every adapted layer's fixed-gate update merged, on a
+    copy (`tuner.convert.merged_copy`), saved with the tokenizer and gates.json, whole or not at all."""
+    merged = merged_copy(model, gates)
+    with atomic_dir(out, owned=GATES_FILE) as tmp:
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(tmp / GATES_FILE, {name: g.tolist() for name, g in gates.items()})
 
 
 def _base_model_path(run: LoadedRun) -> str:

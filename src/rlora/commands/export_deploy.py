@@ -13,7 +13,8 @@ from ..errors import ConfigError
 from ..export_gguf import OUTTYPES, base_gguf, gguf_name, write_gguf_adapter
 from ..export_readme import ExportFacts, lora_readme
 from ..fidelity import DEFAULT_MAX_LOSS_RISE, Fidelity
-from .export import GATES_FILE, PEFT_PREFIX
+from ..tuner.convert import PEFT_PREFIX
+from .export import GATES_FILE
 
 if TYPE_CHECKING:
     import torch

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from .._io import atomic_dir, atomic_write_json, atomic_write_text
 from ..adapters import README_FILE
 from ..export_readme import heads_readme
-from .export import GATES_FILE, PEFT_PREFIX, lora_config
+from ..tuner.convert import PEFT_PREFIX, lora_config
+from .export import GATES_FILE
 from .export_deploy import Deployer, factors
 
 if TYPE_CHECKING:

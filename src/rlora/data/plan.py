@@ -12,6 +12,7 @@ token counts in batched passes, or for very large mixtures a character count rea
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,6 +82,18 @@ class DataPlan:
     def train_example(self, task_index: int, index: int) -> Example:
         """The `index`-th example of the `task_index`-th task, in the run's formulation."""
         return self.tasks[self._names[task_index]][index]
+
+    def fingerprint(self) -> str:
+        """A digest of the data the run trains on: each task's name and its examples' split keys (each a sha256 of
+        the example's content, `split.split_key`), in order, and the mixture. An example changed, added or removed
+        changes it; it costs no example made for a file's tasks (their keys are stored with the table)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, task in self.tasks.items():
+            digest.update(name.encode() + b"\0")
+            digest.update(np.ascontiguousarray(task.split_keys(), dtype=np.float64).tobytes())
+        for column in self.mixture:
+            digest.update(np.ascontiguousarray(column, dtype=np.int64).tobytes())
+        return digest.hexdigest()
 
     def counts_table(self) -> str:
         return format_mixture_table(self.counts, {t: s["train"] for t, s in self.sizes.items()})

@@ -189,9 +189,12 @@ def load_file(spec: DataFile, cache_dir: str | os.PathLike | None = None) -> Fil
             return table
         if folder.exists():
             _discard(folder)
+        for left in root.glob(f".{key}.*.tmp"):  # a build of this table that was killed: its lock is ours now
+            logger.warning("removing %s, left by a build of this table that was interrupted", left)
+            shutil.rmtree(left, ignore_errors=True)
         logger.info("reading %s into %s", spec.path, folder)
         try:
-            with atomic_dir(folder, shared=True) as tmp:
+            with atomic_dir(folder, shared=True, owned=None) as tmp:
                 _write_table(spec, tmp, source, stamp)
         except OSError as error:
             raise _cache_error(root, error) from None

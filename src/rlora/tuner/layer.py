@@ -236,8 +236,9 @@ class RLoraLinear(nn.Module, RLoraLayer):
         if is_conv1d(base):
             delta = delta.t()
         kind = get_bnb_param_type(weight)
-        if not kind:
-            weight += delta.to(weight.dtype)
+        if not kind:  # the sum in the wider of the two dtypes, then one rounding to the weight's
+            wide = torch.promote_types(weight.dtype, delta.dtype)
+            weight.copy_(weight.to(wide) + delta.to(weight.device, wide))
             return 0.0
         import bitsandbytes as bnb
 
