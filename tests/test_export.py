@@ -129,6 +129,7 @@ def test_the_merged_export_is_the_fixed_gate_model_in_float64_for_every_layer_la
 def test_the_export_is_a_plain_peft_lora_adapter_with_server_compatible_names(exported):
     folder = exported["uniform"]
     assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
         "gates.json",
@@ -147,7 +148,7 @@ def test_the_export_is_a_plain_peft_lora_adapter_with_server_compatible_names(ex
         assert match and name.endswith(LLAMA_CPP_SUFFIX), name
         assert match["module"].rsplit(".", 1)[-1] in MLP
         assert shapes[name][0 if match["ab"] == "A" else 1] == config["r"]
-    gates = json.loads((folder / "gates.json").read_text())
+    gates = json.loads((folder / "gates.json").read_text())["gates"]
     assert len(gates) == 6 and all(g == [1 / 3] * 3 for g in gates.values())
 
 
@@ -184,7 +185,7 @@ def test_bare_peft_loads_the_export_in_a_fresh_process(exported, runs, workspace
     assert "rlora loaded: False" in done.stdout
     deltas = load_file(str(out))
     model = load_run(runs["rlora"]).model.double()
-    gates = json.loads((folder / "gates.json").read_text())
+    gates = json.loads((folder / "gates.json").read_text())["gates"]
     layers = adapted_modules(model)
     assert sorted(deltas) == sorted(layers)
     eps32 = torch.finfo(torch.float32).eps
@@ -209,7 +210,7 @@ def test_per_task_gates_are_each_tasks_mean_gates_over_its_training_tokens(expor
 
     names = list(run.plan.tasks)
     for t, task in enumerate(names):
-        gates = json.loads((exported["tasks"] / task / "gates.json").read_text())
+        gates = json.loads((exported["tasks"] / task / "gates.json").read_text())["gates"]
         rows = sorted(set(run.plan.mixture[1][run.plan.mixture[0] == t].tolist()))
         sums = {name: torch.zeros(3, dtype=torch.float64) for name in layers}
         tokens = 0
@@ -235,7 +236,7 @@ def test_per_task_gates_are_each_tasks_mean_gates_over_its_training_tokens(expor
             torch.testing.assert_close(
                 torch.tensor(gates[name], dtype=torch.float64), sums[name] / tokens, atol=1e-5, rtol=0
             )
-    first, second = (json.loads((exported["tasks"] / t / "gates.json").read_text()) for t in names)
+    first, second = (json.loads((exported["tasks"] / t / "gates.json").read_text())["gates"] for t in names)
     assert first != second
 
 
@@ -269,7 +270,7 @@ def test_a_gates_list_file_applies_to_every_layer(runs, tmp_path):
     file = tmp_path / "gates.json"
     file.write_text("[1, 0, 0]")
     (folder,) = export_run(runs["rlora"], str(file), tmp_path / "out")
-    assert set(map(tuple, json.loads((folder / "gates.json").read_text()).values())) == {(1.0, 0.0, 0.0)}
+    assert set(map(tuple, json.loads((folder / "gates.json").read_text())["gates"].values())) == {(1.0, 0.0, 0.0)}
 
 
 @pytest.mark.parametrize(
@@ -301,16 +302,18 @@ def test_eval_adapter_scores_an_adapter_folder_as_rlora_eval_scores_the_run(runs
 
     routed = evaluate_run(runs["rlora"])
     assert main(["eval", str(runs["rlora"]), "--adapter", str(runs["rlora"] / "adapter")]) == 0
-    same = json.loads((runs["rlora"] / "adapter" / "eval.json").read_text())
+    same = json.loads((runs["rlora"] / "eval_adapter_adapter.json").read_text())
+    assert not (runs["rlora"] / "adapter" / "eval.json").exists()  # the adapter folder is left as it was
     for task, scores in routed["tasks"].items():  # the same model and examples, scored the same way
         for metric, value in scores.items():
             expected = value if isinstance(value, str) or value is None else pytest.approx(value, rel=1e-6)
             assert same["tasks"][task][metric] == expected, (task, metric)
     assert main(["eval", str(runs["rlora"]), "--adapter", str(exported["uniform"])]) == 0
-    written = json.loads((exported["uniform"] / "eval.json").read_text())
+    written = json.loads((runs["rlora"] / "eval_adapter_uniform.json").read_text())
+    assert not (exported["uniform"] / "eval.json").exists()  # the export is left as it was
     assert written["method"] == "adapter uniform" and written["adapter"] == str(exported["uniform"])
     assert {t: r["n"] for t, r in written["tasks"].items()} == {t: r["n"] for t, r in routed["tasks"].items()}
-    assert "adapter uniform" in (exported["uniform"] / "eval.md").read_text()
+    assert "adapter uniform" in (runs["rlora"] / "eval_adapter_uniform.md").read_text()
 
 
 def test_eval_adapter_needs_a_run_folder_without_base(runs, exported, capsys):

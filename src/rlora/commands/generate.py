@@ -44,11 +44,13 @@ def generate_run(
     routing: str | Path | None = None,
     cache_dir: str | None = None,
     stream: bool = True,
+    adapter: str | Path | None = None,
 ) -> list[dict]:
     """Generates a continuation of each prompt with the run's adapter (`Run.open`, which checks it), printing it as
     it comes (transformers' `TextStreamer`) when `stream`. `chat_template`: wrap each prompt in the tokenizer's chat
     template (None: as the run was trained). With `routing` (.png or .html), also draws which head every adapted
     layer favours at every token of prompt and continuation (`analysis.favoured_heads`); only for a multi-head run.
+    With `adapter`, another adapter folder (an export: the fixed-gate model) on the run's base replaces the run's.
 
     Returns per prompt {"prompt", "text" (the continuation), "ids" (prompt and continuation), "prompt_tokens"} and,
     with `routing`, "tokens", "layers", "heads" ((tokens, layers) tensor) and "num_heads"."""
@@ -64,11 +66,20 @@ def generate_run(
     if empty:
         raise ConfigError(f"prompt {empty[0]} is empty; give the text to continue")
     check_routing_path(routing)
-    run = Run.open(run_dir, cache_dir)
+    if routing is not None and adapter is not None:
+        raise ConfigError("--routing: draws a multi-head run's router; an --adapter export has none")
+    run = Run.open(run_dir, cache_dir, adapter=adapter is None)
     if routing is not None:
         run.require_multi_head("--routing needs a multi-head run")
     sampling = sampling or Sampling()
-    model, tokenizer = run.load().model, run.tokenizer
+    if adapter is not None:
+        from ..adapters import load_adapter
+
+        run.load()
+        model = load_adapter(run.base_model, adapter)
+    else:
+        model = run.load().model
+    tokenizer = run.tokenizer
     use_chat = run.cfg.data.chat_template if chat_template is None else chat_template
     if use_chat and not getattr(tokenizer, "chat_template", None):
         raise ModelError(f"model {run.cfg.model!r}: its tokenizer has no chat template; leave out --chat-template")
@@ -139,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         routing=args.routing,
         cache_dir=args.cache_dir,
+        adapter=args.adapter,
     )
     if args.routing:
         print(f"routing map written to {args.routing}")
