@@ -173,6 +173,17 @@ CLAIMS = [
     ),
     Claim(
         "README.md",
+        "a GGUF adapter for llama.cpp, per-head adapters, measured fidelity",
+        _t(
+            "test_export_deploy",
+            "test_gguf_tensors_are_named_and_shaped_as_llama_cpp_loads_them",
+            "test_the_gguf_adapter_holds_the_exported_lora",
+            "test_the_heads_mix_to_any_fixed_gate_model_in_float64",
+            "test_every_export_carries_its_fidelity_as_rlora_eval_measures_it",
+        ),
+    ),
+    Claim(
+        "README.md",
         "`rlora tasks` | the built-in tasks with their sizes",
         _t("test_data_cli", "test_tasks_lists_sizes"),
     ),
