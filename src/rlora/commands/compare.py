@@ -137,7 +137,10 @@ def point_name(overrides: tuple[str, ...] | list[str]) -> str:
 def run_config_for(
     base: RunConfig, folder: Path, spec: MethodSpec, seed: int, matched_rank: int | None = None
 ) -> RunConfig:
-    """`base` as a run of `spec` (its method, and a plain LoRA's rank) with `seed`, written into `folder`."""
+    """`base` as a run of `spec` (its method, its adapter settings, and a plain LoRA's rank) with `seed`, written into
+    `folder`."""
+    if spec.adapter:
+        base = with_overrides(base, [f"adapter.{k}={v}" for k, v in spec.adapter], f"--methods {spec.label}")
     cfg = copy.deepcopy(base)
     cfg.method, cfg.seed, cfg.output_dir = spec.method, seed, str(folder)
     if spec.method == "lora" and spec.rank(matched_rank) is not None:
