@@ -41,6 +41,7 @@ from .data import IGNORE_INDEX, Example, Spans, encode_example, example_spans, p
 from .errors import ConfigError
 from .metrics import METRICS
 from .output_head import forward_hidden, positions_logprobs
+from .tuner import task_routing
 
 
 @dataclasses.dataclass
@@ -345,7 +346,8 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, Sequence[Example]], **kwar
     """Evaluates every task; returns {"tasks": {name: TaskResult as dict}, "average": {...}}."""
     results = {}
     for name, examples in tqdm(list(tasks.items()), desc="tasks", unit="task"):
-        results[name] = evaluate_examples(model, tokenizer, list(examples), desc=name, **kwargs)
+        with task_routing(model, name):  # task routing: the task's own gates (an unknown task: zero task logits)
+            results[name] = evaluate_examples(model, tokenizer, list(examples), desc=name, **kwargs)
     return {"tasks": {k: dataclasses.asdict(v) for k, v in results.items()}, "average": _average(results.values())}
 
 

@@ -115,8 +115,10 @@ class RLoraConfig(PeftConfig):
         metadata={
             "help": "What the gates read. 'token': softmax(W_r x) per token. 'task': softmax(t_task), a learned logit "
             "vector per task (`task_names`), the same for every token of an example. 'token+task': softmax(W_r x + "
-            "t_task). A row without a task, or with a task not in `task_names` (task id -1), gets zero task logits: "
-            "uniform gates under 'task', the token router alone under 'token+task'."
+            "t_task). The task table starts as the router does (router_init: zeros, or U(-1, 1): zero heads with a "
+            "zero table would be the saddle of a zero router). A row without a task, or with a task not in "
+            "`task_names` (task id -1), gets zero task logits: uniform gates under 'task', the token router alone "
+            "under 'token+task'."
         },
     )
     task_names: list[str] | None = field(

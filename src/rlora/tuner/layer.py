@@ -257,8 +257,11 @@ class RLoraLayer(BaseTunerLayer):
         self.share[adapter_name] = config.share
         self.routing[adapter_name] = config.routing
         self.router_losses_on[adapter_name] = config.balance_loss_coef > 0 or config.router_z_loss_coef > 0
-        if config.routing != "token":  # zero: uniform task gates at the start, so every init's start stays exact
+        if config.routing != "token":  # as the router: zero (uniform task gates, exact start) or random
             self.rlora_task_logits[adapter_name] = nn.Parameter(torch.zeros(len(config.task_names), k))
+            if config.router_init == "random":  # zero heads with zero task logits: every head the same gradient
+                with torch.no_grad():
+                    nn.init.uniform_(self.rlora_task_logits[adapter_name], -1.0, 1.0)
 
     def route_logits(
         self, x: torch.Tensor, token_logits: torch.Tensor | None, adapter_name: str, dtype: torch.dtype

@@ -218,3 +218,16 @@ class RLoraModel(BaseTuner):
             )
         return self.unload()
 
+
+
+@contextlib.contextmanager
+def task_routing(model: nn.Module, task: str | None) -> Iterator[None]:
+    """While the block runs, every row that `model` (a PEFT model, or anything else: then nothing happens) sees is of
+    `task`: under task routing its gates use that task's logits, or zero logits for a task the adapter was not
+    trained on (uniform gates under routing "task"; the token router alone under "token+task")."""
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, RLoraModel) or task is None:
+        yield
+        return
+    with tuner.routing(task_ids=task):
+        yield
