@@ -72,7 +72,9 @@ def test_the_training_set_tokenizes_on_read_what_the_eager_path_encoded(tmp_path
         eager = encode_examples(tiny_tokenizer, list(plan.train), cfg.data.chat_template, cfg.data.max_length)
         names = list(plan.tasks)  # each item also names its task by its index there (task routing's task id)
         tasks = [names.index(e.task) for e in plan.train]
-        assert [dataset[i] for i in range(len(dataset))] == [f | {"task_id": t} for f, t in zip(eager, tasks)]
+        assert [dataset[i] for i in range(len(dataset))] == [
+            f | {"task_id": t} for f, t in zip(eager, tasks, strict=True)
+        ]
         assert dataset.lengths.tolist() == [len(f["input_ids"]) for f in eager]
 
 

@@ -215,9 +215,7 @@ class _FiniteLossTrainer(HeadOnlyLossTrainer):
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         if self.router_lr_scale != 1.0:
-            routers = {
-                id(p) for n, p in self.model.named_parameters() if is_router_parameter(n) and p.requires_grad
-            }
+            routers = {id(p) for n, p in self.model.named_parameters() if is_router_parameter(n) and p.requires_grad}
             moved = []
             for group in optimizer.param_groups:
                 moved += [p for p in group["params"] if id(p) in routers]

@@ -223,7 +223,10 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "balance_loss_coef": (lambda v: _is_number(v) and 0 <= v < math.inf, "a finite number >= 0"),
     "router_z_loss_coef": (lambda v: _is_number(v) and 0 <= v < math.inf, "a finite number >= 0"),
     "heads_pattern": (
-        lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and _is_int(n) and n >= 1 for k, n in v.items())),
+        lambda v: (
+            v is None
+            or (isinstance(v, dict) and all(isinstance(k, str) and _is_int(n) and n >= 1 for k, n in v.items()))
+        ),
         "null or a mapping of module-name regex to an integer >= 1",
     ),
 }

@@ -184,8 +184,8 @@ class RLoraLayer(BaseTunerLayer):
     def gates(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Router probabilities (..., K), in float32 (float64 for float64 inputs)."""
         dtype = torch.promote_types(x.dtype, torch.float32)
-        router = self.rlora_router[adapter_name].to(dtype) if adapter_name in self.rlora_router else None
-        token = F.linear(x.to(dtype), router) if router is not None else None
+        router = self.rlora_router.get(adapter_name)
+        token = F.linear(x.to(dtype), router.to(dtype)) if router is not None else None
         return torch.softmax(self.route_logits(x, token, adapter_name, dtype), dim=-1)
 
     def head_weights(self, adapter_name: str) -> torch.Tensor:
@@ -213,7 +213,7 @@ class RLoraLayer(BaseTunerLayer):
         # gates' float32 (float64) is x's dtype, the router. The weights are concatenated, (2r + K) x d_in at most.
         readers = [] if dropped else [A]
         readers += [self.rlora_offset_A[adapter_name].to(A.dtype)] if offset else []
-        router = self.rlora_router[adapter_name] if adapter_name in self.rlora_router else None  # none: task routing
+        router = self.rlora_router.get(adapter_name)  # None: routing by task alone
         fused_router = router is not None and gate_dtype == x.dtype
         readers += [router.to(A.dtype)] if fused_router else []
         z = F.linear(F.dropout(x, p, self.training), A) if dropped else None  # (..., r or K*r)
@@ -308,6 +308,8 @@ class RLoraLayer(BaseTunerLayer):
         balance = k * (share * probs.mean(0)).sum()
         z = torch.logsumexp(flat, dim=-1).pow(2).mean()
         self.recorded_router_losses.append((balance, z))
+
+
 class RLoraLinear(nn.Module, RLoraLayer):
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: RLoraConfig, num_heads: int | None = None, **kwargs: Any

@@ -219,7 +219,6 @@ class RLoraModel(BaseTuner):
         return self.unload()
 
 
-
 @contextlib.contextmanager
 def task_routing(model: nn.Module, task: str | None) -> Iterator[None]:
     """While the block runs, every row that `model` (a PEFT model, or anything else: then nothing happens) sees is of
