@@ -281,3 +281,51 @@ def test_task_routing_separates_tasks_that_need_different_heads_token_routing_re
             f"after {SEPARATION_STEPS} steps, heads {head_init}: task routing JSD {jsd:.3f} nats; "
             f"token routing from a {router_init} router: JSD {token:.4f} nats"
         )
+
+
+@pytest.mark.numerics
+def test_a_task_routed_run_trains_with_the_balance_loss_logs_it_and_exports_each_task_exactly(
+    workspace, tmp_path, capsys
+):
+    import json
+
+    from _tiny import write_config
+    from transformers import AutoModelForCausalLM
+
+    from rlora.cli import main
+    from rlora.commands.eval import evaluate_run
+    from rlora.run import load_run
+    from rlora.runconfig import load_run_config
+    from rlora.train import train
+
+    overrides = ["adapter.routing=task", "adapter.balance_loss_coef=0.05", "adapter.router_z_loss_coef=0.001"]
+    run = train(load_run_config(write_config(workspace, tmp_path / "run"), overrides))
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    logged = [r for r in log if "loss" in r]
+    assert len(logged) == 6 and all(r["router_balance_loss"] >= 1.0 - 1e-6 for r in logged)  # uniform: exactly 1
+    assert all(r["router_z_loss"] > 0 for r in logged)
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert (saved["routing"], saved["task_names"]) == ("task", ["colors", "letters"])  # the data plan's order
+    assert "router" in evaluate_run(run)  # evaluated per task, with that task's gates
+
+    capsys.readouterr()
+    assert main(["export", str(run), "--gates", "per-task", "--out", str(tmp_path / "tasks")]) == 0
+    assert "exact: the adapter routes by task" in capsys.readouterr().out
+    model = load_run(run).model.double().eval()
+    ids = torch.tensor([[5, 9, 14, 3, 7, 11]])
+    for task in ("colors", "letters"):
+        gates = json.loads((tmp_path / "tasks" / task / "gates.json").read_text())
+        for name, layer in ((n.removeprefix("base_model.model."), m) for n, m in model.named_modules()):
+            if name in gates:
+                own = layer.task_gates("default", ["colors", "letters"].index(task))
+                torch.testing.assert_close(torch.tensor(gates[name], dtype=torch.float64), own, **F64)
+        export = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(workspace / "model").double(), tmp_path / "tasks" / task
+        ).eval()
+        with torch.no_grad(), task_routing(model, task):
+            routed = model(input_ids=ids).logits
+        with torch.no_grad():
+            fixed = export(input_ids=ids).logits
+        # the export stores B in float32 (one rounding, relative 6e-8, of updates of size < 1), carried through two
+        # tiny layers to logits of size ~1: differences ~1e-6; 1e-4 leaves room and is far below a routing error
+        torch.testing.assert_close(fixed, routed, atol=1e-4, rtol=0)
