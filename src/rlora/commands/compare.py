@@ -47,6 +47,7 @@ from ..errors import ConfigError, TrainingError
 from ..methods import MethodSpec, parse_method
 from ..metrics import ACCURACY_METRICS
 from ..plots import plot_comparison
+from ..power import average_noise, task_noise
 from ..reports import comparison_markdown
 from ..run import RunFolder
 from ..runconfig import RunConfig, load_run_config, override_parts, validate_run_config, with_overrides
@@ -320,6 +321,7 @@ def summarize(runs: dict[str, dict[int, dict]], methods: list[str], seeds: list[
                         for task in tasks
                     },
                     "average": _ci(paired_difference(ours["average"]["values"], theirs["average"]["values"])),
+                    "noise": resolution(runs, method, reference, metric, seeds, tasks),
                 }
         summary["metrics"][metric] = {"per_method": per_method, "difference_to": reference, "differences": diffs}
     health = {}
@@ -338,6 +340,35 @@ def summarize(runs: dict[str, dict[int, dict]], methods: list[str], seeds: list[
     if health:
         summary["router_health"] = health
     return summary
+
+
+def resolution(runs: dict, method: str, reference: str, metric: str, seeds: list[int], tasks: list[str]) -> dict:
+    """What the paired difference method − reference can resolve (`power`): per task and on average, the seed-to-seed
+    and example-to-example noise, the minimum detectable difference for these seeds and test examples, and whether
+    the difference is resolved; None under 2 seeds. The example part needs every run's per-example outcomes
+    (`evaluate.evaluate_tasks`'s "examples"; not for the loss), else the seed part alone is used."""
+    per_task = {}
+    for task in tasks:
+        seed_means = [runs[method][s]["tasks"][task][metric] - runs[reference][s]["tasks"][task][metric] for s in seeds]
+        outcomes = [
+            (runs[m][s].get("examples") or {}).get(task, {}).get(metric) for s in seeds for m in (method, reference)
+        ]
+        differences = None
+        if all(o is not None for o in outcomes) and len({len(o) for o in outcomes}) == 1:
+            differences = [[a - b for a, b in zip(ours, theirs, strict=True)] for ours, theirs in pairwise(outcomes)]
+        per_task[task] = task_noise(differences, seed_means)
+    average = [runs[method][s]["average"][metric] - runs[reference][s]["average"][metric] for s in seeds]
+    known = [n for n in per_task.values() if n is not None]
+    overall = average_noise(known, average) if len(known) == len(tasks) else None
+    return {
+        "tasks": {task: n.to_dict() if n is not None else None for task, n in per_task.items()},
+        "average": overall.to_dict() if overall is not None else None,
+    }
+
+
+def pairwise(items: list) -> list[tuple]:
+    """(items[0], items[1]), (items[2], items[3]), ..."""
+    return list(zip(items[::2], items[1::2], strict=True))
 
 
 def _ci(pair: tuple[float, float]) -> dict[str, float | None]:
