@@ -227,7 +227,6 @@ def test_comparison_table_of_the_loss_states_its_direction_and_old_runs_leave_it
         "| rlora | colors | 2 | – | 0.354 | – | not resolved; MDE 3.521 |",
         "| rlora | free | 2 | – | 0.707 | – | not resolved; MDE 7.041 |",
         "| rlora | **average** | 2 | – | 0.177 | – | not resolved; MDE 1.760 |",
-        "",
     ]
 
     runs["hydralora"][1] = results("hydralora", None)  # an older run, without the loss
