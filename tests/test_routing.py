@@ -329,3 +329,42 @@ def test_a_task_routed_run_trains_with_the_balance_loss_logs_it_and_exports_each
         # the export stores B in float32 (one rounding, relative 6e-8, of updates of size < 1), carried through two
         # tiny layers to logits of size ~1: differences ~1e-6; 1e-4 leaves room and is far below a routing error
         torch.testing.assert_close(fixed, routed, atol=1e-4, rtol=0)
+
+
+def test_a_method_label_carries_adapter_settings_into_its_runs(workspace, tmp_path):
+    from _tiny import write_config
+
+    from rlora.commands.compare import parse_methods, run_config_for
+    from rlora.methods import parse_method
+    from rlora.runconfig import load_run_config
+
+    spec = parse_method("rlora@routing=token+task@balance_loss_coef=0.01")
+    assert (spec.method, spec.adapter) == ("rlora", (("routing", "token+task"), ("balance_loss_coef", "0.01")))
+    base = load_run_config(write_config(workspace, tmp_path / "base"))
+    cfg = run_config_for(base, tmp_path / "out", spec, seed=1)
+    assert (cfg.method, cfg.adapter.routing, cfg.adapter.balance_loss_coef, cfg.seed) == (
+        "rlora",
+        "token+task",
+        0.01,
+        1,
+    )
+    assert base.adapter.routing == "token"  # the base config is left as it was
+    with pytest.raises(ConfigError, match=r"--methods rlora@routing=tasks: .*adapter.routing: expected one of"):
+        run_config_for(base, tmp_path / "out", parse_method("rlora@routing=tasks"), seed=0)
+    for bad in ("rlora@routing=../x", "lora@routing=task", "rlora@"):
+        with pytest.raises(ConfigError, match=r"--methods: unknown method"):
+            parse_methods(bad)
+
+
+def test_the_router_losses_are_refused_with_the_reentrant_checkpoint(workspace, tmp_path):
+    from _tiny import write_config
+
+    from rlora.runconfig import load_run_config
+
+    overrides = [
+        "adapter.balance_loss_coef=0.01",
+        "training.gradient_checkpointing=true",
+        "training.gradient_checkpointing_reentrant=true",
+    ]
+    with pytest.raises(ConfigError, match=r"adapter.balance_loss_coef: the router losses need gradients"):
+        load_run_config(write_config(workspace, tmp_path / "run"), overrides)

@@ -200,10 +200,9 @@ def head_projection(model: torch.nn.Module, adapter_name: str = "default") -> di
         centred = points - points.mean(0, keepdim=True)
         _, _, v = torch.linalg.svd(centred, full_matrices=False)
         coords = centred @ v[:2].T if v.shape[0] >= 2 else torch.cat([centred @ v.T, torch.zeros(len(points), 1)], 1)
-        k = items[0][1].shape[0]
         out[module] = {
             "xy": coords.tolist(),
-            "head": [h for _ in items for h in range(k)],
+            "head": [h for _, heads in items for h in range(heads.shape[0])],  # K per layer (heads_pattern)
             "layer": [index for index, heads in items for _ in range(heads.shape[0])],
         }
     return out

@@ -424,6 +424,12 @@ def _check_engines(cfg: RunConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: training.gradient_checkpointing_reentrant: only with training.gradient_checkpointing: true"
         )
+    a = cfg.adapter
+    if t.gradient_checkpointing_reentrant and (a.balance_loss_coef > 0 or a.router_z_loss_coef > 0):
+        raise ConfigError(
+            f"{source}: adapter.balance_loss_coef: the router losses need gradients from the forward pass, which the "
+            "reentrant checkpoint runs without; set training.gradient_checkpointing_reentrant: false"
+        )
     if cfg.base.quantization != "none" and (t.deepspeed is not None or t.fsdp):
         engine = "training.deepspeed" if t.deepspeed is not None else "training.fsdp"
         raise ConfigError(

@@ -2,8 +2,9 @@
 (with a sweep) at its own best settings, chosen without the test split.
 
     OUT/<method>/seed<k>/      a normal run folder (train + eval); reused when its eval.json exists
-    OUT/comparison.json        every run's per-task results, the means and 95% CIs, paired differences, the routers'
-                               health, and with a sweep the whole sweep and each method's choice
+    OUT/comparison.json        every run's per-task results, the means and 95% CIs, paired differences with their
+                               seed and example noise and minimum detectable difference (`power.py`; `rlora plan`
+                               reads them), the routers' health, and with a sweep the whole sweep and each choice
     OUT/comparison.md          the same as Markdown tables
     OUT/comparison.png         mean accuracy (and held-out loss) per task and method with 95% CI error bars
 
@@ -25,7 +26,8 @@ setting; several keys make a grid) chooses each method's value first:
 The value with the lowest validation loss (the mean over tasks) is the method's; a tie goes to the value given
 first. Nothing in the choice reads the test split: its examples are neither trained on nor evaluated there.
 
-Methods are `methods.METHODS` or plain LoRA at another rank (`methods.parse_method`: `lora@r=60`, `lora@x4`).
+Methods are `methods.METHODS`, plain LoRA at another rank or a multi-head method with adapter settings of its own
+(`methods.parse_method`: `lora@r=60`, `lora@x4`, `rlora@routing=task`).
 
 An interrupted comparison continues where it stopped: finished runs are reused, a run with checkpoints
 resumes from its last complete one.
