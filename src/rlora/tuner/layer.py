@@ -23,7 +23,7 @@ Initialisation:
 
 Router options (config `routing`, `share`, `balance_loss_coef`, `router_z_loss_coef`; docs/routing.md), kept apart
 in the "Router options" section below:
-- routing="task" / "token+task": the gate logits are t_task (a learned (num_tasks, K) table, zero at the start) or
+- routing="task" / "token+task": the gate logits are t_task (a learned (num_tasks, K) table, started as the router) or
   W_r x + t_task; each row's task id comes from `RoutingInputs` (set by `RLoraModel.routing`), -1 or none: zero.
 - share="up" (ALoRA): K down-projections A_k (K*r x d_in) and one B (d_out x r): h = W0 x + s B sum_k g_k A_k x.
 - the balance and z losses are computed from the gate logits in training and kept on the layer until the model
