@@ -192,7 +192,7 @@ def _add_plan(subparsers) -> None:
         "plan",
         help="from a finished comparison, the seeds and test examples that would resolve a given effect",
         description="Reads OUT/comparison.json of `rlora compare` (a pilot) and prints, per paired difference, task "
-        "and on average, the fewest test examples per task that resolve EFFECT at 95%% with 80%% power, for each "
+        "and on average, the fewest test examples per task that resolve EFFECT at 95% with 80% power, for each "
         "number of seeds (docs/planning.md).",
     )
     parser.add_argument("comparison", help="a comparison folder (or its comparison.json)")
