@@ -177,3 +177,18 @@ def test_plan_refuses_bad_input_in_one_line(tmp_path, capsys, args, message):
 def test_plan_of_a_folder_without_a_comparison_is_one_line(tmp_path, capsys):
     assert main(["plan", str(tmp_path), "--effect", "1"]) == 2
     assert "comparison.json: not a readable comparison" in capsys.readouterr().err
+
+
+def test_methods_that_agree_on_every_seed_and_example_leave_the_noise_not_estimable(tmp_path, capsys):
+    same = {"boolq": [1, 0, 1, 1], "piqa": [0, 0, 1, 0]}
+    runs = {m: {s: _results(m, same) for s in (0, 1)} for m in ("hydralora", "rlora")}
+    summary = summarize(runs, ["hydralora", "rlora"], [0, 1])
+    noise = summary["metrics"]["acc_ll"]["differences"]["rlora"]["noise"]
+    assert noise["average"]["mde"] is None and not noise["average"]["resolved"]
+    text = comparison_markdown(summary)
+    assert (
+        "| boolq | 0.0 ± 0.0 (not resolved; no paired difference on any seed or example: MDE not estimable) |" in text
+    )
+    (tmp_path / "comparison.json").write_text(json.dumps(summary))
+    assert main(["plan", str(tmp_path), "--effect", "1"]) == 0
+    assert "| **average** | not estimable | – |" in capsys.readouterr().out

@@ -28,7 +28,8 @@ seed part from the seeds' mean differences over tasks, its example parts the tas
 SE_avg^2 = var_seed_avg / S + sum_t (var_example_t / N_t + var_residual_t / (S N_t)) / T^2.
 
 The planner (`plan`) finds, for each number of seeds S', the fewest test examples per task N' with
-MDE(S', N') <= effect, from the pilot's components; none when the seeds' part alone exceeds it.
+MDE(S', N') <= effect, from the pilot's components; none when the seeds' part alone exceeds it. Where the two methods
+agreed on every seed and example (every d_si = 0), the noise is not estimable: MDE None, and no plan.
 A metric without per-example outcomes (the held-out loss) gets the seed part only: its MDE is for this test set.
 """
 
@@ -94,7 +95,7 @@ class Noise:
     var_example: float  # for the average: sum_t var_example_t / T^2, per example of each task
     var_residual: float  # likewise
     se: float
-    mde: float
+    mde: float | None  # None: SE 0, no paired difference anywhere, the noise not estimable
     resolved: bool
 
     def mde_for(self, seeds: int, examples: int, alpha: float = ALPHA, power: float = POWER) -> float:
@@ -156,8 +157,10 @@ def average_noise(tasks: Sequence[Noise], seed_means: Sequence[float]) -> Noise 
 
 
 def _noise(s, n, mean, seed_sd, example_sd, var_seed, var_example, var_residual, se) -> Noise:
-    mde = detect_factor(s) * se
-    resolved = abs(mean) > t_quantile(1 - ALPHA / 2, s - 1) * se and se > 0
+    """A `Noise`; where every paired difference was 0 (SE 0: the two methods agreed on every seed and example), the
+    pilot says nothing about the noise: MDE None, not resolved."""
+    mde = detect_factor(s) * se if se > 0 else None
+    resolved = se > 0 and abs(mean) > t_quantile(1 - ALPHA / 2, s - 1) * se
     return Noise(s, n, mean, seed_sd, example_sd, var_seed, var_example, var_residual, se, mde, resolved)
 
 

@@ -157,6 +157,8 @@ def _verdict(metric: str, noise: dict | None) -> str:
     info = METRIC_INFO[metric]
     if noise is None:
         return "–"
+    if noise["mde"] is None:
+        return "not resolved; no paired difference on any seed or example: MDE not estimable"
     mde = f"MDE {info.scale * noise['mde']:.{info.digits}f}"
     return f"resolved; {mde}" if noise["resolved"] else f"not resolved; {mde}"
 

@@ -16,6 +16,7 @@ from ..power import Noise, plan
 from ..reports import markdown_cell, markdown_table
 
 COMPARISON_FILE = "comparison.json"
+PLANNED_SEEDS = (2, 3, 4, 5, 6, 8, 10, 15, 20)
 
 
 def read_comparison(path: str | Path) -> dict:
@@ -63,20 +64,26 @@ def plan_markdown(summary: dict, metric: str, effect: float, file: str) -> str:
     for method, d in data["differences"].items():
         noise = d.get("noise") or {}
         items = [*(noise.get("tasks") or {}).items(), ("average", noise.get("average"))]
-        rows, seeds = [], None
+        rows = []
         for task, record in items:
             n = _noise(record, f"{file}: {metric}.{method}.{task}")
+            name = "**average**" if task == "average" else markdown_cell(task)
             if n is None:
                 continue
-            planned = plan(n, stored)
-            seeds = [p["seeds"] for p in planned]
-            name = "**average**" if task == "average" else markdown_cell(task)
+            if n.mde is None:  # identical outcomes everywhere: nothing to plan from
+                rows.append([name, "not estimable", *("–" for _ in PLANNED_SEEDS)])
+                continue
+            planned = plan(n, stored, PLANNED_SEEDS)
             mde_now = f"{info.scale * n.mde:.{info.digits}f}"
             rows.append([name, mde_now, *(str(p["examples"]) if p["examples"] else "never" for p in planned)])
         if not rows:
             parts += [f"{method} − {ref}: no noise measured (under 2 seeds)", ""]
             continue
-        parts += [f"{method} − {ref}:", "", markdown_table(["task", "MDE now", *(f"{s} seeds" for s in seeds)], rows)]
+        parts += [
+            f"{method} − {ref}:",
+            "",
+            markdown_table(["task", "MDE now", *(f"{s} seeds" for s in PLANNED_SEEDS)], rows),
+        ]
         parts.append("")
     return "\n".join(parts)
 
