@@ -192,3 +192,22 @@ def test_methods_that_agree_on_every_seed_and_example_leave_the_noise_not_estima
     (tmp_path / "comparison.json").write_text(json.dumps(summary))
     assert main(["plan", str(tmp_path), "--effect", "1"]) == 0
     assert "| **average** | not estimable | – |" in capsys.readouterr().out
+
+
+def test_the_loss_without_per_example_outcomes_is_planned_in_seeds_only(tmp_path, capsys):
+    losses = {"hydralora": [2.0, 2.1, 2.05], "rlora": [1.9, 2.05, 1.98]}
+    runs = {m: {} for m in losses}
+    for m, values in losses.items():
+        for s, v in enumerate(values):
+            run = _results(m, {"boolq": [1, 0], "piqa": [0, 1]})
+            run["tasks"]["boolq"]["loss"] = run["tasks"]["piqa"]["loss"] = run["average"]["loss"] = v
+            runs[m][s] = run
+    summary = summarize(runs, ["hydralora", "rlora"], [0, 1, 2])
+    noise = Noise(**summary["metrics"]["loss"]["differences"]["rlora"]["noise"]["average"])
+    assert noise.example_sd is None and noise.var_example == noise.var_residual == 0
+    (tmp_path / "comparison.json").write_text(json.dumps(summary))
+    assert main(["plan", str(tmp_path), "--effect", "0.05", "--metric", "loss"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| **average** |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][2:]
+    expected = ["any" if needed_examples(noise, s, 0.05) else "never" for s in (2, 3, 4, 5, 6, 8, 10, 15, 20)]
+    assert cells == expected and "never" in cells and "any" in cells  # some seed counts do not suffice, some do

@@ -57,7 +57,9 @@ def plan_markdown(summary: dict, metric: str, effect: float, file: str) -> str:
         f"### Test examples per task needed to resolve {effect:g} {info.difference_unit} of {info.title} "
         f"(95%, power 80%), by number of seeds; from the pilot's {len(summary['seeds'])} seeds",
         "",
-        "never: the seeds' noise alone exceeds the effect at that many seeds. MDE now: with the pilot's examples.",
+        "never: the seeds' noise alone exceeds the effect at that many seeds. any: the metric has no per-example "
+        "outcomes (the held-out loss), so the test set is held fixed and only the seeds are planned. MDE now: with "
+        "the pilot's seeds and examples.",
         "",
     ]
     ref = data["difference_to"]
@@ -75,7 +77,9 @@ def plan_markdown(summary: dict, metric: str, effect: float, file: str) -> str:
                 continue
             planned = plan(n, stored, PLANNED_SEEDS)
             mde_now = f"{info.scale * n.mde:.{info.digits}f}"
-            rows.append([name, mde_now, *(str(p["examples"]) if p["examples"] else "never" for p in planned)])
+            fixed = n.example_sd is None  # no per-example outcomes: the examples are not in the model
+            cells = ["never" if p["examples"] is None else "any" if fixed else str(p["examples"]) for p in planned]
+            rows.append([name, mde_now, *cells])
         if not rows:
             parts += [f"{method} − {ref}: no noise measured (under 2 seeds)", ""]
             continue
