@@ -70,7 +70,11 @@ def test_the_training_set_tokenizes_on_read_what_the_eager_path_encoded(tmp_path
         plan = plan_data(cfg.data, cfg.seed)
         dataset = plan.train_dataset(tiny_tokenizer)
         eager = encode_examples(tiny_tokenizer, list(plan.train), cfg.data.chat_template, cfg.data.max_length)
-        assert [dataset[i] for i in range(len(dataset))] == eager
+        names = list(plan.tasks)  # each item also names its task by its index there (task routing's task id)
+        tasks = [names.index(e.task) for e in plan.train]
+        assert [dataset[i] for i in range(len(dataset))] == [
+            f | {"task_id": t} for f, t in zip(eager, tasks, strict=True)
+        ]
         assert dataset.lengths.tolist() == [len(f["input_ids"]) for f in eager]
 
 

@@ -205,13 +205,28 @@ def test_comparison_table_of_the_loss_states_its_direction_and_old_runs_leave_it
         "| **average** | 2.625 ± 1.588 | 2.250 ± 0.000 |",
         "",
         "Paired difference to hydralora (same seed), nats per token; negative: lower than hydralora, better, "
-        "mean ± 95% CI:",
+        "mean ± 95% CI over seeds on this test set; resolved or not, counting the seeds and the test examples as "
+        "samples, with the minimum detectable difference (MDE: 95%, power 80%; `rlora plan` for the budget a given "
+        "effect needs):",
         "",
         "| task | rlora − hydralora |",
         "|---|---|",
-        "| colors | -0.250 ± 3.177 |",
-        "| free | -0.500 ± 6.353 |",
-        "| **average** | -0.375 ± 1.588 |",
+        # no per-example loss: MDE = (t_{0.975,1} + t_{0.8,1}) * sd / sqrt 2 = (12.7062 + 1.3764) * sd / sqrt 2,
+        # sd of the per-seed differences: colors (-0.5, 0) 0.354, free (0, -1) 0.707, average (-0.25, -0.5) 0.177
+        "| colors | -0.250 ± 3.177 (not resolved; MDE 3.521) |",
+        "| free | -0.500 ± 6.353 (not resolved; MDE 7.041) |",
+        "| **average** | -0.375 ± 1.588 (not resolved; MDE 1.760) |",
+        "",
+        "What the paired differences to hydralora can resolve, nats per token: the standard deviation over seeds of "
+        "the paired difference, over test examples of the per-example difference (– : no per-example outcomes, the "
+        "MDE then holds this test set fixed), and the minimum detectable difference MDE = (t_0.975 + t_0.80, S-1 "
+        "dof) x SE, SE^2 = var_seed/S + var_example/N + var_residual/(S N) (docs/planning.md):",
+        "",
+        "| method | task | seeds | examples | seed sd | example sd | verdict (MDE) |",
+        "|---|---|---|---|---|---|---|",
+        "| rlora | colors | 2 | – | 0.354 | – | not resolved; MDE 3.521 |",
+        "| rlora | free | 2 | – | 0.707 | – | not resolved; MDE 7.041 |",
+        "| rlora | **average** | 2 | – | 0.177 | – | not resolved; MDE 1.760 |",
     ]
 
     runs["hydralora"][1] = results("hydralora", None)  # an older run, without the loss

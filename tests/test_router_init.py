@@ -80,6 +80,7 @@ def test_the_methods_use_their_papers_router_init():
         "hydralora": "random",
         "hydralora+dropout": "random",
         "hydralora+init": "zeros",
+        "alora": "zeros",  # B = 0 and K distinct random A_k: exact start, and no saddle (tests/test_routing.py)
     }
     assert RLoraConfig().router_init == "zeros"
     overridden = adapter_config(

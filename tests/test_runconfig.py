@@ -46,7 +46,11 @@ def test_the_dumped_config_loads_back_to_the_same_config(tmp_path):
         ("training:\n  batch_size: eight\n", [], r"run.yaml: training.batch_size: expected an integer, got 'eight'"),
         ("training:\n  batch_size: 2.5\n", [], r"training.batch_size: expected an integer, got 2.5"),
         ("data:\n  tasks: piqa\n", [], r"data.tasks: expected a list of strings, got 'piqa'"),
-        ("method: dora\n", [], r"method: expected one of rlora, hydralora, hydralora\+dropout, hydralora\+init, lora"),
+        (
+            "method: dora\n",
+            [],
+            r"method: expected one of rlora, hydralora, hydralora\+dropout, hydralora\+init, alora, lora",
+        ),
         ("data:\n  mixture: random\n", [], r"data.mixture: expected one of proportional, equal, temperature"),
         ("data:\n  jsonl: [missing.jsonl]\n", [], r"data.jsonl\[0\]: no such file: missing.jsonl"),
         ("training: [1, 2]\n", [], r"training: expected a mapping"),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .data import pad_ids
 from .output_head import forward_hidden
-from .tuner import RLoraLinear
+from .tuner import RLoraLinear, task_routing
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -99,7 +99,7 @@ def router_usage(
         tokens = 0
         for start in range(0, len(prompts), batch_size):
             ids, mask = pad_ids(prompts[start : start + batch_size], pad_id=0)  # padding is masked out below
-            with record_gates(model, adapter_name) as records:  # the layers only: no logits
+            with task_routing(model, task), record_gates(model, adapter_name) as records:  # the layers only
                 forward_hidden(model, input_ids=ids.to(device), attention_mask=mask.to(device))
             real = mask.bool().flatten()
             tokens += int(real.sum())
@@ -109,8 +109,9 @@ def router_usage(
                 h = -(g * g.clamp_min(1e-12).log()).sum(-1)
                 entropy[name] = entropy.get(name, 0) + h.sum()
         per_layer = {name: (sums[name] / tokens) for name in sums}
+        k = max(g.shape[0] for g in per_layer.values())  # layers with fewer heads (heads_pattern) are left out here
         usage[task] = {
-            "mean_gate": torch.stack(list(per_layer.values())).mean(0).tolist(),
+            "mean_gate": torch.stack([g for g in per_layer.values() if g.shape[0] == k]).mean(0).tolist(),
             "mean_gate_per_layer": {name: g.tolist() for name, g in per_layer.items()},
             "entropy": float(sum(entropy.values()) / (tokens * len(entropy))),
             "entropy_per_layer": {name: float(entropy[name] / tokens) for name in entropy},
@@ -149,7 +150,7 @@ def router_health(usage: dict[str, dict]) -> dict:
     divergence, shares = [], []
     for layer in layers:
         gates = [usage[t]["mean_gate_per_layer"][layer] for t in tasks]
-        pooled = [sum(g[h] for g in gates) / len(tasks) for h in range(k)]
+        pooled = [sum(g[h] for g in gates) / len(tasks) for h in range(len(gates[0]))]  # this layer's K
         divergence.append(_entropy(pooled) - sum(_entropy(g) for g in gates) / len(tasks))
         shares.append(max(pooled))
     collapsed = sum(share >= COLLAPSED_SHARE for share in shares)
@@ -199,10 +200,9 @@ def head_projection(model: torch.nn.Module, adapter_name: str = "default") -> di
         centred = points - points.mean(0, keepdim=True)
         _, _, v = torch.linalg.svd(centred, full_matrices=False)
         coords = centred @ v[:2].T if v.shape[0] >= 2 else torch.cat([centred @ v.T, torch.zeros(len(points), 1)], 1)
-        k = items[0][1].shape[0]
         out[module] = {
             "xy": coords.tolist(),
-            "head": [h for _ in items for h in range(k)],
+            "head": [h for _, heads in items for h in range(heads.shape[0])],  # K per layer (heads_pattern)
             "layer": [index for index, heads in items for _ in range(heads.shape[0])],
         }
     return out

@@ -204,6 +204,27 @@ def _add_compare(subparsers) -> None:
     parser.set_defaults(func=_command("compare"))
 
 
+def _add_plan(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="from a finished comparison, the seeds and test examples that would resolve a given effect",
+        description="Reads OUT/comparison.json of `rlora compare` (a pilot) and prints, per paired difference, task "
+        "and on average, the fewest test examples per task that resolve EFFECT at 95% with 80% power, for each "
+        "number of seeds (docs/planning.md).",
+    )
+    parser.add_argument("comparison", help="a comparison folder (or its comparison.json)")
+    parser.add_argument(
+        "--effect", type=float, required=True, help="the difference to resolve, in points (accuracies) or nats (loss)"
+    )
+    parser.add_argument(
+        "--metric",
+        default="acc_ll",
+        choices=["acc_ll", "acc_norm", "acc_gen", "loss"],
+        help="the metric (default: %(default)s)",
+    )
+    parser.set_defaults(func=_command("plan"))
+
+
 def _add_analyze(subparsers) -> None:
     parser = subparsers.add_parser("analyze", help="head similarity, router usage per task, and plots of a run")
     parser.add_argument("run_dir", help="a run folder of a multi-head method")
@@ -358,6 +379,7 @@ SUBCOMMANDS = (
     _add_eval,
     _add_demo,
     _add_compare,
+    _add_plan,
     _add_analyze,
     _add_generate,
     _add_export,

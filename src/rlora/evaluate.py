@@ -41,6 +41,7 @@ from .data import IGNORE_INDEX, Example, Spans, encode_example, example_spans, p
 from .errors import ConfigError
 from .metrics import METRICS
 from .output_head import forward_hidden, positions_logprobs
+from .tuner import task_routing
 
 
 @dataclasses.dataclass
@@ -371,11 +372,13 @@ ENCODING = ("chat_template", "max_length", "batch_size")  # `predict`'s settings
 
 
 def evaluate_examples(
-    model, tokenizer, examples: Sequence[Example], *, accuracy: bool = True, **settings
+    model, tokenizer, examples: Sequence[Example], *, accuracy: bool = True, outcomes: dict | None = None, **settings
 ) -> TaskResult:
     """The metrics of one task (see the module docstring); `settings` are `predict`'s keyword arguments (the
     encoding, the batch size, generation). Without `accuracy` only the held-out loss (and its perplexity), the
-    accuracies None: what choosing settings on a validation split needs, at a fraction of the cost."""
+    accuracies None: what choosing settings on a validation split needs, at a fraction of the cost. `outcomes`, if
+    given, receives each accuracy's per-example outcome (1 right, 0 wrong, in the examples' order): what a comparison
+    needs to tell example-to-example noise from seed-to-seed noise."""
     predictions = predict(model, tokenizer, examples, gold_loss=True, **settings) if accuracy else []
     encoding = {key: settings[key] for key in ENCODING if key in settings}
     fused = [p.gold_nll for p in predictions if p.gold_nll is not None]  # from the scoring passes
@@ -389,23 +392,34 @@ def evaluate_examples(
     pairs = list(zip(predictions, examples, strict=True)) if accuracy else []
     is_mc = accuracy and n > 0 and all(e.is_multiple_choice for e in examples)
     generated = [normalize_answer(p.text) == normalize_answer(e.answer) for p, e in pairs if p.text is not None]
+    right = {
+        "acc_ll": [int(p.choice() == e.gold) for p, e in pairs] if is_mc else None,
+        "acc_norm": [int(p.choice(normalized=True) == e.gold) for p, e in pairs] if is_mc and fmt == "rc" else None,
+        "acc_gen": [int(g) for g in generated] if generated and len(generated) == n else None,
+    }
+    if outcomes is not None:
+        outcomes.update({metric: values for metric, values in right.items() if values is not None})
     return TaskResult(
         n=n,
         format=fmt,
-        acc_ll=sum(p.choice() == e.gold for p, e in pairs) / n if is_mc else None,
-        acc_norm=sum(p.choice(normalized=True) == e.gold for p, e in pairs) / n if is_mc and fmt == "rc" else None,
-        acc_gen=sum(generated) / n if generated and len(generated) == n else None,
+        **{metric: sum(values) / n if values is not None else None for metric, values in right.items()},
         loss=loss,
         ppl=perplexity(loss),
     )
 
 
 def evaluate_tasks(model, tokenizer, tasks: dict[str, Sequence[Example]], **kwargs) -> dict:
-    """Evaluates every task; returns {"tasks": {name: TaskResult as dict}, "average": {...}}."""
-    results = {}
+    """Evaluates every task; returns {"tasks": {name: TaskResult as dict}, "average": {...}, "examples": {name:
+    {accuracy: per-example outcomes}}}."""
+    results, outcomes = {}, {}
     for name, examples in tqdm(list(tasks.items()), desc="tasks", unit="task"):
-        results[name] = evaluate_examples(model, tokenizer, list(examples), desc=name, **kwargs)
-    return {"tasks": {k: dataclasses.asdict(v) for k, v in results.items()}, "average": _average(results.values())}
+        outcomes[name] = {}
+        with task_routing(model, name):  # task routing: the task's own gates (an unknown task: zero task logits)
+            results[name] = evaluate_examples(
+                model, tokenizer, list(examples), desc=name, outcomes=outcomes[name], **kwargs
+            )
+    tasks_out = {k: dataclasses.asdict(v) for k, v in results.items()}
+    return {"tasks": tasks_out, "average": _average(results.values()), "examples": outcomes}
 
 
 def _average(results: Iterable[TaskResult]) -> dict[str, float | None]:

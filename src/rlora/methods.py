@@ -7,6 +7,13 @@
 | `hydralora+dropout` | K     | B_k = 0              | random (kaiming)     | per head, on A x      |
 | `hydralora+init`    | K     | random, compensated  | zero (exact start)   | one mask on x         |
 | `rlora`             | K     | random, compensated  | zero (exact start)   | per head, on A x      |
+| `alora`             | K A_k, one B | B = 0, A_k kaiming | zero (exact start) | per head, on A_k x    |
+
+`alora` is the counter-hypothesis (ALoRA's asymmetry, `RLoraConfig.share = "up"`): K down-projections A_k and one
+shared up-projection B, h = W0 x + s B sum_k g_k A_k x. B = 0 makes the start exact whatever the router; the K
+distinct random A_k give the heads different inputs, so the zero router is no saddle here (it gets a gradient once B
+moves). Not PEFT's own "alora" (activated LoRA), which is another method. Its weights per layer are
+K*r*d_in + r*d_out + K*d_in, not the multi-head formula below.
 
 The router inits are what the papers' code does for HydraLoRA (a default nn.Linear) and what R-LoRA's exact
 start needs (uniform gates). Zero heads with a zero router would be a saddle: the heads never differentiate.
@@ -16,7 +23,9 @@ linear layer the multi-head adapter trains r*d_in + K*r*d_out + K*d_in parameter
 so r' = round(sum over layers of the former / sum of (d_in + d_out)), at least 1.
 
 A comparison may also name plain LoRA at another rank (`parse_method`): `lora@r=60` (rank 60) or `lora@x4` (four
-times the matched rank): the baseline a multi-head method must beat is not only LoRA of its own size.
+times the matched rank): the baseline a multi-head method must beat is not only LoRA of its own size. And a
+multi-head method with adapter settings of its own, `METHOD@KEY=VALUE` (repeatable): `rlora@routing=task`,
+`rlora@balance_loss_coef=0.01`, `hydralora@routing=token+task@router_z_loss_coef=0.001`; KEY is an `adapter.` key.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ MULTI_HEAD = {
     "hydralora": {"head_init": "zeros", "head_dropout": False, "router_init": "random"},
     "hydralora+dropout": {"head_init": "zeros", "head_dropout": True, "router_init": "random"},
     "hydralora+init": {"head_init": "random", "head_dropout": False, "router_init": "zeros"},
+    "alora": {"head_init": "zeros", "head_dropout": True, "router_init": "zeros", "share": "up"},
 }
 METHODS = (*MULTI_HEAD, "lora")
 PEFT_TYPES = {**dict.fromkeys(MULTI_HEAD, "RLORA"), "lora": "LORA"}  # the `peft_type` each method's adapters have
@@ -47,7 +57,11 @@ def is_multi_head(method: str) -> bool:
 
 
 _LORA_VARIANT = re.compile(r"lora@(?:r=(\d+)|x(\d+))")
-METHOD_SPELLINGS = "lora@r=N (plain LoRA of rank N), lora@xK (K times the matched rank)"
+_SETTING = re.compile(r"@([a-z_]+)=([^@/\\]+)")  # no path separator: the label is a folder name
+METHOD_SPELLINGS = (
+    "lora@r=N (plain LoRA of rank N), lora@xK (K times the matched rank), METHOD@KEY=VALUE (a multi-head method "
+    "with adapter.KEY set, e.g. rlora@routing=task)"
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,7 @@ class MethodSpec:
     method: str
     lora_r: int | None = None
     rank_factor: int | None = None
+    adapter: tuple[tuple[str, str], ...] = ()  # (adapter key, value as written) set for this method's runs
 
     def rank(self, matched: int | None) -> int | None:
         """The `adapter.lora_r` of this method's runs (None: the config's own); `matched` is the matched rank."""
@@ -73,6 +88,11 @@ def parse_method(label: str) -> MethodSpec:
     """`label` as a `MethodSpec`; a ConfigError naming the label and the choices for anything else."""
     if label in METHODS:
         return MethodSpec(label, label)
+    method, at, rest = label.partition("@")
+    if method in MULTI_HEAD and at and ".." not in rest:
+        settings = _SETTING.findall("@" + rest)
+        if "".join(f"@{k}={v}" for k, v in settings) == "@" + rest:
+            return MethodSpec(label, method, adapter=tuple(settings))
     found = _LORA_VARIANT.fullmatch(label)
     if found is None or int(found[1] or found[2]) < 1:
         raise ConfigError(f"unknown method {label!r}; choose from {', '.join(METHODS)} or {METHOD_SPELLINGS}")
@@ -93,11 +113,15 @@ def adapter_config(
     lora_r: int | None = None,
     router_init: str | None = None,
     model: nn.Module | None = None,
+    task_names: list[str] | None = None,
+    **router: object,
 ) -> PeftConfig:
     """The PEFT config of `method`; for `lora` without `lora_r`, `model` is needed to match parameter counts.
 
     `router_init` overrides the method's own router init (for experiments; the methods' defaults are above);
-    `init_gamma` and `use_rslora` left None are `RLoraConfig`'s defaults (for plain LoRA too)."""
+    `init_gamma` and `use_rslora` left None are `RLoraConfig`'s defaults (for plain LoRA too). `router`: the router
+    options of `RLoraConfig` (routing, balance_loss_coef, router_z_loss_coef, heads_pattern), with `task_names` the
+    tasks of task routing; plain LoRA has no router and takes none of them."""
     from peft import LoraConfig
 
     from .tuner import RLoraConfig
@@ -114,7 +138,10 @@ def adapter_config(
     }
     if is_multi_head(method):
         settings = MULTI_HEAD[method] | ({"router_init": router_init} if router_init is not None else {})
-        return RLoraConfig(r=r, num_heads=num_heads, init_gamma=init_gamma, **shared, **settings)
+        names = task_names if router.get("routing", "token") != "token" else None
+        return RLoraConfig(
+            r=r, num_heads=num_heads, init_gamma=init_gamma, task_names=names, **shared, **settings, **router
+        )
     if method != "lora":
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     if target_modules is None and model is not None:  # the same layers as the multi-head methods (model.py's table)

@@ -136,16 +136,90 @@ def comparison_markdown(summary: dict) -> str:
             better = f"; negative: lower than {ref}, better" if info.lower_is_better else ""
             parts += [
                 "",
-                f"Paired difference to {ref} (same seed), {info.difference_unit}{better}, mean ± 95% CI:",
+                f"Paired difference to {ref} (same seed), {info.difference_unit}{better}, mean ± 95% CI over seeds "
+                "on this test set; resolved or not, counting the seeds and the test examples as samples, with the "
+                "minimum detectable difference (MDE: 95%, power 80%; `rlora plan` for the budget a given effect "
+                "needs):",
                 "",
                 markdown_table(
-                    ["task", *(f"{m} − {ref}" for m in diffs)], _ci_rows(metric, names, tasks, diffs.values())
+                    ["task", *(f"{m} − {ref}" for m in diffs)], _difference_rows(metric, names, tasks, diffs)
                 ),
+                "",
+                resolution_markdown(metric, diffs, ref),
             ]
         parts.append("")
     if summary.get("router_health"):
         parts += [router_health_markdown(summary["router_health"], seeds), ""]
     return "\n".join(parts)
+
+
+def _verdict(metric: str, noise: dict | None) -> str:
+    info = METRIC_INFO[metric]
+    if noise is None:
+        return "–"
+    if noise["mde"] is None:
+        return "not resolved; no paired difference on any seed or example: MDE not estimable"
+    mde = f"MDE {info.scale * noise['mde']:.{info.digits}f}"
+    return f"resolved; {mde}" if noise["resolved"] else f"not resolved; {mde}"
+
+
+def _difference_rows(metric: str, names: list[str], tasks: list[str], diffs: dict) -> list[list[str]]:
+    """Each paired difference's mean ± CI, and its verdict with the MDE ("not resolved" never without it)."""
+    scale, digits = METRIC_INFO[metric].scale, METRIC_INFO[metric].digits
+    rows = []
+    for name, task in zip(names, [*tasks, None], strict=True):
+        row = [name]
+        for d in diffs.values():
+            cell = d["tasks"][task] if task is not None else d["average"]
+            noise = (
+                d.get("noise", {}).get("tasks", {}).get(task) if task is not None else d.get("noise", {}).get("average")
+            )
+            verdict = f" ({_verdict(metric, noise)})" if noise is not None else ""
+            row.append(format_ci(cell["mean"], cell["ci95"], scale, digits) + verdict)
+        rows.append(row)
+    return rows
+
+
+def resolution_markdown(metric: str, diffs: dict, reference: str) -> str:
+    """Per method and task (and the average): the seed-to-seed and example-to-example noise of the paired difference
+    and the minimum detectable difference for this comparison's seeds and test examples (`power`)."""
+    info = METRIC_INFO[metric]
+
+    def value(v: float | None) -> str:
+        return "–" if v is None else f"{info.scale * v:.{info.digits}f}"
+
+    rows = []
+    for method, d in diffs.items():
+        noise = d.get("noise") or {}
+        for task, n in [*(noise.get("tasks") or {}).items(), ("**average**", noise.get("average"))]:
+            if n is None:
+                rows.append([method, markdown_cell(task) if task != "**average**" else task, "–", "–", "–", "–", "–"])
+                continue
+            name = markdown_cell(task) if task != "**average**" else task
+            examples = str(n["examples"]) if n["example_sd"] is not None else "–"
+            rows.append(
+                [
+                    method,
+                    name,
+                    str(n["seeds"]),
+                    examples,
+                    value(n["seed_sd"]),
+                    value(n["example_sd"]),
+                    _verdict(metric, n),
+                ]
+            )
+    header = ["method", "task", "seeds", "examples", "seed sd", "example sd", "verdict (MDE)"]
+    return "\n".join(
+        [
+            f"What the paired differences to {reference} can resolve, {info.difference_unit}: the standard deviation "
+            "over seeds of the paired difference, over test examples of the per-example difference (– : no "
+            "per-example outcomes, the MDE then holds this test set fixed), and the minimum detectable difference "
+            "MDE = (t_0.975 + t_0.80, S-1 dof) x SE, SE^2 = var_seed/S + var_example/N + var_residual/(S N) "
+            "(docs/planning.md):",
+            "",
+            markdown_table(header, rows),
+        ]
+    )
 
 
 def selection_markdown(selection: dict) -> str:

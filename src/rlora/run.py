@@ -420,6 +420,7 @@ def load_base_model(cfg: RunConfig, cache_dir: str | None = None) -> tuple[Any, 
 
 ADAPTER_FIELDS = ("r", "num_heads", "lora_alpha", "lora_dropout", "head_init", "head_dropout", "router_init")
 ADAPTER_FIELDS += ("init_gamma", "use_rslora", "target_modules")
+ADAPTER_FIELDS += ("share", "routing", "balance_loss_coef", "router_z_loss_coef", "heads_pattern")
 
 
 def check_adapter(path: Path, cfg: RunConfig) -> None:
@@ -431,7 +432,7 @@ def check_adapter(path: Path, cfg: RunConfig) -> None:
         not is_multi_head(cfg.method) and settings["lora_r"] is None
     ):  # matched to the model: its shapes are checked on loading
         settings["lora_r"] = found.r
-    expected = adapter_config(cfg.method, **settings)
+    expected = adapter_config(cfg.method, **settings, task_names=getattr(found, "task_names", None))
     for name in ADAPTER_FIELDS:
         if not hasattr(expected, name) or (
             name == "target_modules" and not isinstance(cfg.adapter.target_modules, list)

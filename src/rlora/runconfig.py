@@ -72,6 +72,11 @@ class AdapterSettings:
         None, "rank of plain LoRA; null: matched to the multi-head methods' parameter count", _at_least(1, True)
     )
     router_init: str | None = _rlora_field("router_init", optional=True)  # null: the method's own (methods.py)
+    # the router options (multi-head methods; docs/routing.md): task routing takes the run's tasks as its task ids
+    routing: str = _rlora_field("routing")
+    balance_loss_coef: float = _rlora_field("balance_loss_coef")
+    router_z_loss_coef: float = _rlora_field("router_z_loss_coef")
+    heads_pattern: dict | None = _rlora_field("heads_pattern")
 
 
 @dataclass
@@ -134,7 +139,7 @@ class RunConfig:
         "seeds the adapter's init, the mixture and the data order",
         (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]"),
     )
-    method: str = _key("rlora", "rlora | hydralora | hydralora+dropout | hydralora+init | lora", _one_of(METHODS))
+    method: str = _key("rlora", " | ".join(METHODS), _one_of(METHODS))
     base: BaseLoading = _key(None, "how the base model loads: quantization, attention", factory=BaseLoading)
     data: DataSettings = _key(None, "the tasks, their split and mixture, and their encoding", factory=DataSettings)
     adapter: AdapterSettings = _key(None, "the adapter's settings", factory=AdapterSettings)
@@ -351,6 +356,12 @@ def _check_engines(cfg: RunConfig, source: str) -> None:
     if t.gradient_checkpointing_reentrant and not t.gradient_checkpointing:
         raise ConfigError(
             f"{source}: training.gradient_checkpointing_reentrant: only with training.gradient_checkpointing: true"
+        )
+    a = cfg.adapter
+    if t.gradient_checkpointing_reentrant and (a.balance_loss_coef > 0 or a.router_z_loss_coef > 0):
+        raise ConfigError(
+            f"{source}: adapter.balance_loss_coef: the router losses need gradients from the forward pass, which the "
+            "reentrant checkpoint runs without; set training.gradient_checkpointing_reentrant: false"
         )
     if cfg.base.quantization != "none" and (t.deepspeed is not None or t.fsdp):
         engine = "training.deepspeed" if t.deepspeed is not None else "training.fsdp"

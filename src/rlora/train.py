@@ -172,6 +172,46 @@ class _FiniteLossTrainer(HeadOnlyLossTrainer):
     def __init__(self, *args, router_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_lr_scale = router_lr_scale
+        self.router_log: list[dict[str, torch.Tensor]] = []  # the router losses since the last log
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss of the parent classes, with the router inputs (each example's task, its real tokens) given to
+        the adapter's layers, and the router losses added (`with_router_losses`)."""
+        tuner = rlora_tuner(self.accelerator.unwrap_model(model))
+        task_ids = inputs.pop("task_ids", None)
+        if tuner is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        tuner.clear_router_losses()
+        with tuner.routing(task_ids, inputs.get("attention_mask")):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return self.with_router_losses(tuner, out, num_items_in_batch)
+
+    def with_router_losses(self, tuner, out, num_items_in_batch):
+        """`out` (a loss, or (loss, outputs)) plus the router losses of the forward pass just run (none when their
+        coefficients are 0), scaled as the Trainer scales the loss for gradient accumulation; their raw values are
+        kept for the next log."""
+        losses = tuner.router_losses()
+        if losses is None:
+            return out
+        self.router_log.append({k: v.detach() for k, v in losses.items()})
+        extra = losses["loss"]
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:  # as `Trainer.training_step` decides it
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func
+        if scaled:  # the main loss is already a share of the accumulated batch's; the router losses become one too
+            extra = extra / self.current_gradient_accumulation_steps
+        if isinstance(out, tuple):
+            return (out[0] + extra.to(out[0].dtype), *out[1:])
+        return out + extra.to(out.dtype)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, with the router losses' mean since the last log (`router_balance_loss`,
+        `router_z_loss`: raw, before their coefficients; the logged `loss` includes them times their coefficients)."""
+        if self.router_log and "loss" in logs:
+            for key in ("balance", "z"):
+                logs[f"router_{key}_loss"] = torch.stack([r[key] for r in self.router_log]).mean().item()
+            self.router_log.clear()
+        super().log(logs, start_time)
 
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's, with FSDP switched on over CPU processes: accelerate turns the Trainer's FSDP setting on for
@@ -198,7 +238,7 @@ class _FiniteLossTrainer(HeadOnlyLossTrainer):
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         if self.router_lr_scale != 1.0:
-            routers = {id(p) for n, p in self.model.named_parameters() if "rlora_router" in n and p.requires_grad}
+            routers = {id(p) for n, p in self.model.named_parameters() if is_router_parameter(n) and p.requires_grad}
             moved = []
             for group in optimizer.param_groups:
                 moved += [p for p in group["params"] if id(p) in routers]
@@ -218,6 +258,19 @@ class _FiniteLossTrainer(HeadOnlyLossTrainer):
                 f"{kept}. Lower training.lr or check the data."
             )
         return loss
+
+
+def is_router_parameter(name: str) -> bool:
+    """The routers' weights: the token router W_r and the task logits of task routing (`training.router_lr_scale`)."""
+    return "rlora_router" in name or "rlora_task_logits" in name
+
+
+def rlora_tuner(model):
+    """The `RLoraModel` inside a PEFT model (None for any other model: plain LoRA)."""
+    from .tuner import RLoraModel
+
+    tuner = getattr(model, "base_model", None)
+    return tuner if isinstance(tuner, RLoraModel) else None
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
@@ -244,11 +297,12 @@ def _multi_process_without_gpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def build_peft_model(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
+def build_peft_model(cfg: RunConfig, model: torch.nn.Module, task_names: list[str] | None = None) -> torch.nn.Module:
     """Adds the configured method's adapter; the adapter's random init is seeded by `cfg.seed`. A quantized base is
     prepared for training first, as PEFT's `prepare_model_for_kbit_training` does (its norms and other float weights
     in float32, gradients reaching the adapters through the frozen embeddings). An adapter that cannot fit in the
-    memory left is refused first (`check_adapter_fits`)."""
+    memory left is refused first (`check_adapter_fits`). `task_names`: the run's tasks, in the data plan's order
+    (the task ids of task routing)."""
     check_adapter_fits(cfg, model)
     if cfg.base.quantization != "none":
         model = prepare_model_for_kbit_training(
@@ -256,7 +310,7 @@ def build_peft_model(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
             use_gradient_checkpointing=cfg.training.gradient_checkpointing,
             gradient_checkpointing_kwargs=_checkpointing_kwargs(cfg),
         )
-    peft_config = adapter_config(cfg.method, **dataclasses.asdict(cfg.adapter), model=model)
+    peft_config = adapter_config(cfg.method, **dataclasses.asdict(cfg.adapter), model=model, task_names=task_names)
     set_seed(cfg.seed)
     return get_peft_model(model, peft_config)
 
@@ -352,7 +406,7 @@ def train(
             check_same_data(last, fingerprint, accept_changed_data)
         base = models.load_model(cfg.model, tokenizer, cache_dir=cache_dir, loading=cfg.base)
         check_lengths(cfg, base)
-        model = build_peft_model(cfg, base)
+        model = build_peft_model(cfg, base, task_names=list(plan.tasks))
         if is_main:
             model.print_trainable_parameters()
             folder.record_start(cfg, plan.manifest(), lambda tmp: _save_adapter(model, tmp, cfg))

@@ -2,8 +2,9 @@
 (with a sweep) at its own best settings, chosen without the test split.
 
     OUT/<method>/seed<k>/      a normal run folder (train + eval); reused when its eval.json exists
-    OUT/comparison.json        every run's per-task results, the means and 95% CIs, paired differences, the routers'
-                               health, and with a sweep the whole sweep and each method's choice
+    OUT/comparison.json        every run's per-task results, the means and 95% CIs, paired differences with their
+                               seed and example noise and minimum detectable difference (`power.py`; `rlora plan`
+                               reads them), the routers' health, and with a sweep the whole sweep and each choice
     OUT/comparison.md          the same as Markdown tables
     OUT/comparison.png         mean accuracy (and held-out loss) per task and method with 95% CI error bars
 
@@ -25,7 +26,8 @@ setting; several keys make a grid) chooses each method's value first:
 The value with the lowest validation loss (the mean over tasks) is the method's; a tie goes to the value given
 first. Nothing in the choice reads the test split: its examples are neither trained on nor evaluated there.
 
-Methods are `methods.METHODS` or plain LoRA at another rank (`methods.parse_method`: `lora@r=60`, `lora@x4`).
+Methods are `methods.METHODS`, plain LoRA at another rank or a multi-head method with adapter settings of its own
+(`methods.parse_method`: `lora@r=60`, `lora@x4`, `rlora@routing=task`).
 
 An interrupted comparison continues where it stopped: finished runs are reused, a run with checkpoints
 resumes from its last complete one.
@@ -48,6 +50,7 @@ from ..methods import MethodSpec, is_multi_head, parse_method
 from ..metrics import ACCURACY_METRICS
 from ..names import check_name
 from ..plots import plot_comparison
+from ..power import average_noise, task_noise
 from ..reports import comparison_markdown
 from ..run import RunFolder
 from ..runconfig import RunConfig, load_run_config, override_parts, validate_run_config, with_overrides
@@ -138,7 +141,10 @@ def point_name(overrides: tuple[str, ...] | list[str]) -> str:
 def run_config_for(
     base: RunConfig, folder: Path, spec: MethodSpec, seed: int, matched_rank: int | None = None
 ) -> RunConfig:
-    """`base` as a run of `spec` (its method, and a plain LoRA's rank) with `seed`, written into `folder`."""
+    """`base` as a run of `spec` (its method, its adapter settings, and a plain LoRA's rank) with `seed`, written into
+    `folder`."""
+    if spec.adapter:
+        base = with_overrides(base, [f"adapter.{k}={v}" for k, v in spec.adapter], f"--methods {spec.label}")
     cfg = copy.deepcopy(base)
     cfg.method, cfg.seed, cfg.output_dir = spec.method, seed, str(folder)
     if not is_multi_head(spec.method) and spec.rank(matched_rank) is not None:
@@ -319,6 +325,7 @@ def summarize(runs: dict[str, dict[int, dict]], methods: list[str], seeds: list[
                         for task in tasks
                     },
                     "average": _ci(paired_difference(ours["average"]["values"], theirs["average"]["values"])),
+                    "noise": resolution(runs, method, reference, metric, seeds, tasks),
                 }
         summary["metrics"][metric] = {"per_method": per_method, "difference_to": reference, "differences": diffs}
     health = {}
@@ -337,6 +344,35 @@ def summarize(runs: dict[str, dict[int, dict]], methods: list[str], seeds: list[
     if health:
         summary["router_health"] = health
     return summary
+
+
+def resolution(runs: dict, method: str, reference: str, metric: str, seeds: list[int], tasks: list[str]) -> dict:
+    """What the paired difference method − reference can resolve (`power`): per task and on average, the seed-to-seed
+    and example-to-example noise, the minimum detectable difference for these seeds and test examples, and whether
+    the difference is resolved; None under 2 seeds. The example part needs every run's per-example outcomes
+    (`evaluate.evaluate_tasks`'s "examples"; not for the loss), else the seed part alone is used."""
+    per_task = {}
+    for task in tasks:
+        seed_means = [runs[method][s]["tasks"][task][metric] - runs[reference][s]["tasks"][task][metric] for s in seeds]
+        outcomes = [
+            (runs[m][s].get("examples") or {}).get(task, {}).get(metric) for s in seeds for m in (method, reference)
+        ]
+        differences = None
+        if all(o is not None for o in outcomes) and len({len(o) for o in outcomes}) == 1:
+            differences = [[a - b for a, b in zip(ours, theirs, strict=True)] for ours, theirs in pairwise(outcomes)]
+        per_task[task] = task_noise(differences, seed_means)
+    average = [runs[method][s]["average"][metric] - runs[reference][s]["average"][metric] for s in seeds]
+    known = [n for n in per_task.values() if n is not None]
+    overall = average_noise(known, average) if len(known) == len(tasks) else None
+    return {
+        "tasks": {task: n.to_dict() if n is not None else None for task, n in per_task.items()},
+        "average": overall.to_dict() if overall is not None else None,
+    }
+
+
+def pairwise(items: list) -> list[tuple]:
+    """(items[0], items[1]), (items[2], items[3]), ..."""
+    return list(zip(items[::2], items[1::2], strict=True))
 
 
 def _ci(pair: tuple[float, float]) -> dict[str, float | None]:

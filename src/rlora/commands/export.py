@@ -8,7 +8,8 @@ eval` on the export against the run says what the fixed gates cost.
 Gates (`--gates`):
 - `uniform`: 1/K for every head of every layer;
 - `task:NAME`: the run's task NAME's mean gates, layer by layer, over the real tokens of its training examples (gold
-  context and answer, as trained);
+  context and answer, as trained); for an adapter with `routing: task`, the task's own gates softmax(t_task), which
+  every token of the task gets: the export is then EXACT for that task (tests/test_routing.py), and says so;
 - `per-task`: one export per trained task, each with its own mean gates, in OUT/<task>/;
 - a JSON file: a list of K weights for every layer, or an object mapping each adapted module's name (as in the
   export's gates.json, e.g. "model.layers.0.mlp.up_proj") to its K weights.
@@ -148,6 +149,10 @@ def task_gates(run: LoadedRun, task: str, max_examples: int) -> dict[str, torch.
     names = list(run.plan.tasks)
     if task not in names:
         raise ConfigError(f"--gates task:{task}: the run trained on {', '.join(names)}")
+    config = run.model.peft_config["default"]
+    if getattr(config, "routing", "token") == "task":  # fixed by construction: no tokens needed
+        layers = adapted_modules(run.model)
+        return {name: layer.task_gates("default", config.task_id(task)) for name, layer in layers.items()}
     task_rows, example_rows = run.plan.mixture
     positions = sorted(set(example_rows[task_rows == names.index(task)].tolist()))[:max_examples]
     spans = [
@@ -231,7 +236,22 @@ def _base_model_path(run: LoadedRun) -> str:
     return models.portable_name(run.cfg.model)
 
 
+def export_note(gates: str, routing: str) -> str:
+    """What the export is of the trained model: exact (routing by task, a task's gates), or an approximation."""
+    if routing == "task" and (gates == "per-task" or gates.startswith("task:")):
+        return (
+            "exact: the adapter routes by task, so every token of a task gets that task's gates; each export is "
+            "the trained model on its task (up to one rounding to the adapter's dtype)"
+        )
+    return (
+        "approximation: the trained router mixes the heads per token, the export with fixed gates; "
+        "`rlora eval RUN --adapter EXPORT` says what that costs"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..adapters import read_adapter
+    from ..run import RunFolder
     from .export_deploy import DeployOptions
 
     deploy = DeployOptions(args.format, args.outtype, not args.no_fidelity, args.max_loss_rise)
@@ -248,4 +268,6 @@ def run(args: argparse.Namespace) -> int:
     what = "merged model" if args.merged else "per-head LoRA adapters" if args.as_scales else "PEFT LoRA adapter"
     for folder in written:
         print(f"{what} written to {folder}")
+    config, _ = read_adapter(RunFolder(args.run_dir).adapter)
+    print(export_note(args.gates, getattr(config, "routing", "token")))
     return 0

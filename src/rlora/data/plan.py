@@ -142,7 +142,8 @@ class TrainingSet:
 
     def __getitem__(self, i: int) -> dict:
         example = self.plan.train[i]
-        return encode_example(self.tokenizer, example, self.chat_template, self.max_length)
+        feature = encode_example(self.tokenizer, example, self.chat_template, self.max_length)
+        return feature | {"task_id": int(self.plan.mixture[0][i])}  # the index of its task in `plan.tasks`
 
     def _lengths(self) -> np.ndarray:
         """The length of each item, in mixture order: in tokens, exactly, for up to `EXACT_LENGTHS_MAX` items (each

@@ -250,7 +250,8 @@ def pad_ids(seqs: Sequence[list[int]], pad_id: int, left: bool = False) -> tuple
 
 @dataclass
 class CausalLMCollator:
-    """Pads a batch on the right to its longest sequence (rounded up to `pad_to_multiple_of`)."""
+    """Pads a batch on the right to its longest sequence (rounded up to `pad_to_multiple_of`); features with a
+    `task_id` (the index of their task) give the batch a `task_ids` tensor (B,), for task routing."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
@@ -262,7 +263,10 @@ class CausalLMCollator:
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-        return {
+        batch = {
             key: torch.tensor([list(f[key]) + [pad] * (longest - len(f[key])) for f in features], dtype=torch.long)
             for key, pad in pads.items()
         }
+        if all("task_id" in f for f in features):
+            batch["task_ids"] = torch.tensor([f["task_id"] for f in features], dtype=torch.long)
+        return batch

@@ -14,10 +14,10 @@ from peft.utils import register_peft_method
 
 from .config import RLoraConfig
 from .layer import RLoraLayer, RLoraLinear
-from .model import RLoraModel
+from .model import RLoraModel, task_routing
 from .peft_type import RLORA_PEFT_TYPE
 
-__all__ = ["RLORA_PEFT_TYPE", "RLoraConfig", "RLoraLayer", "RLoraLinear", "RLoraModel"]
+__all__ = ["RLORA_PEFT_TYPE", "RLoraConfig", "RLoraLayer", "RLoraLinear", "RLoraModel", "task_routing"]
 
 if RLORA_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
     register_peft_method(name="rlora", config_cls=RLoraConfig, model_cls=RLoraModel)

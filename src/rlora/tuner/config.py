@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from .peft_type import RLORA_PEFT_TYPE
 
 HEAD_INITS = ("random", "zeros")
 ROUTER_INITS = ("zeros", "random")
+ROUTINGS = ("token", "task", "token+task")
+SHARES = ("down", "up")
 RANDOM_START_WARNING = (
     "RLoraConfig: head_init='random' with router_init='random' (the R-LoRA authors' code): the offset that cancels "
     "the random heads assumes uniform gates, so the adapted model does NOT start at the pretrained function"
@@ -98,6 +101,53 @@ class RLoraConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules besides the adapter layers to train fully and save."}
     )
+    # Router options (docs/routing.md): what the gates read, extra losses on them, and the head count per layer.
+    share: Literal["down", "up"] = field(
+        default="down",
+        metadata={
+            "help": "'down': one shared down-projection A and K up-projections B_k (HydraLoRA, R-LoRA). 'up': K "
+            "down-projections A_k and one shared up-projection B (the ALoRA counter-hypothesis), h = W0 x + "
+            "s * B sum_k g_k A_k x."
+        },
+    )
+    routing: Literal["token", "task", "token+task"] = field(
+        default="token",
+        metadata={
+            "help": "What the gates read. 'token': softmax(W_r x) per token. 'task': softmax(t_task), a learned logit "
+            "vector per task (`task_names`), the same for every token of an example. 'token+task': softmax(W_r x + "
+            "t_task). The task table starts as the router does (router_init: zeros, or U(-1, 1): zero heads with a "
+            "zero table would be the saddle of a zero router). A row without a task, or with a task not in "
+            "`task_names` (task id -1), gets zero task logits: uniform gates under 'task', the token router alone "
+            "under 'token+task'."
+        },
+    )
+    task_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "The tasks of task routing, in task-id order (the data layer's order); needed with it."},
+    )
+    balance_loss_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Coefficient of the auxiliary load-balancing loss (Switch Transformer form) K * sum_k f_k P_k "
+            "over the real tokens of a batch, f_k the share of tokens whose largest gate is head k, P_k the mean "
+            "gate of head k; averaged over the adapted layers. 1 at perfect balance, K when one head takes all. "
+            "0: off."
+        },
+    )
+    router_z_loss_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Coefficient of the router z-loss (ST-MoE): the mean over real tokens of logsumexp(logits)^2, "
+            "averaged over the adapted layers; keeps the router's logits small. 0: off."
+        },
+    )
+    heads_pattern: dict[str, int] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-layer head counts, like PEFT's rank_pattern: {regex: K}, the regex matched against the end "
+            "of a module's name (e.g. {'layers\\.0\\.mlp\\.up_proj': 2}); other layers get num_heads."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -117,6 +167,28 @@ class RLoraConfig(PeftConfig):
             warnings.warn(RANDOM_START_WARNING, stacklevel=3)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("RLoraConfig.layers_pattern: only meaningful together with layers_to_transform")
+        for pattern in self.heads_pattern or {}:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ConfigError(f"RLoraConfig.heads_pattern: {pattern!r} is not a valid regex ({error})") from None
+        if self.routing != "token" and not self.task_names:
+            raise ConfigError(
+                f"RLoraConfig.task_names: routing {self.routing!r} needs the list of task names (the training tasks)"
+            )
+
+    def heads_of(self, module_name: str) -> int:
+        """The head count of the module `module_name`: `heads_pattern`'s, matched as PEFT matches `rank_pattern`."""
+        from peft.utils.other import get_pattern_key
+
+        pattern = self.heads_pattern or {}
+        key = get_pattern_key(pattern.keys(), module_name)
+        return pattern.get(key, self.num_heads)
+
+    def task_id(self, task: str | None) -> int:
+        """The task id of `task` under task routing: its index in `task_names`, -1 (zero task logits) otherwise."""
+        names = self.task_names or []
+        return names.index(task) if task in names else -1
 
     @property
     def scaling(self) -> float:
@@ -142,6 +214,21 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "head_dropout": (lambda v: isinstance(v, bool), "True or False"),
     "init_gamma": (lambda v: _is_number(v) and 0 < v < math.inf, "a finite number > 0"),
     "use_rslora": (lambda v: isinstance(v, bool), "True or False"),
+    "share": (lambda v: v in SHARES, f"one of {', '.join(map(repr, SHARES))}"),
+    "routing": (lambda v: v in ROUTINGS, f"one of {', '.join(map(repr, ROUTINGS))}"),
+    "task_names": (
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v) and len(set(v)) == len(v)),
+        "null or a list of distinct task names",
+    ),
+    "balance_loss_coef": (lambda v: _is_number(v) and 0 <= v < math.inf, "a finite number >= 0"),
+    "router_z_loss_coef": (lambda v: _is_number(v) and 0 <= v < math.inf, "a finite number >= 0"),
+    "heads_pattern": (
+        lambda v: (
+            v is None
+            or (isinstance(v, dict) and all(isinstance(k, str) and _is_int(n) and n >= 1 for k, n in v.items()))
+        ),
+        "null or a mapping of module-name regex to an integer >= 1",
+    ),
 }
 
 

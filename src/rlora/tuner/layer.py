@@ -21,6 +21,14 @@ Initialisation:
   pass through two frozen rank-r buffers (offset_B = s * mean_k(B_k^0), offset_A = A^0) saved with the adapter,
   so the base weights are never edited and the start is exactly the pretrained function (uniform gates).
 
+Router options (config `routing`, `share`, `balance_loss_coef`, `router_z_loss_coef`; docs/routing.md), kept apart
+in the "Router options" section below:
+- routing="task" / "token+task": the gate logits are t_task (a learned (num_tasks, K) table, started as the router) or
+  W_r x + t_task; each row's task id comes from `RoutingInputs` (set by `RLoraModel.routing`), -1 or none: zero.
+- share="up" (ALoRA): K down-projections A_k (K*r x d_in) and one B (d_out x r): h = W0 x + s B sum_k g_k A_k x.
+- the balance and z losses are computed from the gate logits in training and kept on the layer until the model
+  collects them (`RLoraModel.router_losses`).
+
 Dropout:
 - head_dropout=True (R-LoRA): independent masks per head on the r-dim A x.
 - head_dropout=False (HydraLoRA baseline): one mask on x shared by the heads. The offset always reads the
@@ -30,6 +38,7 @@ Dropout:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,8 +77,23 @@ def base_shape(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"R-LoRA adapts torch.nn.Linear and Conv1D layers only, got {type(base).__name__}")
 
 
+@dataclass(frozen=True)
+class RoutingInputs:
+    """What a forward pass tells the layers besides x: each row's task id (B,), or one int for every row (-1: none),
+    for task routing, and which tokens are real (B, T) for the router losses (None: every token)."""
+
+    task_ids: torch.Tensor | int | None = None
+    token_mask: torch.Tensor | None = None
+
+    def rows(self, rows: list[int]) -> RoutingInputs:
+        def pick(t):
+            return t[rows] if isinstance(t, torch.Tensor) else t
+
+        return RoutingInputs(pick(self.task_ids), pick(self.token_mask))
+
+
 class RLoraLayer(BaseTunerLayer):
-    adapter_layer_names = ("rlora_A", "rlora_B", "rlora_router")
+    adapter_layer_names = ("rlora_A", "rlora_B", "rlora_router", "rlora_task_logits")
     other_param_names = (
         "r",
         "num_heads",
@@ -78,6 +102,9 @@ class RLoraLayer(BaseTunerLayer):
         "head_dropout",
         "rlora_offset_A",
         "rlora_offset_B",
+        "share",
+        "routing",
+        "router_losses_on",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -92,24 +119,36 @@ class RLoraLayer(BaseTunerLayer):
         self.rlora_router = nn.ParameterDict({})  # (K, d_in)
         self.rlora_offset_A = BufferDict({}, persistent=True)  # (r, d_in), frozen A^0
         self.rlora_offset_B = BufferDict({}, persistent=True)  # (d_out, r), frozen s * mean_k(B_k^0)
+        self.share: dict[str, str] = {}  # "down": one A, K heads B_k; "up": K A_k, one B
+        self.routing: dict[str, str] = {}
+        self.router_losses_on: dict[str, bool] = {}
+        self.rlora_task_logits = nn.ParameterDict({})  # (num_tasks, K), routing task or token+task
+        self.routing_inputs: RoutingInputs | None = None  # set around a forward pass by RLoraModel.routing
+        self.recorded_router_losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # (balance, z) per training forward
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
         base = self.get_base_layer()
         self.in_features, self.out_features = base_shape(base)
 
-    def update_layer(self, adapter_name: str, config: RLoraConfig, inference_mode: bool = False) -> None:
-        r, k = config.r, config.num_heads
+    def update_layer(
+        self, adapter_name: str, config: RLoraConfig, inference_mode: bool = False, num_heads: int | None = None
+    ) -> None:
+        """Adds adapter `adapter_name`; `num_heads` (default `config.num_heads`) is this layer's K (heads_pattern)."""
+        r, k = config.r, num_heads or config.num_heads
         self.r[adapter_name] = r
         self.num_heads[adapter_name] = k
         self.scaling[adapter_name] = config.scaling
         self.dropout_p[adapter_name] = float(config.lora_dropout)
         self.head_dropout[adapter_name] = config.head_dropout
-        self.rlora_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
-        self.rlora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, k * r))
-        self.rlora_router[adapter_name] = nn.Parameter(torch.zeros(k, self.in_features))
+        self._update_router_options(adapter_name, config, k)
+        a_rows, b_cols = (k * r, r) if config.share == "up" else (r, k * r)
+        self.rlora_A[adapter_name] = nn.Parameter(torch.empty(a_rows, self.in_features))
+        self.rlora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, b_cols))
+        if config.routing != "task":
+            self.rlora_router[adapter_name] = nn.Parameter(torch.zeros(k, self.in_features))
         self._init_heads(adapter_name, config)
-        if config.router_init == "random":
+        if config.router_init == "random" and adapter_name in self.rlora_router:
             with torch.no_grad():  # nn.Linear's default init: U(-1/sqrt(d_in), 1/sqrt(d_in))
                 nn.init.kaiming_uniform_(self.rlora_router[adapter_name], a=math.sqrt(5))
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -134,6 +173,10 @@ class RLoraLayer(BaseTunerLayer):
         dtype = torch.promote_types(self.rlora_A[adapter_name].dtype, torch.float32)  # float64 stays float64
         A, B = self.rlora_A[adapter_name].to(dtype), self.rlora_B[adapter_name].to(dtype)
         r, k = self.r[adapter_name], self.num_heads[adapter_name]
+        if self.share[adapter_name] == "up":  # s * B @ mean_k(A_k): the mean is over the down-projections
+            self.rlora_offset_A[adapter_name] = A.view(k, r, self.in_features).mean(dim=0)
+            self.rlora_offset_B[adapter_name] = self.scaling[adapter_name] * B.clone()
+            return
         mean_head = B.view(self.out_features, k, r).mean(dim=1)  # (d_out, r)
         self.rlora_offset_A[adapter_name] = A.clone()
         self.rlora_offset_B[adapter_name] = self.scaling[adapter_name] * mean_head
@@ -141,11 +184,16 @@ class RLoraLayer(BaseTunerLayer):
     def gates(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Router probabilities (..., K), in float32 (float64 for float64 inputs)."""
         dtype = torch.promote_types(x.dtype, torch.float32)
-        return torch.softmax(F.linear(x.to(dtype), self.rlora_router[adapter_name].to(dtype)), dim=-1)
+        router = self.rlora_router.get(adapter_name)
+        token = F.linear(x.to(dtype), router.to(dtype)) if router is not None else None
+        return torch.softmax(self.route_logits(x, token, adapter_name, dtype), dim=-1)
 
     def head_weights(self, adapter_name: str) -> torch.Tensor:
-        """The heads as a (K, d_out, r) tensor (a view of the trained parameter)."""
+        """The heads as a (K, d_out, r) tensor (a view of the trained parameter); with share="up" the K
+        down-projections, (K, r, d_in)."""
         r, k = self.r[adapter_name], self.num_heads[adapter_name]
+        if self.share[adapter_name] == "up":
+            return self.rlora_A[adapter_name].view(k, r, self.in_features)
         return self.rlora_B[adapter_name].view(self.out_features, k, r).permute(1, 0, 2)
 
     def delta(self, x: torch.Tensor, adapter_name: str, result: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,28 +207,41 @@ class RLoraLayer(BaseTunerLayer):
         offset = adapter_name in self.rlora_offset_A
         gate_dtype = torch.promote_types(x.dtype, torch.float32)
         dropped = not self.head_dropout[adapter_name] and self.training and p > 0  # A reads x through a dropout
+        up = self.share[adapter_name] == "up"  # A holds K down-projections (K*r rows), B is one (d_out, r)
 
         # One matmul for everything that reads the undropped x: A (unless dropped), the offset's A^0 and, when the
         # gates' float32 (float64) is x's dtype, the router. The weights are concatenated, (2r + K) x d_in at most.
         readers = [] if dropped else [A]
         readers += [self.rlora_offset_A[adapter_name].to(A.dtype)] if offset else []
-        fused_router = gate_dtype == x.dtype
-        readers += [self.rlora_router[adapter_name].to(A.dtype)] if fused_router else []
+        router = self.rlora_router.get(adapter_name)  # None: routing by task alone
+        fused_router = router is not None and gate_dtype == x.dtype
+        readers += [router.to(A.dtype)] if fused_router else []
+        z = F.linear(F.dropout(x, p, self.training), A) if dropped else None  # (..., r or K*r)
         parts = []  # none when A reads a dropped x and nothing else reads x in x's dtype (a low-precision adapter)
         if readers:
-            fused = torch.cat(readers) if len(readers) > 1 else readers[0]
-            parts = list(F.linear(x, fused).split([w.shape[0] for w in readers], dim=-1))  # (..., r + r + K) at most
-        z = F.linear(F.dropout(x, p, self.training), A) if dropped else parts.pop(0)  # (..., r)
+            parts = F.linear(x, torch.cat(readers) if len(readers) > 1 else readers[0])  # (..., r + r + K) at most
+            parts = list(parts.split([w.shape[0] for w in readers], dim=-1))
+            z = parts.pop(0) if z is None else z
         z0 = parts.pop(0) if offset else None  # (..., r): A^0 x
-        router = self.rlora_router[adapter_name]
-        logits = parts.pop(0) if fused_router else F.linear(x.to(gate_dtype), router.to(gate_dtype))  # (..., K)
+        if fused_router:
+            token_logits = parts.pop(0)  # (..., K)
+        else:
+            token_logits = None if router is None else F.linear(x.to(gate_dtype), router.to(gate_dtype))
+        logits = self.route_logits(x, token_logits, adapter_name, gate_dtype)  # (..., K)
+        if self.training and self.router_losses_on[adapter_name]:
+            self._record_router_losses(logits)
         gates = (torch.softmax(logits, dim=-1) * self.scaling[adapter_name]).to(A.dtype)  # (..., K)
 
-        if self.head_dropout[adapter_name]:
+        if up:
+            zk = z.unflatten(-1, (k, r))  # (..., K, r): A_k x
+            zk = F.dropout(zk, p, self.training) if self.head_dropout[adapter_name] else zk  # mask per head
+            u = (zk * gates.unsqueeze(-1)).sum(-2)  # (..., r): sum_k g_k A_k x
+        elif self.head_dropout[adapter_name]:
             zk = F.dropout(z.unsqueeze(-2).expand(*z.shape[:-1], k, r), p, self.training)  # (..., K, r), mask per head
+            u = (zk * gates.unsqueeze(-1)).flatten(-2)  # (..., K*r)
         else:
             zk = z.unsqueeze(-2)  # (..., 1, r), broadcast over heads (one mask on x, or none)
-        u = (zk * gates.unsqueeze(-1)).flatten(-2)  # (..., K*r)
+            u = (zk * gates.unsqueeze(-1)).flatten(-2)  # (..., K*r)
         if offset:  # the offset is one more "head" with input A^0 x and weight -s*mean_k(B_k^0): same matmul
             u = torch.cat([u, z0], dim=-1)  # (..., (K+1)*r)
             B = torch.cat([B, -self.rlora_offset_B[adapter_name].to(A.dtype)], dim=1)  # (d_out, (K+1)*r)
@@ -191,13 +252,73 @@ class RLoraLayer(BaseTunerLayer):
         out = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), B.t())
         return out.view(result.shape)
 
+    # ---- Router options: task routing and the router losses (config `routing`, `balance_loss_coef`, ...) ----
+
+    def _update_router_options(self, adapter_name: str, config: RLoraConfig, k: int) -> None:
+        self.share[adapter_name] = config.share
+        self.routing[adapter_name] = config.routing
+        self.router_losses_on[adapter_name] = config.balance_loss_coef > 0 or config.router_z_loss_coef > 0
+        if config.routing != "token":  # as the router: zero (uniform task gates, exact start) or random
+            self.rlora_task_logits[adapter_name] = nn.Parameter(torch.zeros(len(config.task_names), k))
+            if config.router_init == "random":  # zero heads with zero task logits: every head the same gradient
+                with torch.no_grad():
+                    nn.init.uniform_(self.rlora_task_logits[adapter_name], -1.0, 1.0)
+
+    def route_logits(
+        self, x: torch.Tensor, token_logits: torch.Tensor | None, adapter_name: str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The gate logits (..., K) in `dtype`: the token router's `token_logits` (W_r x), the task table's row of
+        each example's task, or their sum (`routing`). A row whose task id is -1, or a forward pass without
+        `routing_inputs`, gets zero task logits."""
+        if self.routing[adapter_name] == "token":
+            return token_logits
+        table = self.rlora_task_logits[adapter_name].to(dtype)  # (num_tasks, K)
+        task = self._task_logits(x, table)  # (B, 1, ..., 1, K) or None
+        if token_logits is None:  # routing "task": the same gates for every token of a row
+            shape = (*x.shape[:-1], table.shape[1])
+            return task.expand(shape) if task is not None else table.new_zeros(shape)
+        return token_logits if task is None else token_logits + task
+
+    def _task_logits(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
+        ids = self.routing_inputs.task_ids if self.routing_inputs is not None else None
+        if ids is None:
+            return None
+        if isinstance(ids, int):
+            ids = torch.full((x.shape[0],), ids, dtype=torch.long)
+        if ids.dim() != 1 or x.dim() < 2 or ids.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"task_ids: expected one task id per row of the batch ({x.shape[0]} rows), got shape {tuple(ids.shape)}"
+            )
+        ids = ids.to(table.device)
+        known = (ids >= 0) & (ids < table.shape[0])
+        rows = table[ids.clamp(0, table.shape[0] - 1)] * known.unsqueeze(-1).to(table.dtype)  # (B, K); -1: zeros
+        return rows.view(ids.shape[0], *([1] * (x.dim() - 2)), table.shape[1])
+
+    def _record_router_losses(self, logits: torch.Tensor) -> None:
+        """Keeps this forward's (balance, z) terms over its real tokens: balance = K * sum_k f_k P_k (f_k: the share
+        of tokens whose largest gate is k, no gradient; P_k: the mean gate of k), z = mean logsumexp(logits)^2."""
+        k = logits.shape[-1]
+        flat = logits.reshape(-1, k)
+        mask = self.routing_inputs.token_mask if self.routing_inputs is not None else None
+        if mask is not None and tuple(mask.shape) == tuple(logits.shape[:-1]):
+            flat = flat[mask.reshape(-1).to(flat.device).bool()]
+        if flat.shape[0] == 0:
+            return
+        probs = torch.softmax(flat, dim=-1)  # (tokens, K)
+        share = F.one_hot(probs.argmax(-1), k).to(probs.dtype).mean(0)  # f_k
+        balance = k * (share * probs.mean(0)).sum()
+        z = torch.logsumexp(flat, dim=-1).pow(2).mean()
+        self.recorded_router_losses.append((balance, z))
+
 
 class RLoraLinear(nn.Module, RLoraLayer):
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RLoraConfig, **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: RLoraConfig, num_heads: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__()
         RLoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, num_heads=num_heads)
 
     def forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any
@@ -217,11 +338,16 @@ class RLoraLinear(nn.Module, RLoraLayer):
         rows of one adapter go through `delta` together. PEFT passes `adapter_names` here (`RLoraModel`'s hook)."""
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names: {len(adapter_names)} names for a batch of {x.shape[0]} rows")
-        for name in dict.fromkeys(adapter_names):  # unique, in order of first use
-            if name not in self.rlora_A:  # "__base__", or an adapter that does not adapt this layer
-                continue
-            rows = [i for i, n in enumerate(adapter_names) if n == name]
-            result[rows] = self.delta(x[rows], name, result[rows])
+        inputs = self.routing_inputs
+        try:
+            for name in dict.fromkeys(adapter_names):  # unique, in order of first use
+                if name not in self.rlora_A:  # "__base__", or an adapter that does not adapt this layer
+                    continue
+                rows = [i for i, n in enumerate(adapter_names) if n == name]
+                self.routing_inputs = inputs.rows(rows) if inputs is not None else None  # those rows' task ids
+                result[rows] = self.delta(x[rows], name, result[rows])
+        finally:
+            self.routing_inputs = inputs
         return result
 
     def merge(self, *args, **kwargs) -> None:  # PEFT's signature: (safe_merge, adapter_names)
@@ -266,6 +392,13 @@ class RLoraLinear(nn.Module, RLoraLayer):
         B, A = self.fixed_gate_lora(adapter_name, gates)
         return B @ A
 
+    def task_gates(self, adapter_name: str, task_id: int) -> torch.Tensor:
+        """The gates (K,) of every token of task `task_id` under routing "task" (float64): fixed by construction,
+        so the fixed-gate LoRA of them is exactly this layer for that task."""
+        if self.routing[adapter_name] != "task":
+            raise ValueError(f"task_gates: routing is {self.routing[adapter_name]!r}; the gates depend on the tokens")
+        return torch.softmax(self.rlora_task_logits[adapter_name].detach().double()[task_id], dim=-1)
+
     def fixed_gate_lora(
         self, adapter_name: str, gates: torch.Tensor | None = None, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,12 +408,16 @@ class RLoraLinear(nn.Module, RLoraLayer):
         k = self.num_heads[adapter_name]
         dtype = dtype or torch.promote_types(self.rlora_A[adapter_name].dtype, torch.float32)
         A = self.rlora_A[adapter_name].detach().to(dtype)
-        heads = self.head_weights(adapter_name).detach().to(dtype)  # (K, d_out, r)
+        heads = self.head_weights(adapter_name).detach().to(dtype)  # (K, d_out, r); share="up": (K, r, d_in)
         g = torch.full((k,), 1.0 / k, device=A.device, dtype=dtype) if gates is None else gates.to(A.device, dtype)
         one = torch.tensor(1.0, device=g.device, dtype=dtype)
         if g.shape != (k,) or (g < 0).any() or not torch.isclose(g.sum(), one):
             raise ValueError(f"gates: expected {k} non-negative weights summing to 1, got {gates}")
-        B = self.scaling[adapter_name] * torch.einsum("k,kor->or", g, heads)  # (d_out, r)
+        if self.share[adapter_name] == "up":  # s * B @ (sum_k g_k A_k)
+            B = self.scaling[adapter_name] * self.rlora_B[adapter_name].detach().to(dtype)  # (d_out, r)
+            A = torch.einsum("k,kri->ri", g, heads)  # (r, d_in)
+        else:
+            B = self.scaling[adapter_name] * torch.einsum("k,kor->or", g, heads)  # (d_out, r)
         if adapter_name in self.rlora_offset_A:
             B = torch.cat([B, -self.rlora_offset_B[adapter_name].to(dtype)], dim=1)  # (d_out, 2r)
             A = torch.cat([A, self.rlora_offset_A[adapter_name].to(dtype)])  # (2r, d_in)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import RLoraConfig
-from .layer import MERGE_ERROR, RLoraLayer, RLoraLinear, is_adaptable
+from .layer import MERGE_ERROR, RLoraLayer, RLoraLinear, RoutingInputs, is_adaptable
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ class RLoraModel(BaseTuner):
     def _create_and_replace(
         self, config: RLoraConfig, adapter_name, target, target_name, parent, current_key, **kwargs
     ) -> None:
+        num_heads = config.heads_of(current_key)  # heads_pattern, else num_heads
         if isinstance(target, RLoraLinear):
-            target.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+            target.update_layer(adapter_name, config, inference_mode=config.inference_mode, num_heads=num_heads)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not is_adaptable(base):
@@ -81,7 +82,7 @@ class RLoraModel(BaseTuner):
                 f"target module {current_key!r} is a {type(base).__name__}; R-LoRA adapts torch.nn.Linear layers "
                 "(bitsandbytes' 4/8-bit ones too) and transformers' Conv1D layers only"
             )
-        new_module = RLoraLinear(target, adapter_name, config)
+        new_module = RLoraLinear(target, adapter_name, config, num_heads=num_heads)
         if adapter_name != self.active_adapter:
             new_module.requires_grad_(False)
         self._swap_in(parent, target_name, new_module)
@@ -151,6 +152,49 @@ class RLoraModel(BaseTuner):
             for handle in handles:
                 handle.remove()
 
+    # ---- Router options: what a forward pass tells the layers (task ids, real tokens) and the router losses ----
+
+    @contextlib.contextmanager
+    def routing(
+        self, task_ids: torch.Tensor | int | str | None = None, token_mask: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """While the block runs, every adapted layer's forward sees `task_ids` (one per row, (B,) ints, -1 for none;
+        or one int or task name for every row) and `token_mask` (B, T), the real tokens for the router losses.
+        Hugging Face models pass no extra argument down to their linear layers, so the layers get them here."""
+        layers = [m for m in self.model.modules() if isinstance(m, RLoraLayer)]
+        if isinstance(task_ids, str):
+            task_ids = self.peft_config[self.active_adapters[0]].task_id(task_ids)
+        inputs = RoutingInputs(task_ids, token_mask)
+        for layer in layers:
+            layer.routing_inputs = inputs
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.routing_inputs = None
+
+    def clear_router_losses(self) -> None:
+        for module in self.model.modules():
+            if isinstance(module, RLoraLayer):
+                module.recorded_router_losses.clear()
+
+    def router_losses(self, adapter_name: str | None = None) -> dict[str, torch.Tensor] | None:
+        """The router losses of the forward passes since the last call (then cleared): `balance` and `z`, each the
+        mean over the adapted layers' recorded terms, and `loss` = balance_loss_coef * balance + router_z_loss_coef *
+        z, what is added to the training loss; None when no layer recorded any (both coefficients 0, or eval)."""
+        config = self.peft_config[adapter_name or self.active_adapters[0]]
+        terms = []
+        for module in self.model.modules():
+            if isinstance(module, RLoraLayer):
+                terms += module.recorded_router_losses
+                module.recorded_router_losses.clear()
+        if not terms:
+            return None
+        balance = torch.stack([b for b, _ in terms]).mean()
+        z = torch.stack([z for _, z in terms]).mean()
+        loss = config.balance_loss_coef * balance + config.router_z_loss_coef * z
+        return {"balance": balance, "z": z, "loss": loss}
+
     def merge_and_unload(self, *args, **kwargs) -> nn.Module:
         raise ValueError(MERGE_ERROR)
 
@@ -184,3 +228,16 @@ class RLoraModel(BaseTuner):
                 error,
             )
         return self.unload()
+
+
+@contextlib.contextmanager
+def task_routing(model: nn.Module, task: str | None) -> Iterator[None]:
+    """While the block runs, every row that `model` (a PEFT model, or anything else: then nothing happens) sees is of
+    `task`: under task routing its gates use that task's logits, or zero logits for a task the adapter was not
+    trained on (uniform gates under routing "task"; the token router alone under "token+task")."""
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, RLoraModel) or task is None:
+        yield
+        return
+    with tuner.routing(task_ids=task):
+        yield
