@@ -72,6 +72,11 @@ def probe_sequences(cfg: RunConfig, plan, tokenizer) -> tuple[dict[str, list[lis
     return {task: [s.prompt + s.answer for s in items] for task, items in spans.items() if items}, source
 
 
+def is_layer_metric(key: str) -> bool:
+    """A per-layer telemetry number (`router/<layer>/<name>`), which the progress bar leaves out."""
+    return key.startswith("router/") and key.count("/") == 2
+
+
 def layer_label(name: str) -> str:
     return "{}.{}".format(*describe(name))
 
@@ -129,7 +134,9 @@ class RouterTelemetry(TrainerCallback):
         if state.global_step % self.interval:
             return control
         metrics, statuses = measure(model if model is not None else self.trainer.model, self.probe, self.batch_size)
+        should_log = control.should_log  # logging clears it, and the Trainer logs the loss after this callback
         self.trainer.log(metrics)
+        control.should_log = should_log
         status = statuses.pop("")
         self.streak = [*self.streak, state.global_step] if status != "active" else []
         if len(self.streak) == self.warn_after:

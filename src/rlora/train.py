@@ -323,7 +323,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
     tokenizer = models.load_tokenizer(cfg.model, cache_dir, chat_template=cfg.data.chat_template)
     train_dataset = plan.train_dataset(tokenizer)  # every example fits data.max_length
 
-    with folder.writer() if is_main else contextlib.nullcontext(), _full_disk(folder), tracking(cfg, folder, is_main):
+    with folder.writer() if is_main else contextlib.nullcontext(), _full_disk(folder), tracking(cfg, folder):
         last = folder.begin(cfg, resume, is_main)
         base = models.load_model(cfg.model, tokenizer, cache_dir=cache_dir, loading=cfg.base)
         check_lengths(cfg, base)

@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from ._io import atomic_write_text
 from .errors import MissingPackage
 from .evaluate import evaluate_examples
 from .run import RunFolder
 from .runconfig import RunConfig
-from .telemetry import rng_devices, router_telemetry
+from .telemetry import is_layer_metric, rng_devices, router_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -91,28 +92,37 @@ def local_settings(cfg: RunConfig, folder: RunFolder) -> dict[str, str]:
     if "tensorboard" in names:
         wanted["TENSORBOARD_LOGGING_DIR"] = str(root / "tensorboard")
     if "mlflow" in names:
-        wanted |= {_URI: f"sqlite:///{root / 'mlflow.db'}", "MLFLOW_EXPERIMENT_NAME": MLFLOW_EXPERIMENT}
+        wanted |= {_URI: local_settings_uri(folder), "MLFLOW_EXPERIMENT_NAME": MLFLOW_EXPERIMENT}
     if "wandb" in names:
         wanted |= {"WANDB_MODE": "offline", "WANDB_DIR": str(root)}
     return {key: value for key, value in wanted.items() if key not in os.environ}
 
 
 @contextlib.contextmanager
-def tracking(cfg: RunConfig, folder: RunFolder, is_main: bool) -> Iterator[None]:
-    """While training: the trackers' environment (`local_settings`); the main process makes RUN_DIR/tracking and, for
-    a local MLflow database, its experiment with the artifacts beside it. The environment is restored afterwards."""
+def tracking(cfg: RunConfig, folder: RunFolder) -> Iterator[None]:
+    """While training: the trackers' environment (`local_settings`), restored afterwards; a tracker's missing package
+    fails first."""
     check_packages(cfg)
     settings = local_settings(cfg, folder)
-    if is_main and trackers(cfg):
-        folder.tracking.mkdir(parents=True, exist_ok=True)
-        if _URI in settings:
-            _mlflow_experiment(settings[_URI], folder.tracking / "mlflow-artifacts")
     os.environ.update(settings)
     try:
         yield
     finally:
         for key in settings:
             os.environ.pop(key, None)
+
+
+def prepare_local_trackers(cfg: RunConfig, folder: RunFolder) -> None:
+    """RUN_DIR/tracking, and for a local MLflow database its experiment, with the artifacts beside the database."""
+    if trackers(cfg):
+        folder.tracking.mkdir(parents=True, exist_ok=True)
+    uri = os.environ.get(_URI, "")
+    if "mlflow" in trackers(cfg) and uri == local_settings_uri(folder):
+        _mlflow_experiment(uri, folder.tracking / "mlflow-artifacts")
+
+
+def local_settings_uri(folder: RunFolder) -> str:
+    return f"sqlite:///{folder.tracking.absolute() / 'mlflow.db'}"
 
 
 def _mlflow_experiment(uri: str, artifacts: Path) -> None:
@@ -190,6 +200,15 @@ class StreamedLog(TrainerCallback):
                 f.write(json.dumps(state.log_history[-1]) + "\n")
 
 
+class ConsoleProgress(ProgressCallback):
+    """The Trainer's progress bar, printing each log record without the per-layer router telemetry (a line of a few
+    hundred numbers for a real model); trackers and the log get every number."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shown = {key: value for key, value in (logs or {}).items() if not is_layer_metric(key)}
+        return super().on_log(args, state, control, logs=shown, **kwargs)
+
+
 class KeepBest(TrainerCallback):
     """At the end of training with `training.keep_best`: the checkpoint the Trainer kept as best (lowest mean
     validation loss) and loaded as the run's adapter, recorded in RUN_DIR/watch.json."""
@@ -255,7 +274,11 @@ class ValidationScores:
 def watch(trainer, cfg: RunConfig, plan, folder: RunFolder) -> None:
     """Sets up the watching of `trainer`'s run: the streamed log, the trackers' parameters, the validation scoring
     (`ValidationScores`), the best checkpoint's record and the router telemetry (`telemetry.RouterTelemetry`)."""
+    if trainer.is_world_process_zero():
+        prepare_local_trackers(cfg, folder)
     trainer.add_callback(StreamedLog(folder))
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ConsoleProgress())
     if trackers(cfg):
         trainer.add_callback(LogParameters(cfg, trainer.callback_handler.callbacks))
     t, d = cfg.training, cfg.data
