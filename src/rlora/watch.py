@@ -55,7 +55,9 @@ def trackers(cfg: RunConfig) -> list[str]:
 
 
 def trainer_arguments(cfg: RunConfig, folder: RunFolder) -> dict[str, Any]:
-    """The Trainer's settings of what is watched: its trackers, its evaluation steps and best checkpoint."""
+    """The Trainer's settings of what is watched: its trackers (each installed, else a MissingPackage before anything
+    loads), its evaluation steps and best checkpoint."""
+    check_packages(cfg)
     t = cfg.training
     scoring = t.eval_steps is not None
     return {
@@ -100,9 +102,7 @@ def local_settings(cfg: RunConfig, folder: RunFolder) -> dict[str, str]:
 
 @contextlib.contextmanager
 def tracking(cfg: RunConfig, folder: RunFolder) -> Iterator[None]:
-    """While training: the trackers' environment (`local_settings`), restored afterwards; a tracker's missing package
-    fails first."""
-    check_packages(cfg)
+    """While training: the trackers' environment (`local_settings`), restored afterwards."""
     settings = local_settings(cfg, folder)
     os.environ.update(settings)
     try:
