@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,11 +103,16 @@ def local_settings(cfg: RunConfig, folder: RunFolder) -> dict[str, str]:
 
 @contextlib.contextmanager
 def tracking(cfg: RunConfig, folder: RunFolder) -> Iterator[None]:
-    """While training: the trackers' environment (`local_settings`), restored afterwards."""
+    """While training: the trackers' environment (`local_settings`), restored afterwards. An MLflow run that training
+    left open by failing is ended as FAILED (the next run in this process would otherwise log into it)."""
     settings = local_settings(cfg, folder)
     os.environ.update(settings)
     try:
         yield
+    except BaseException:
+        if "mlflow" in trackers(cfg) and "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None:
+            sys.modules["mlflow"].end_run(status="FAILED")
+        raise
     finally:
         for key in settings:
             os.environ.pop(key, None)
