@@ -329,3 +329,32 @@ def test_a_tracker_that_is_not_installed_is_refused_before_the_model_loads(works
         MissingPackage, match=r"training.report_to: wandb needs wandb, not installed; pip install 'rlora\[wandb\]'"
     ):
         train(cfg)
+
+
+def test_a_resumed_run_streams_its_log_from_the_checkpoint_on(workspace, tmp_path, monkeypatch):
+    step = _FiniteLossTrainer.training_step
+
+    def killed_at_step_4(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    out = tmp_path / "run"
+    cfg = load_run_config(write_config(workspace, out), ["training.max_steps=4"])
+    with monkeypatch.context() as patch:
+        patch.setattr(_FiniteLossTrainer, "training_step", killed_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    streamed = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in streamed if "loss" in r] == [1, 2, 3]  # step 3 logged; the last checkpoint is step 2
+    with monkeypatch.context() as patch:  # resumed from step 2, killed at step 4 again
+        patch.setattr(_FiniteLossTrainer, "training_step", killed_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, resume=True)
+    again = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again if "loss" in r] == [1, 2, 3]  # step 3 once: the first run's went at the resume
+    assert [r["step"] for r in again if "router/entropy" in r] == [1, 2, 3]
+    assert again[:4] == streamed[:4]  # steps 1 and 2 (telemetry, loss) as the first run logged them
+    train(cfg, resume=True)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
