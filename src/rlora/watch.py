@@ -49,6 +49,7 @@ _PACKAGES = {
     "trackio": [("trackio", "trackio")],
 }
 _LOCAL_MLFLOW = [("sqlalchemy", "sqlalchemy"), ("alembic", "alembic")]
+_URI = "MLFLOW_TRACKING_URI"
 
 
 def trackers(cfg: RunConfig) -> list[str]:
@@ -82,9 +83,6 @@ def check_packages(cfg: RunConfig) -> None:
             raise MissingPackage(
                 f"training.report_to: {name} needs {', '.join(missing)}, not installed; pip install '{extra}'"
             )
-
-
-_URI = "MLFLOW_TRACKING_URI"
 
 
 def local_settings(cfg: RunConfig, folder: RunFolder) -> dict[str, str]:
@@ -135,8 +133,9 @@ def _mlflow_experiment(uri: str, artifacts: Path) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    if client.get_experiment_by_name(MLFLOW_EXPERIMENT) is None:
-        client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=artifacts.absolute().as_uri())
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", MLFLOW_EXPERIMENT)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=artifacts.absolute().as_uri())
 
 
 def flat_settings(cfg: RunConfig) -> dict[str, str]:
