@@ -118,3 +118,15 @@ def test_quantized_benchmark_has_every_base_method_and_checkpointing_with_ratios
     assert [row[:3] for row in body] == expected
     assert all(row[4] == "1.00" and row[6] == "1.00" for row in body if row[0] == "float32" and row[2] == "off")
     assert all(float(row[6]) < 1 for row in body if row[0] != "float32")  # quantized weights take less memory
+
+
+def test_telemetry_benchmark_gives_telemetry_and_validation_as_ratios_of_the_training_step(workspace, tmp_path):
+    import bench_telemetry
+    from _tiny import write_config
+
+    config = write_config(workspace, tmp_path / "run")
+    rows = table_rows(bench_telemetry.main(["--quick", "--config", str(config), f"output_dir={tmp_path / 'run'}"]))
+    header, body = rows[0], rows[1:]
+    assert header == ["measured", "median s", "/ training step", "interval (steps)", "added per step"]
+    assert [row[0].split()[0] for row in body] == ["training", "router", "validation"]
+    assert body[0][2] == "1.00" and body[1][3] == "1" and body[2][3] == "32"  # write_config logs every step
