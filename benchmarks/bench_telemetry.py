@@ -53,27 +53,31 @@ def run(args: argparse.Namespace) -> str:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    probe, source = probe_sequences(cfg, plan, tokenizer)
-    probe_batch = max(1, min(cfg.eval.batch_size, t.router_probe_examples))
+    sizes = [int(n) for n in args.probe.split(",")] if args.probe else [t.router_probe_examples]
+    probes = {}
+    for n in sizes:
+        cfg.training.router_probe_examples = n
+        probes[n] = probe_sequences(cfg, plan, tokenizer)
 
     def validation() -> None:
         for examples in plan.validation.values():
             evaluate_examples(model, tokenizer, examples, accuracy=False, **_encoding(cfg))
 
-    fns = {"step": step, "telemetry": lambda: measure(model, probe, probe_batch), "validation": validation}
+    fns = {"step": step, "validation": validation}
+    for n, (probe, _) in probes.items():
+        fns[f"telemetry {n}"] = lambda probe=probe, n=n: measure(model, probe, max(1, min(cfg.eval.batch_size, n)))
     times = interleaved_median_times(fns, args.repeats, args.warmup, torch.device("cpu"))
     interval = t.logging_steps if t.router_telemetry_steps is None else t.router_telemetry_steps
-    tel, val, one = times["telemetry"], times["validation"], times["step"]
-    probed = sum(len(p) for p in probe.values())
+    val, one = times["validation"], times["step"]
     scored = sum(len(v) for v in plan.validation.values())
     header = ["measured", "median s", "/ training step", "interval (steps)", "added per step"]
-    rows = [
-        [f"training step ({t.batch_size} sequences)", f"{one:.3f}", "1.00", "", ""],
-        [f"router telemetry ({probed} {source} sequences)", f"{tel:.3f}", f"{tel / one:.3f}", str(interval),
-         f"{100 * tel / (interval * one):.1f}%"],
-        [f"validation loss ({scored} examples, {len(plan.validation)} tasks)", f"{val:.3f}", f"{val / one:.2f}",
-         str(args.eval_steps), f"{100 * val / (args.eval_steps * one):.1f}%"],
-    ]  # fmt: skip
+    rows = [[f"training step ({t.batch_size} sequences)", f"{one:.3f}", "1.00", "", ""]]
+    for n, (probe, source) in probes.items():
+        tel, probed = times[f"telemetry {n}"], sum(len(p) for p in probe.values())
+        rows.append([f"router telemetry ({probed} {source} sequences: {n} per task)", f"{tel:.3f}", f"{tel / one:.3f}",
+                     str(interval), f"{100 * tel / (interval * one):.1f}%"])  # fmt: skip
+    rows.append([f"validation loss ({scored} examples, {len(plan.validation)} tasks)", f"{val:.3f}", f"{val / one:.2f}",
+                 str(args.eval_steps), f"{100 * val / (args.eval_steps * one):.1f}%"])  # fmt: skip
     note = (
         f"\nConfig {args.config} ({cfg.model}, {cfg.method}, r={cfg.adapter.r}, K={cfg.adapter.num_heads}); "
         f"medians of {args.repeats} interleaved repeats after {args.warmup} warm-up, the training step on "
@@ -95,6 +99,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="demo", help="a run config or preset (default: the CPU demo)")
     parser.add_argument("--eval-steps", type=int, default=32, help="the training.eval_steps the cost is given at")
     parser.add_argument("--batches", type=int, default=4, help="training batches the step cycles through")
+    parser.add_argument("--probe", default=None, help="probe sizes to time, e.g. 1,2,4 (default: the config's)")
     parser.add_argument("--cache-dir", default=None, help="where the embedded model is converted (rlora's default)")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE run config overrides")
 
