@@ -246,7 +246,8 @@ def test_a_router_that_learns_task_routing_is_reported_active(workspace, tmp_pat
         ]
         assert len(layers) == 6, name
         if name in ("entropy", "largest_share", "task_jsd"):  # the average over layers is logged beside them
-            assert last[f"router/{name}"] == pytest.approx(sum(layers) / 6, rel=1e-9)
+            # the entropy's two averages sum float32 per-token terms in different orders: equal to float32 rounding
+            assert last[f"router/{name}"] == pytest.approx(sum(layers) / 6, rel=1e-6)
 
 
 def test_a_killed_runs_log_is_streamed_and_its_curves_are_drawn(workspace, tmp_path, monkeypatch, capsys, caplog):
