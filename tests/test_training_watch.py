@@ -261,12 +261,12 @@ def test_a_killed_runs_log_is_streamed_and_its_curves_are_drawn(workspace, tmp_p
     monkeypatch.setattr(_FiniteLossTrainer, "training_step", killed_at_step_3)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        _train(workspace, out, ["training.max_steps=4", "training.eval_steps=1"])
+        _train(workspace, out, ["training.max_steps=4", "training.eval_steps=1", "training.eval_accuracy=true"])
     log = out / "train_log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert sorted({r["step"] for r in records}) == [1, 2] and {"loss", "eval_loss", "router/entropy"} <= set().union(
-        *records
-    )
+    assert sorted({r["step"] for r in records}) == [1, 2]
+    assert {"loss", "eval_loss", "eval_colors_acc", "eval_letters_acc", "router/entropy"} <= set().union(*records)
+    assert all(0 <= r["eval_colors_acc"] <= 1 for r in records if "eval_colors_acc" in r)
     text = log.read_text()
     log.write_text(text[: len(text) - 20])  # the last record cut short, as a kill while writing it leaves it
     capsys.readouterr()
@@ -359,3 +359,23 @@ def test_a_resumed_run_streams_its_log_from_the_checkpoint_on(workspace, tmp_pat
     train(cfg, resume=True)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_the_checkpoint_rotation_keeps_the_best_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from rlora._io import mark_complete
+    from rlora.train import _MarkComplete
+
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        mark_complete(tmp_path / f"checkpoint-{step}")
+    state = SimpleNamespace(
+        global_step=6, is_world_process_zero=True, best_model_checkpoint=str(tmp_path / "checkpoint-2")
+    )
+    args = SimpleNamespace(distributed_state=None, output_dir=str(tmp_path))
+    _MarkComplete(keep=1).on_save(args, state, SimpleNamespace())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6"]
+    state.best_model_checkpoint = None
+    _MarkComplete(keep=1).on_save(args, state, SimpleNamespace())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]
