@@ -3,7 +3,8 @@
 The run config (default: the CPU demo, `rlora train demo`) gives the model, the data, the adapter and the batch,
 built as `rlora train` builds them: its plan's training batches, its telemetry probe (`telemetry.probe_sequences`:
 `training.router_probe_examples` validation examples per task) and its validation examples (`data.max_eval_per_task`
-per task, carved as `training.eval_steps` carves them). Timed round-robin, medians of the repeats:
+per task, or `training.eval_examples`, carved as `training.eval_steps` carves them). Timed round-robin, medians of
+the repeats:
 
 - a training step: the head-only loss (`output_head.causal_lm_loss`), backward, AdamW, on the plan's batches in turn;
 - one telemetry measurement (`telemetry.measure`), and what it adds per step at `training.logging_steps` (the
@@ -31,6 +32,7 @@ from rlora.reports import markdown_table
 from rlora.runconfig import load_run_config
 from rlora.telemetry import measure, probe_sequences
 from rlora.train import build_peft_model
+from rlora.watch import scored_examples
 
 
 def run(args: argparse.Namespace) -> str:
@@ -59,8 +61,10 @@ def run(args: argparse.Namespace) -> str:
         cfg.training.router_probe_examples = n
         probes[n] = probe_sequences(cfg, plan, tokenizer)
 
+    scored_sets = scored_examples(cfg, plan)
+
     def validation() -> None:
-        for examples in plan.validation.values():
+        for examples in scored_sets.values():
             evaluate_examples(model, tokenizer, examples, accuracy=False, **_encoding(cfg))
 
     fns = {"step": step, "validation": validation}
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> str:
     times = interleaved_median_times(fns, args.repeats, args.warmup, torch.device("cpu"))
     interval = t.logging_steps if t.router_telemetry_steps is None else t.router_telemetry_steps
     val, one = times["validation"], times["step"]
-    scored = sum(len(v) for v in plan.validation.values())
+    scored = sum(len(v) for v in scored_sets.values())
     header = ["measured", "median s", "/ training step", "interval (steps)", "added per step"]
     rows = [[f"training step ({t.batch_size} sequences)", f"{one:.3f}", "1.00", "", ""]]
     for n, (probe, source) in probes.items():

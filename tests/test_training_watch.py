@@ -25,6 +25,7 @@ from rlora.runconfig import load_run_config
 from rlora.telemetry import STATUS_CODES
 from rlora.train import _FiniteLossTrainer, train
 
+SCORED = ["training.eval_accuracy=true", "training.eval_examples=2"]
 WATCHED = ["training.max_steps=4", "training.eval_steps=2", "training.keep_best=true", "training.save_total_limit=1"]
 TRACKED = ["training.report_to=[tensorboard,mlflow]"]
 TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
@@ -119,6 +120,12 @@ def test_mlflow_local_database_holds_the_logged_metrics_and_the_run_config_as_pa
     assert params["rlora.training.report_to"] == '["tensorboard", "mlflow"]'
 
 
+def _checkpoint_model(workspace, checkpoint: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "model"), checkpoint).eval()
+
+
 def _naive_loss(model, tokenizer, examples) -> float:
     """Token-weighted cross-entropy over the trained tokens, from the full logits of one unpadded pass each."""
     total, count = 0.0, 0
@@ -135,14 +142,12 @@ def _naive_loss(model, tokenizer, examples) -> float:
 
 @pytest.mark.numerics
 def test_each_tasks_validation_loss_is_logged_and_the_best_checkpoint_is_the_adapter(watched, workspace):
-    from peft import PeftModel
-
     run, log = watched
     cfg = load_run_config(run / "config.yaml")
     plan = plan_data(cfg)
     assert plan.validation is not None and all(plan.validation.values())
     step, adapter = 4, run / "checkpoints" / "checkpoint-4"  # the last: kept whichever is best
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "model"), adapter).eval()
+    model = _checkpoint_model(workspace, adapter)
     tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
     scores = {r["step"]: r for r in log if "eval_loss" in r}
     with torch.no_grad():
@@ -261,12 +266,20 @@ def test_a_killed_runs_log_is_streamed_and_its_curves_are_drawn(workspace, tmp_p
     monkeypatch.setattr(_FiniteLossTrainer, "training_step", killed_at_step_3)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        _train(workspace, out, ["training.max_steps=4", "training.eval_steps=1", "training.eval_accuracy=true"])
+        _train(workspace, out, ["training.max_steps=4", "training.eval_steps=1", *SCORED])
     log = out / "train_log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert sorted({r["step"] for r in records}) == [1, 2]
     assert {"loss", "eval_loss", "eval_colors_acc", "eval_letters_acc", "router/entropy"} <= set().union(*records)
-    assert all(0 <= r["eval_colors_acc"] <= 1 for r in records if "eval_colors_acc" in r)
+    assert all(r["eval_colors_acc"] in (0, 0.5, 1) for r in records if "eval_colors_acc" in r)  # of 2 examples
+    model = _checkpoint_model(workspace, out / "checkpoints" / "checkpoint-2")
+    cfg = load_run_config(out / "config.yaml")
+    (scored,) = [r for r in records if r["step"] == 2 and "eval_loss" in r]
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    with torch.no_grad():
+        for task, examples in plan_data(cfg).validation.items():  # the first 2 of each task (training.eval_examples)
+            # float32 passes over at most 64 tokens; the positions-only head and the full logits differ by rounding
+            assert scored[f"eval_{task}_loss"] == pytest.approx(_naive_loss(model, tokenizer, examples[:2]), rel=1e-5)
     text = log.read_text()
     log.write_text(text[: len(text) - 20])  # the last record cut short, as a kill while writing it leaves it
     capsys.readouterr()
@@ -306,6 +319,7 @@ def test_curves_series_take_every_numeric_value_at_its_step():
         (["training.report_to=[mlflow,mlflow]"], "training.report_to: a tracker is named twice"),
         (["training.keep_best=true"], "training.keep_best: only with training.eval_steps"),
         (["training.eval_accuracy=true"], "training.eval_accuracy: only with training.eval_steps"),
+        (["training.eval_examples=5"], "training.eval_examples: only with training.eval_steps"),
         (
             ["training.eval_steps=3", "training.keep_best=true"],
             r"training.keep_best: save_steps \(2\) must be a multiple of eval_steps \(3\)",

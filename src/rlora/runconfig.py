@@ -223,6 +223,12 @@ class TrainingSettings:
         "the training examples (data.validation_fraction), the test split is never read",
         _at_least(1, True),
     )
+    eval_examples: int | None = _key(
+        None,
+        "with eval_steps: the first this many validation examples of each task are scored (null: all of them, up to "
+        "data.max_eval_per_task); each costs about 1/20 of a training step of the demo",
+        _at_least(1, True),
+    )
     eval_accuracy: bool = _key(
         False, "with eval_steps: each multiple-choice task's accuracy too (every choice scored: a few times the cost)"
     )
@@ -483,7 +489,7 @@ def _check_watch(t: TrainingSettings, source: str) -> None:
     """The settings of what is measured during training, together."""
     if len(set(t.report_to)) < len(t.report_to):
         raise ConfigError(f"{source}: training.report_to: a tracker is named twice in {t.report_to}")
-    for name in ("eval_accuracy", "keep_best"):
+    for name in ("eval_examples", "eval_accuracy", "keep_best"):
         if getattr(t, name) and t.eval_steps is None:
             raise ConfigError(f"{source}: training.{name}: only with training.eval_steps (the validation scoring)")
     if t.keep_best and t.save_steps % t.eval_steps:

@@ -276,6 +276,11 @@ class ValidationScores:
         return metrics
 
 
+def scored_examples(cfg: RunConfig, plan) -> dict[str, list]:
+    """Per task, the validation examples scored every `training.eval_steps`: the first `training.eval_examples`."""
+    return {task: examples[: cfg.training.eval_examples] for task, examples in plan.validation.items()}
+
+
 def watch(trainer, cfg: RunConfig, plan, folder: RunFolder) -> None:
     """Sets up the watching of `trainer`'s run: the streamed log, the trackers' parameters, the validation scoring
     (`ValidationScores`), the best checkpoint's record and the router telemetry (`telemetry.RouterTelemetry`)."""
@@ -288,7 +293,7 @@ def watch(trainer, cfg: RunConfig, plan, folder: RunFolder) -> None:
         trainer.add_callback(LogParameters(cfg, trainer.callback_handler.callbacks))
     t, d = cfg.training, cfg.data
     if t.eval_steps is not None:
-        trainer.validation = plan.validation
+        trainer.validation = scored_examples(cfg, plan)
         trainer.validation_settings = {
             "accuracy": t.eval_accuracy,
             "chat_template": d.chat_template,
