@@ -210,7 +210,7 @@ class TrainingSettings:
     router_probe_examples: int = _key(
         1,
         "validation examples per task in the router telemetry's probe (each one a forward pass: 1 keeps the demo's "
-        "telemetry under 2% of its training time; more give a steadier tasks' divergence)",
+        "telemetry under 3% of its training time; more give a steadier tasks' divergence)",
         POSITIVE,
     )
     router_warn_intervals: int = _key(
