@@ -80,7 +80,7 @@ class PerHeadLoop(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        gates = torch.softmax(self.router(x.float()), dim=-1).to(x.dtype)
+        gates = torch.softmax(F.linear(x.float(), self.router.weight.float()), dim=-1).to(x.dtype)  # in float32
         for i, (head, drop) in enumerate(zip(self.heads, self.drops, strict=True)):
             out = out + gates[..., i : i + 1] * head(self.A(drop(x))) * self.scaling
         return out

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> str:
     if args.quick:
         cfg.data.max_eval_per_task = min(cfg.data.max_eval_per_task or 4, 4)
     t, d = cfg.training, cfg.data
-    plan = plan_data(cfg, args.cache_dir)
+    plan = plan_data(cfg.data, cfg.seed, args.cache_dir, validation=True)
     tokenizer = models.load_tokenizer(cfg.model, args.cache_dir, chat_template=d.chat_template)
     model = build_peft_model(cfg, models.load_model(cfg.model, tokenizer, cache_dir=args.cache_dir, loading=cfg.base))
     dataset, collate = plan.train_dataset(tokenizer), plan.collator(tokenizer)

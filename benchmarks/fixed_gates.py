@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     from rlora.adapters import load_adapter
     from rlora.evaluate import TaskResult, _average, evaluate_plan
     from rlora.reports import results_table
-    from rlora.run import load_run
+    from rlora.run import Run
 
-    run = load_run(args.run_dir, args.cache_dir)
+    run = Run.open(args.run_dir, args.cache_dir).load()
     plan = run.plan
     if args.max_per_task:
         plan = dataclasses.replace(plan, test={t: ex[: args.max_per_task] for t, ex in plan.test.items()})
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate_plan(model.eval(), run.tokenizer, run.cfg, plan)
 
     columns = {"routed": score(run.model)}
-    plain = load_run(args.run_dir, args.cache_dir, adapter=False).model
+    plain = Run.open(args.run_dir, args.cache_dir, adapter=False).base_model
     exports = {"uniform": Path(args.uniform)} | {t: Path(args.per_task) / t for t in plan.test}
     model = None
     for name, folder in exports.items():

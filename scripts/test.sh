@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The project's test command: sets up .venv (scripts/setup.sh), lints, runs the whole test suite, then runs the
-# numerics-sensitive tests (marker `numerics`) a second time on other CPU kernel paths.
+# The project's test command: sets up .venv with the test extras (scripts/setup.sh --dev), lints, runs the whole
+# test suite, then runs the numerics-sensitive tests (marker `numerics`) a second time on other CPU kernel paths.
 # Arguments go to the first pytest run; with arguments (a file, -k, -m ...) the second pass is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --dev
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/python -m pytest -q "$@"

@@ -40,7 +40,7 @@ from rlora.cli import main
 from rlora.errors import AdapterError, ConfigError, DataError, ModelError, RunFolderError
 from rlora.run import RunFolder, load_run
 from rlora.runconfig import load_run_config
-from rlora.train import train
+from rlora.train import DATA_FINGERPRINT_FILE, train
 
 RLORA_A = "base_model.model.model.layers.0.mlp.up_proj.rlora_A"  # (r=4, d_in=32) in the tiny model
 MODELS = (
@@ -143,6 +143,31 @@ class Case:
 _ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)
 )
+
+
+# 4 anchors of 9 aliases each inside one key: under the 100,000-value cap, 946 KB once printed
+_LONG_ALIAS = (
+    "seed:\n  a0: &a0 ["
+    + ", ".join(["xxxxxxxxxx"] * 9)
+    + "]\n"
+    + "".join(f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 4))
+    + f"  a4: [{', '.join(['*a3'] * 9)}]\n"
+)
+NAME_RULE = "a name is a non-empty file name: no '/', '\\', control character or leading dot, at most 128 bytes"
+HOSTILE_NAMES = [  # (label, name, why it is refused)
+    ("up-two-folders", "../../victim", "'../../victim' holds a path separator"),
+    ("absolute", "/tmp/victim", "'/tmp/victim' holds a path separator"),
+    ("dot-dot", "..", "'..' names a folder, not a name"),
+    ("nul", "a\0b", "'a\\x00b' holds a NUL byte or another control character"),
+    ("newline", "a\nb", "'a\\nb' holds a NUL byte or another control character"),
+    ("hidden", ".hidden", "'.hidden' starts with a dot (a hidden file's name)"),
+    ("backslash", "a\\b", "'a\\\\b' holds a path separator"),
+    (
+        "too-long",
+        "x" * 300,
+        "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...' (300 characters) is longer than 128 bytes of UTF-8",
+    ),
+]
 
 
 def _files_override(c: Ctx, record: str, settings: str) -> list[str]:
@@ -430,6 +455,11 @@ CASES = [
         "compute-dtype-unknown",
         lambda c: ["train", c.config, "base.quantization=4bit", "base.compute_dtype=int8"],
         "{cfg}: base.compute_dtype: expected one of float32, bfloat16, float16, got 'int8'",
+    ),
+    Case(
+        "base-dtype-unknown",
+        lambda c: ["train", c.config, "base.dtype=int8"],
+        "{cfg}: base.dtype: expected one of float32, bfloat16, float16, got 'int8'",
     ),
     Case(
         "attention-unknown",
@@ -837,6 +867,65 @@ CASES = [
         "eval-a-folder-that-is-no-run",
         lambda c: ["eval", str(c.tmp)],
         "{tmp}: not a run folder (no config.yaml); train one with `rlora train`",
+    ),
+    # --- names that would become paths (see rlora.names; tests/test_paths.py runs them through every writer) ---
+    *[
+        Case(
+            f"task-name-{label}",
+            lambda c, name=name: ["train", c.config, c.jsonl(json.dumps({"task": name, "prompt": "p", "answer": "a"}))],
+            "{tmp}/data.jsonl:2: field 'task': " + why + "; " + NAME_RULE,
+        )
+        for label, name, why in HOSTILE_NAMES
+    ],
+    Case(
+        "task-name-in-the-config-that-is-a-path",
+        lambda c: ["train", c.config, "data.jsonl=[]", f"data.files=[{{path: {c.file('d.jsonl', '{}')}, task: ../x}}]"],
+        "{cfg}: data.files[0]: task: '../x' holds a path separator; " + NAME_RULE,
+    ),
+    Case(
+        "task-name-from-a-hidden-files-name",
+        lambda c: [
+            "train",
+            c.config,
+            "data.jsonl=[" + c.file(".hidden.jsonl", '{"prompt": "p", "answer": "a"}\n') + "]",
+        ],
+        "{tmp}/.hidden.jsonl: the task's name, from the file's name: '.hidden' starts with a dot (a hidden file's "
+        "name); " + NAME_RULE + "; or give task:",
+    ),
+    # --- left from the reliability probes ---
+    Case(
+        "nul-byte-in-a-csv-cell",
+        lambda c: [
+            "train",
+            c.config,
+            "data.jsonl=[]",
+            "data.files=[" + c.file("n.csv", "prompt,answer\np,a\nq,b\0c\n") + "]",
+        ],
+        "{tmp}/n.csv:3: column 2 ('answer'): a NUL byte in the cell; not text",
+    ),
+    Case(
+        "compare-with-an-empty-lr",
+        lambda c: ["compare", c.config, "--seeds", "1", "--lr", ""],
+        "--lr '': expected comma-separated learning rates to choose from, e.g. 3e-4,1e-3",
+    ),
+    Case(
+        "accept-changed-data-without-resume",
+        lambda c: ["train", c.config, "--accept-changed-data"],
+        "--accept-changed-data: goes with --resume (a run resumed on data that changed)",
+    ),
+    Case(
+        "error-line-that-an-alias-makes-long",  # 946 KB of values, cut to MAX_MESSAGE characters (the path varies)
+        lambda c: ["train", c.file("long.yaml", _LONG_ALIAS)],
+        "{tmp}/long.yaml: seed: expected an integer, got {{'a0': ['xxxxxxxxxx', ... "
+        "(94...,... characters left out) ... xxxxxxxxx'], ... 'xxxxxxxxxx']]]]]}}",
+    ),
+    Case(
+        "resume-after-the-task-data-changed",
+        lambda c: _unfinished_run(c, lambda checkpoint: (checkpoint / DATA_FINGERPRINT_FILE).write_text("0" * 32)),
+        "{tmp}/run/checkpoints/checkpoint-2: the run's task data changed since this checkpoint was saved (a file "
+        "edited, added or removed); pass --accept-changed-data to train on with the new data, or start a new run in "
+        "another output_dir",
+        rewrites_run=True,
     ),
     Case(
         "compare-with-a-negative-seed",

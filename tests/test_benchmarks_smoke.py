@@ -106,6 +106,21 @@ def test_data_scale_benchmark_times_one_training_step_on_a_generated_mixture(tmp
     assert all((tmp_path / "again" / f.name).read_bytes() == f.read_bytes() for f in files)
 
 
+@pytest.mark.slow  # fresh processes build and map the tables of 2,000 examples twice, one from a git worktree
+def test_data_cache_benchmark_times_warm_starts_against_a_baseline_and_the_full_check(tmp_path):
+    import bench_data_cache
+
+    out = tmp_path / "cache.json"
+    table = bench_data_cache.main(["--quick", "--baselines", "HEAD", "--json", str(out)])
+    rows = table_rows(table)
+    assert rows[0] == ["path", "load_file s (median)", "process wall s (median)", f"load_file / {rows[2][0][6:]}"]
+    assert rows[1][0].startswith("this checkout") and rows[2][0].startswith("rlora ") and rows[2][3] == "1.000"
+    assert [row[0] for row in rows[4:]] == ["rlora cache (identities, as a run)", "rlora cache --verify (every byte)"]
+    data = json.loads(out.read_text())
+    assert data["size"] == 2000 and len(data["warm_starts"]["new"]) == 1
+    assert {r[2] for runs in data["warm_starts"].values() for r in runs} == {2000}  # every path served them all
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_quantized_benchmark_has_every_base_method_and_checkpointing_with_ratios_to_float32():
     pytest.importorskip("bitsandbytes")
@@ -118,6 +133,19 @@ def test_quantized_benchmark_has_every_base_method_and_checkpointing_with_ratios
     assert [row[:3] for row in body] == expected
     assert all(row[4] == "1.00" and row[6] == "1.00" for row in body if row[0] == "float32" and row[2] == "off")
     assert all(float(row[6]) < 1 for row in body if row[0] != "float32")  # quantized weights take less memory
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_gpu_check_smoke_version_trains_each_method_in_bf16_and_fp32_and_compares_them():
+    import gpu_check
+
+    text = gpu_check.main(["--cpu"])
+    losses = table_rows(text.split("### Loss", 1)[1].split("###", 1)[0])
+    header, body = losses[0], losses[1:]
+    assert header[:3] == ["method", "fp32 loss @1", "bf16 loss @1"] and header[-1] == "within 2%"
+    assert [row[0] for row in body] == list(gpu_check.METHODS.values())
+    assert [row[-1] for row in body] == ["pass"] * 3 and body[0][-2] == "1.00"  # ratios to PEFT LoRA
+    assert text.rstrip().endswith("Result: every method within 2% of fp32.")
 
 
 def test_telemetry_benchmark_gives_telemetry_and_validation_as_ratios_of_the_training_step(workspace, tmp_path):

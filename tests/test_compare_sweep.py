@@ -76,10 +76,11 @@ def _config(workspace, tmp_path, data, name="run"):
 
 def test_the_validation_split_is_carved_from_training_and_disjoint_from_test(workspace, tmp_path):
     data = _quiz(tmp_path / "quiz.jsonl", _rows())
-    test_plan = plan_data(_config(workspace, tmp_path, data))
+    test_cfg = _config(workspace, tmp_path, data)
+    test_plan = plan_data(test_cfg.data, test_cfg.seed)
     cfg = _config(workspace, tmp_path, data)
     cfg.data.holdout = "validation"
-    plan = plan_data(cfg)
+    plan = plan_data(cfg.data, cfg.seed)
     test_keys = {split_key(e) for e in test_plan.test["quiz"]}
     validation_keys = {split_key(e) for e in plan.test["quiz"]}
     training_keys = {split_key(e) for e in plan.train}

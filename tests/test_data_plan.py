@@ -44,7 +44,7 @@ def _config(tmp_path, *overrides):
 def test_the_plan_draws_the_examples_the_eager_path_drew(tmp_path, workspace, overrides):
     files = [str(workspace / f) for f in ("colors.jsonl", "letters.jsonl", "free.jsonl")]
     cfg = _config(tmp_path, "data.tasks=[piqa,sciq]", f"data.jsonl=[{','.join(files)}]", *overrides)
-    plan = plan_data(cfg)
+    plan = plan_data(cfg.data, cfg.seed)
     eager = {name: load_task(name) for name in ("piqa", "sciq")}
     eager.update(read_jsonl_tasks(files))  # the eager reader: every line parsed into a list
     train = {t: split_examples(x, cfg.data.test_fraction)[0] for t, x in eager.items()}
@@ -67,7 +67,7 @@ def test_the_training_set_tokenizes_on_read_what_the_eager_path_encoded(tmp_path
             f"data.chat_template={chat}",
             "data.max_length=12",
         )
-        plan = plan_data(cfg)
+        plan = plan_data(cfg.data, cfg.seed)
         dataset = plan.train_dataset(tiny_tokenizer)
         eager = encode_examples(tiny_tokenizer, list(plan.train), cfg.data.chat_template, cfg.data.max_length)
         assert [dataset[i] for i in range(len(dataset))] == eager
@@ -78,7 +78,8 @@ def test_the_training_set_tokenizes_on_read_what_the_eager_path_encoded(tmp_path
 def test_a_large_mixture_groups_by_characters(tmp_path, workspace, tiny_tokenizer, monkeypatch):
     monkeypatch.setattr(data_plan, "EXACT_LENGTHS_MAX", 10)
     files = [str(workspace / f) for f in ("colors.jsonl", "free.jsonl")]
-    plan = plan_data(_config(tmp_path, "data.tasks=[copa]", f"data.jsonl=[{','.join(files)}]"))
+    cfg = _config(tmp_path, "data.tasks=[copa]", f"data.jsonl=[{','.join(files)}]")
+    plan = plan_data(cfg.data, cfg.seed)
     expected = [len(e.prompt) + len(e.answer) for e in plan.train]
     assert plan.train_dataset(tiny_tokenizer).lengths.tolist() == expected
 
@@ -143,7 +144,8 @@ def test_a_bad_line_leaves_no_cached_table(tmp_path):
 def test_data_jsonl_reads_json_lines_whatever_the_suffix(tmp_path):
     path = tmp_path / "mine.txt"
     path.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": "a"}) + "\n" for i in range(20)))
-    plan = plan_data(_config(tmp_path, "data.tasks=[]", f"data.jsonl=[{path}]"))
+    cfg = _config(tmp_path, "data.tasks=[]", f"data.jsonl=[{path}]")
+    plan = plan_data(cfg.data, cfg.seed)
     assert list(plan.tasks) == ["mine"] and plan.sizes["mine"]["total"] == 20
 
 
@@ -170,3 +172,18 @@ def test_rlora_cache_lists_the_tables_and_removes_the_stale_ones(tmp_path, monke
     assert [t.source["path"] for t in store.cached_tables()] == [str(kept)]
     assert main(["cache", "--clear"]) == 0
     assert store.cached_tables() == [] and capsys.readouterr().out.endswith("0 tables, 0.0 MB; removed 1\n")
+
+
+@pytest.mark.parametrize("source", ["jsonl", "files"])
+def test_a_config_naming_its_own_files_trains_and_evaluates_on_those_alone(tmp_path, source):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "answer": f"a{i}"}) + "\n" for i in range(20)))
+    cfg = _config(tmp_path, f"data.{source}=[{path}]")  # no data.tasks: no built-in task is added
+    assert cfg.data.tasks == []
+    plan = plan_data(cfg.data, cfg.seed)
+    assert list(plan.tasks) == ["mine"] and list(plan.test) == ["mine"] and list(plan.counts) == ["mine"]
+
+
+def test_a_config_without_any_data_source_gets_the_default_tasks(tmp_path):
+    assert _config(tmp_path).data.tasks == ["boolq", "piqa", "arc_easy", "winogrande"]
+    assert _config(tmp_path, "data.tasks=[piqa]").data.tasks == ["piqa"]

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny import F64, MLP, perturb_adapter, tiny_llama, untrained_runs
+from _tiny import F64, MLP, perturb_adapter, tiny_gpt2, tiny_llama, untrained_runs, word_tokenizer
 from peft import get_peft_model, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from rlora import RLoraConfig
 from rlora.cli import main
-from rlora.commands.export import adapted_modules, export_run, lora_config, lora_tensors
+from rlora.commands.export import adapted_modules, export_run, lora_config, lora_tensors, write_merged
 from rlora.errors import ConfigError, RunFolderError
 from rlora.run import load_run
 
@@ -86,9 +87,49 @@ def test_the_exported_lora_is_the_fixed_gate_model_in_float64(head_init):
     assert (routed - expected).abs().max() > 1e-3  # the routed model is another function: fixed gates cost something
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize(
+    ("make", "targets"),
+    [(tiny_gpt2, ["c_attn", "c_fc", "c_proj"]), (tiny_llama, ["q_proj", "v_proj", *MLP])],
+    ids=["gpt2-conv1d", "llama-linear"],
+)
+def test_the_merged_export_is_the_fixed_gate_model_in_float64_for_every_layer_layout(make, targets, tmp_path):
+    """`export --merged` writes the base with each layer's fixed-gate update merged in the layer's own layout: GPT-2's
+    Conv1D stores its weight transposed (d_in, d_out); its c_attn (32 -> 96), c_fc (32 -> 128) and MLP c_proj
+    (128 -> 32) are non-square, the attention's c_proj (32 -> 32) square (where a wrong layout would be silent).
+    The model saved and loaded again equals the R-LoRA model with its routers replaced by those fixed gates, within
+    F64: the same algebra in float64, summed in another order ((W + BA) x against W x + B (A x)), relative rounding
+    about 1e-16 per operation on values of order 1. The run's own model is left as it was (the merge is on a copy)."""
+    rlora = get_peft_model(make(dtype=torch.float64), RLoraConfig(r=2, num_heads=3, target_modules=targets)).eval()
+    perturb_adapter(rlora, scale=0.5)
+    layers = adapted_modules(rlora)
+    gen = torch.Generator().manual_seed(1)
+    gates = {name: torch.rand(3, generator=gen, dtype=torch.float64).softmax(0) for name in layers}
+    ids = torch.randint(0, 97, (2, 9), generator=gen)
+    with torch.no_grad():
+        routed = rlora(input_ids=ids).logits
+    before = {k: v.clone() for k, v in rlora.state_dict().items()}
+    write_merged(rlora, word_tokenizer(), gates, tmp_path / "merged")
+    assert all(torch.equal(v, before[k]) for k, v in rlora.state_dict().items())  # merged on a copy: untouched
+
+    def fixed(module, args, _output):
+        return module.get_base_layer()(args[0]) + naive_fixed_gate_delta(module, args[0], gates[by_module[module]])
+
+    by_module = {layer: name for name, layer in layers.items()}
+    hooks = [layer.register_forward_hook(fixed) for layer in layers.values()]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64).eval()
+    with torch.no_grad():
+        expected = rlora(input_ids=ids).logits
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, **F64)
+    assert (routed - expected).abs().max() > 1e-3  # the gates are fixed for real: the routed model differs
+
+
 def test_the_export_is_a_plain_peft_lora_adapter_with_server_compatible_names(exported):
     folder = exported["uniform"]
     assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
         "gates.json",
@@ -107,7 +148,7 @@ def test_the_export_is_a_plain_peft_lora_adapter_with_server_compatible_names(ex
         assert match and name.endswith(LLAMA_CPP_SUFFIX), name
         assert match["module"].rsplit(".", 1)[-1] in MLP
         assert shapes[name][0 if match["ab"] == "A" else 1] == config["r"]
-    gates = json.loads((folder / "gates.json").read_text())
+    gates = json.loads((folder / "gates.json").read_text())["gates"]
     assert len(gates) == 6 and all(g == [1 / 3] * 3 for g in gates.values())
 
 
@@ -144,7 +185,7 @@ def test_bare_peft_loads_the_export_in_a_fresh_process(exported, runs, workspace
     assert "rlora loaded: False" in done.stdout
     deltas = load_file(str(out))
     model = load_run(runs["rlora"]).model.double()
-    gates = json.loads((folder / "gates.json").read_text())
+    gates = json.loads((folder / "gates.json").read_text())["gates"]
     layers = adapted_modules(model)
     assert sorted(deltas) == sorted(layers)
     eps32 = torch.finfo(torch.float32).eps
@@ -169,7 +210,7 @@ def test_per_task_gates_are_each_tasks_mean_gates_over_its_training_tokens(expor
 
     names = list(run.plan.tasks)
     for t, task in enumerate(names):
-        gates = json.loads((exported["tasks"] / task / "gates.json").read_text())
+        gates = json.loads((exported["tasks"] / task / "gates.json").read_text())["gates"]
         rows = sorted(set(run.plan.mixture[1][run.plan.mixture[0] == t].tolist()))
         sums = {name: torch.zeros(3, dtype=torch.float64) for name in layers}
         tokens = 0
@@ -195,7 +236,7 @@ def test_per_task_gates_are_each_tasks_mean_gates_over_its_training_tokens(expor
             torch.testing.assert_close(
                 torch.tensor(gates[name], dtype=torch.float64), sums[name] / tokens, atol=1e-5, rtol=0
             )
-    first, second = (json.loads((exported["tasks"] / t / "gates.json").read_text()) for t in names)
+    first, second = (json.loads((exported["tasks"] / t / "gates.json").read_text())["gates"] for t in names)
     assert first != second
 
 
@@ -229,7 +270,7 @@ def test_a_gates_list_file_applies_to_every_layer(runs, tmp_path):
     file = tmp_path / "gates.json"
     file.write_text("[1, 0, 0]")
     (folder,) = export_run(runs["rlora"], str(file), tmp_path / "out")
-    assert set(map(tuple, json.loads((folder / "gates.json").read_text()).values())) == {(1.0, 0.0, 0.0)}
+    assert set(map(tuple, json.loads((folder / "gates.json").read_text())["gates"].values())) == {(1.0, 0.0, 0.0)}
 
 
 @pytest.mark.parametrize(
@@ -261,16 +302,18 @@ def test_eval_adapter_scores_an_adapter_folder_as_rlora_eval_scores_the_run(runs
 
     routed = evaluate_run(runs["rlora"])
     assert main(["eval", str(runs["rlora"]), "--adapter", str(runs["rlora"] / "adapter")]) == 0
-    same = json.loads((runs["rlora"] / "adapter" / "eval.json").read_text())
+    same = json.loads((runs["rlora"] / "eval_adapter_adapter.json").read_text())
+    assert not (runs["rlora"] / "adapter" / "eval.json").exists()  # the adapter folder is left as it was
     for task, scores in routed["tasks"].items():  # the same model and examples, scored the same way
         for metric, value in scores.items():
             expected = value if isinstance(value, str) or value is None else pytest.approx(value, rel=1e-6)
             assert same["tasks"][task][metric] == expected, (task, metric)
     assert main(["eval", str(runs["rlora"]), "--adapter", str(exported["uniform"])]) == 0
-    written = json.loads((exported["uniform"] / "eval.json").read_text())
+    written = json.loads((runs["rlora"] / "eval_adapter_uniform.json").read_text())
+    assert not (exported["uniform"] / "eval.json").exists()  # the export is left as it was
     assert written["method"] == "adapter uniform" and written["adapter"] == str(exported["uniform"])
     assert {t: r["n"] for t, r in written["tasks"].items()} == {t: r["n"] for t, r in routed["tasks"].items()}
-    assert "adapter uniform" in (exported["uniform"] / "eval.md").read_text()
+    assert "adapter uniform" in (runs["rlora"] / "eval_adapter_uniform.md").read_text()
 
 
 def test_eval_adapter_needs_a_run_folder_without_base(runs, exported, capsys):

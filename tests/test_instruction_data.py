@@ -61,7 +61,7 @@ def test_replies_alone_carry_the_loss(tmp_path, workspace):
     tokenizer = byte_tokenizer()  # byte-level: decoding gives back the exact text
     files = [_alpaca(tmp_path / "repeat.json"), _sharegpt(tmp_path / "chat.jsonl")]
     cfg = load_run_config(None, [f"model={workspace / 'model'}", *_overrides(tmp_path / "run", files)])
-    plan = plan_data(cfg)
+    plan = plan_data(cfg.data, cfg.seed)
     assert list(plan.tasks) == ["repeat", "chat"]
     dataset = plan.train_dataset(tokenizer)
     assert len(dataset) == sum(plan.counts.values()) > 0

@@ -19,7 +19,7 @@ from rlora.run import load_run
 from rlora.runconfig import load_run_config
 from rlora.train import train
 
-bnb = pytest.importorskip("bitsandbytes")  # the `quant` extra; scripts/setup.sh installs it
+bnb = pytest.importorskip("bitsandbytes")  # the `quant` extra; scripts/setup.sh --dev installs it
 
 
 def quantized_llama(path, bits: str):

@@ -1,13 +1,15 @@
-"""The run folder: its layout, its config guard, its results, and what `load_run` refuses before loading a model."""
+"""The run folder: its layout, its config guard, its results, what `load_run` refuses before loading a model, and
+`Run`: a run opened once, each part loaded once when first used."""
 
 import json
 
 import pytest
-from _tiny import write_config
+from _tiny import untrained_runs, write_config
 
 import rlora.models
+import rlora.run
 from rlora.errors import ConfigError, RunFolderError
-from rlora.run import RunFolder, load_run
+from rlora.run import Run, RunFolder, load_run
 from rlora.runconfig import load_run_config
 
 
@@ -80,3 +82,38 @@ def test_load_run_refuses_what_it_cannot_use_before_any_model_loads(workspace, t
     (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(RunFolderError, match="a plain LoRA run has one head and no router"):
         load_run(cfg.output_dir, multi_head=True)
+
+
+def test_a_run_is_opened_once_and_loads_each_part_once_when_first_used(workspace, tmp_path, monkeypatch):
+    runs = untrained_runs(workspace, tmp_path)
+    calls = {"config": 0, "check": 0, "load": []}
+    read, check, load = rlora.run.load_run_config, rlora.run.check_adapter, rlora.models.load_model_and_tokenizer
+
+    def counted_read(*args, **kwargs):
+        calls["config"] += 1
+        return read(*args, **kwargs)
+
+    def counted_check(*args, **kwargs):
+        calls["check"] += 1
+        return check(*args, **kwargs)
+
+    def recorded_load(*args, **kwargs):
+        calls["load"].append(kwargs["loading"])
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(rlora.run, "load_run_config", counted_read)
+    monkeypatch.setattr(rlora.run, "check_adapter", counted_check)
+    monkeypatch.setattr(rlora.models, "load_model_and_tokenizer", recorded_load)
+    run = Run.open(runs["rlora"])
+    assert (run.multi_head, run.peft_type) == (True, "RLORA") and calls["load"] == []  # facts without a model
+    assert run.load() is run and run.model is run.model and run.tokenizer is run.tokenizer
+    assert run.context_length == run.model.config.max_position_embeddings
+    assert list(run.plan.test) == list(run.plan.tasks) and run.plan is run.plan
+    assert run.model.peft_config["default"].peft_type == "RLORA"  # the run's adapter, on the base
+    assert calls == {"config": 1, "check": 1, "load": [run.cfg.base]}  # the base loads as the run's `base` says
+    lora = Run.open(runs["lora"])
+    assert (lora.multi_head, lora.peft_type) == (False, "LORA")
+    with pytest.raises(RunFolderError, match=r"a plain LoRA run has one head and no router; --routing needs"):
+        lora.require_multi_head("--routing needs a multi-head run")
+    bare = Run.open(runs["rlora"], adapter=False)
+    assert bare.model is bare.base_model and not hasattr(bare.model, "peft_config")

@@ -144,7 +144,7 @@ def _naive_loss(model, tokenizer, examples) -> float:
 def test_each_tasks_validation_loss_is_logged_and_the_best_checkpoint_is_the_adapter(watched, workspace):
     run, log = watched
     cfg = load_run_config(run / "config.yaml")
-    plan = plan_data(cfg)
+    plan = plan_data(cfg.data, cfg.seed, validation=True)
     assert plan.validation is not None and all(plan.validation.values())
     step, adapter = 4, run / "checkpoints" / "checkpoint-4"  # the last: kept whichever is best
     model = _checkpoint_model(workspace, adapter)
@@ -277,7 +277,9 @@ def test_a_killed_runs_log_is_streamed_and_its_curves_are_drawn(workspace, tmp_p
     (scored,) = [r for r in records if r["step"] == 2 and "eval_loss" in r]
     tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
     with torch.no_grad():
-        for task, examples in plan_data(cfg).validation.items():  # the first 2 of each task (training.eval_examples)
+        for task, examples in plan_data(
+            cfg.data, cfg.seed, validation=True
+        ).validation.items():  # the first 2 of each task (training.eval_examples)
             # float32 passes over at most 64 tokens; the positions-only head and the full logits differ by rounding
             assert scored[f"eval_{task}_loss"] == pytest.approx(_naive_loss(model, tokenizer, examples[:2]), rel=1e-5)
     text = log.read_text()
@@ -388,8 +390,8 @@ def test_the_checkpoint_rotation_keeps_the_best_checkpoint(tmp_path):
         global_step=6, is_world_process_zero=True, best_model_checkpoint=str(tmp_path / "checkpoint-2")
     )
     args = SimpleNamespace(distributed_state=None, output_dir=str(tmp_path))
-    _MarkComplete(keep=1).on_save(args, state, SimpleNamespace())
+    _MarkComplete(keep=1, data_fingerprint="data").on_save(args, state, SimpleNamespace())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6"]
     state.best_model_checkpoint = None
-    _MarkComplete(keep=1).on_save(args, state, SimpleNamespace())
+    _MarkComplete(keep=1, data_fingerprint="data").on_save(args, state, SimpleNamespace())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]

@@ -59,3 +59,16 @@ def test_the_tuner_modules_import_each_other_without_a_circle():
         "rlora.tuner.layer": {"rlora.tuner.config"},
         "rlora.tuner.model": {"rlora.errors", "rlora.tuner.config", "rlora.tuner.layer"},
     }
+
+
+def test_the_data_package_imports_nothing_above_it():
+    """`rlora.data` decides a run's data from its `data` settings and seed: it reads no run config, run or command."""
+    data = Path(rlora.tuner.__file__).parent.parent / "data"
+    outside = set()
+    for module in data.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:  # ..x is rlora.x
+                outside.add(f"rlora.{node.module}")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rlora.") and node.level == 0:
+                outside.add(node.module)
+    assert outside == {"rlora._io", "rlora.config_fields", "rlora.errors", "rlora.models"}

@@ -3,7 +3,9 @@
 - A file is written to a temporary name beside it, flushed to disk and renamed over it (`atomic_write_*`).
 - A folder is built under a temporary name beside it and renamed into place in one step (`atomic_dir`, or
   `publish_dir` for a folder that several processes wrote together): a reader sees the old folder or the new one,
-  never a mix.
+  never a mix. The old folder is replaced only when it is rlora's: empty, or holding the file that the writer names
+  as its mark (`owned`: the complete marker by default, an export's gates.json, ...); any other folder there is the
+  user's, and the write is refused (`OutputError`) with nothing removed.
 - A folder that is shared by processes that may race to build it (the converted model cache) is also marked
   complete (`COMPLETE_MARKER`) before it moves into place; the first complete one stays.
 - A folder that another library writes in place (the Trainer's checkpoints) is marked complete once it is fully
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -26,6 +29,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import OutputError
 
 COMPLETE_MARKER = ".rlora-complete"
 
@@ -56,6 +61,60 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def atomic_write_json_and_view(path: str | Path, data: Any, view: str | Path, text: str) -> None:
+    """`data` as JSON at `path` and `text`, its rendering, at `view` (eval.json and eval.md): the old view is removed
+    first, then the JSON written, then the view. A kill at any point leaves a view of the same data as the JSON, or
+    none (render it again from the JSON), never a view of other data."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(view)
+    atomic_write_json(path, data)
+    atomic_write_text(view, text)
+
+
+def check_writable(folder: str | Path, what: str) -> None:
+    """Refuses (`OutputError`) a folder that cannot take a file, before the work whose results go there: on a
+    read-only file system, without write permission, or on a full disk (in the nearest folder that exists, for one
+    not made yet). It writes nothing. `what` ends the message (what was not done). A file in the folder's place is
+    left to the code that makes it."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return  # a file in the way: what makes the folder says so, naming it
+    try:
+        disk = os.statvfs(existing)
+    except OSError as error:
+        raise OutputError(f"{output_problem(folder, error)}; {what}") from None
+    if disk.f_flag & os.ST_RDONLY:
+        code = errno.EROFS
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        code = errno.EACCES
+    elif disk.f_bavail == 0:
+        code = errno.ENOSPC
+    else:
+        return
+    raise OutputError(f"{output_problem(folder, OSError(code, os.strerror(code)))}; {what}")
+
+
+@contextlib.contextmanager
+def writing(folder: str | Path) -> Iterator[None]:
+    """Turns a failure to write into `folder` (a full disk, a read-only file system, no permission) into one line
+    naming it (`OutputError`) instead of a traceback."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, OutputError) or error.errno not in WRITE_ERRNOS:
+            raise
+        raise OutputError(output_problem(Path(folder), error)) from None
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR)
+
+
+def output_problem(folder: Path, error: OSError) -> str:
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return f"{folder}: cannot write there ({'the disk is full' if full else error.strerror or error})"
+
+
 def mark_complete(folder: str | Path, note: str = "") -> None:
     atomic_write_text(Path(folder) / COMPLETE_MARKER, note)
 
@@ -71,11 +130,13 @@ def is_complete(folder: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, *, shared: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, shared: bool = False, owned: str | None = COMPLETE_MARKER) -> Iterator[Path]:
     """Yields a new temporary folder beside `path`; on success it replaces `path` in one rename, on error it is
     removed. With `shared`, the folder is marked complete first, and a complete folder that another process put at
-    `path` meanwhile is kept (ours is dropped)."""
+    `path` meanwhile is kept (ours is dropped). A folder at `path` is replaced only when it is rlora's (see
+    `publish_dir`); that is checked before the block runs too, so that nothing is built in vain."""
     path = Path(path)
+    check_replaceable(path, owned)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it a normal folder's mode
@@ -83,17 +144,33 @@ def atomic_dir(path: str | Path, *, shared: bool = False) -> Iterator[Path]:
         yield tmp
         if shared:
             mark_complete(tmp)
-        publish_dir(tmp, path, keep_complete=shared)
+        publish_dir(tmp, path, keep_complete=shared, owned=owned)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
-def publish_dir(tmp: str | Path, path: str | Path, *, keep_complete: bool = False) -> None:
+def check_replaceable(path: Path, owned: str | None) -> None:
+    """Refuses (`OutputError`) a `path` that holds something rlora may not replace: a file, or a folder that is not
+    empty and lacks the file `owned` (with `owned` None, a folder of rlora's own tree: anything there is rlora's)."""
+    if owned is None:
+        return
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputError(f"{path}: exists and is not a folder; refused to replace it (choose another place)")
+    if not path.is_dir() or (path / owned).is_file() or not any(path.iterdir()):
+        return
+    raise OutputError(
+        f"{path}: a folder that rlora did not write (no {owned} in it); refused to replace it (choose another place)"
+    )
+
+
+def publish_dir(tmp: str | Path, path: str | Path, *, keep_complete: bool = False, owned: str | None = None) -> None:
     """Moves the finished folder `tmp` to `path` in one rename; a folder already at `path` is replaced, unless it
-    is complete and `keep_complete` is set (then `tmp` is left for the caller to remove)."""
+    is complete and `keep_complete` is set (then `tmp` is left for the caller to remove). With `owned`, only a folder
+    that is empty or holds the file `owned` is replaced; anything else is refused (`check_replaceable`)."""
     tmp, path = Path(tmp), Path(path)
     if keep_complete and is_complete(path):
         return
+    check_replaceable(path, owned)
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from .data import DEFAULT_FORMAT, DEFAULT_TEST_FRACTION, FORMATS
 from .data.split import bad_test_fraction
-from .errors import RloraError, TrainingError
+from .errors import RloraError, TrainingError, one_line
 from .methods import METHOD_SPELLINGS, METHODS
 from .models import DEFAULT_MODEL
 
@@ -70,6 +70,12 @@ def _add_cache(subparsers) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--clear-stale", action="store_true", help="remove the tables of files changed or gone")
     group.add_argument("--clear", action="store_true", help="remove every table (files are read again when used)")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every byte of each table and its source (a run checks only their sizes, times and inodes once a "
+        "full check has passed)",
+    )
     parser.add_argument(
         "--cache-dir",
         help="rlora's cache, whose data/ folder holds the tables (default: $RLORA_DATA_CACHE, else "
@@ -122,6 +128,11 @@ def _add_train(subparsers) -> None:
     parser.add_argument("config", help="a run config YAML file, or a preset name (demo, paper-qwen2.5-0.5b)")
     _add_run_options(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument(
+        "--accept-changed-data",
+        action="store_true",
+        help="with --resume: train on although the task data changed since the checkpoint (refused otherwise)",
+    )
     parser.set_defaults(func=_command("train"))
 
 
@@ -137,6 +148,12 @@ def _add_eval(subparsers) -> None:
         "--adapter",
         metavar="DIR",
         help="evaluate this adapter folder (e.g. from `rlora export`) on the run's held-out data instead of the run's",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="with --adapter: where its results go (default: RUN_DIR/eval_adapter_<its folder name>.json), beside a "
+        ".md table; never into the adapter folder",
     )
     _add_run_options(parser)
     parser.set_defaults(func=_command("eval"))
@@ -241,6 +258,11 @@ def _add_generate(subparsers) -> None:
         metavar="FILE.png|FILE.html",
         help="also draw the head each adapted layer's router favours at every token (multi-head runs)",
     )
+    parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="generate with this adapter folder (e.g. an `rlora export`: the fixed-gate model) on the run's base",
+    )
     _add_cache_dir(parser)
     parser.set_defaults(func=_command("generate"))
 
@@ -271,6 +293,28 @@ def _add_export(subparsers) -> None:
         default=256,
         help="training examples per task that measure its mean gates (default: %(default)s)",
     )
+    parser.add_argument(
+        "--format",
+        choices=("peft", "gguf"),
+        default="peft",
+        help="peft: the PEFT LoRA folder; gguf: also a llama.cpp adapter in it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--outtype", choices=("f32", "f16", "q8_0"), default="f32", help="the GGUF adapter's type (default: f32)"
+    )
+    parser.add_argument(
+        "--as-scales",
+        action="store_true",
+        help="export the K heads (and R-LoRA's offset) as adapters on a shared A, with a table of each task's scales "
+        "for servers that mix adapters per request (llama.cpp)",
+    )
+    parser.add_argument(
+        "--max-loss-rise",
+        type=float,
+        default=0.05,
+        help="warn when a task's held-out loss rises by more than this many nats with fixed gates (default: 0.05)",
+    )
+    parser.add_argument("--no-fidelity", action="store_true", help="do not score the export against the routed model")
     _add_cache_dir(parser)
     parser.set_defaults(func=_command("export"))
 
@@ -356,10 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except TrainingError as error:
-        print(f"rlora: training stopped: {error}", file=sys.stderr)
+        print(f"rlora: training stopped: {one_line(error)}", file=sys.stderr)
         return 1
     except RloraError as error:  # bad input, a missing package or file: what the user can fix
-        print(f"rlora: error: {error}", file=sys.stderr)
+        print(f"rlora: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = "; `rlora train CONFIG --resume` continues from the last checkpoint" if args.command == "train" else ""

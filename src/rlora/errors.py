@@ -44,6 +44,24 @@ class CacheError(RloraError, OSError):
     """A cache folder that cannot be used (not a folder, not writable, its disk full); the message names it."""
 
 
+class OutputError(RloraError, OSError):
+    """A place rlora was asked to write that it may not or cannot use: outside the folder the user named, a folder
+    rlora did not write (it would be replaced), not writable, or on a full disk; the message names it."""
+
+
+MAX_MESSAGE = 2000  # characters of an error line: a value echoed back (an expanded YAML alias) can be megabytes
+
+
+def one_line(error: Exception) -> str:
+    """`error`'s message as the one line the command line prints, at most `MAX_MESSAGE` characters: the middle of a
+    longer one is left out (its start says where, its end what to do), and the count of what was left out said."""
+    text = " ".join(str(error).splitlines())
+    if len(text) <= MAX_MESSAGE:
+        return text
+    head, tail = MAX_MESSAGE * 3 // 4, MAX_MESSAGE // 5
+    return f"{text[:head]} ... ({len(text) - head - tail:,} characters left out) ... {text[-tail:]}"
+
+
 def pickle_refusal(error: Exception) -> str:
     """Why torch's weights-only loading refused a file, in one clause: the object it would not build."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

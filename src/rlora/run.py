@@ -17,7 +17,7 @@
     RUN_DIR/demo.md               the demo's table (`rlora demo`)
     RUN_DIR/.rlora-lock           while a process writes the run (`RunFolder.writer`), its lock: one writer at a time
 
-Every other module asks a `RunFolder` for these paths; `load_run` is the one way to get a run's config, data,
+Every other module asks a `RunFolder` for these paths; `Run.open` is the one way to get a run's config, data,
 model and adapter back, and it checks that the adapter is the run's (`adapters.py`) before any model loads.
 Training writes the folder (`train.py`), `rlora eval` and `rlora analyze` their results (`commands/`); everything
 is written atomically (`_io.py`).
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -35,7 +36,6 @@ import socket
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +44,19 @@ from ._io import (
     Busy,
     atomic_dir,
     atomic_write_json,
+    atomic_write_json_and_view,
     atomic_write_text,
     exclusive_lock,
     held_by,
     is_complete,
     publish_dir,
+    writing,
 )
 from .adapters import CONFIG_FILE, load_adapter, read_adapter
 from .data import gold_spans
 from .data.plan import DataPlan, plan_data
 from .errors import AdapterError, ConfigError, RunFolderError, TrainingError
-from .methods import PEFT_TYPES, adapter_config
+from .methods import PEFT_TYPES, adapter_config, is_multi_head
 from .reports import results_table
 from .runconfig import RunConfig, dump_run_config, load_run_config
 
@@ -264,9 +266,11 @@ class RunFolder:
         return load_run_config(self.config)
 
     def write_results(self, results: dict, base: bool = False) -> None:
-        atomic_write_json(self.results(base), results)
-        column = "base" if base else results["method"]
-        atomic_write_text(self.results(base, ".md"), results_table({column: results}) + "\n")
+        """The results as JSON and their table beside it, never out of step (`atomic_write_json_and_view`); a disk
+        that cannot take them is one line naming the folder."""
+        table = results_table({"base" if base else results["method"]: results}) + "\n"
+        with writing(self.root):
+            atomic_write_json_and_view(self.results(base), results, self.results(base, ".md"), table)
 
     def read_results(self, base: bool = False) -> dict | None:
         """The saved results, or None when there are none, or when the file is damaged (not JSON, or without its
@@ -339,45 +343,120 @@ def checkpoint_problem(checkpoint: Path, cfg: RunConfig) -> str | None:
     return None
 
 
-@dataclass
-class LoadedRun:
-    folder: RunFolder
-    cfg: RunConfig
-    plan: DataPlan
-    model: Any  # the base model, with the run's adapter unless loaded with adapter=False
-    tokenizer: Any
+class Run:
+    """A run opened once: its folder and config (read once), its method's facts, its context limit, and, loaded when
+    first asked for, its data plan, tokenizer, base model (loaded as the run's `base` section says) and adapter.
 
+    `Run.open` checks, before any model loads, that the folder is a run, that it is finished and its adapter is the
+    run's (`check_adapter`, once), and with `multi_head` that it has heads. Every verb after training reaches a run
+    this way."""
 
-def load_run(
-    run_dir: str | Path, cache_dir: str | None = None, *, adapter: bool = True, multi_head: bool = False
-) -> LoadedRun:
-    """The run's config, data plan, model and tokenizer; with `adapter` (the default) the trained adapter on top.
-    A folder that is no run, has no adapter yet, holds an adapter that is not the run's (`check_adapter`) or (with
-    `multi_head`) is a plain LoRA run is refused before any model loads."""
-    folder = RunFolder(run_dir)
-    cfg = folder.read_config()
-    if adapter and not folder.adapter.is_dir():
-        holder = held_by(folder.lock)
+    def __init__(
+        self, folder: RunFolder, cfg: RunConfig, cache_dir: str | None = None, *, adapter: bool = True
+    ) -> None:
+        self.folder, self.cfg, self.cache_dir, self.with_adapter = folder, cfg, cache_dir, adapter
+
+    @classmethod
+    def open(
+        cls, run_dir: str | Path, cache_dir: str | None = None, *, adapter: bool = True, multi_head: bool = False
+    ) -> Run:
+        """The run in `run_dir`; with `adapter` (the default) its trained adapter, checked here. A folder that is no
+        run, has no adapter yet, holds an adapter that is not the run's or (with `multi_head`) is a plain LoRA run is
+        refused here, before any model loads."""
+        folder = RunFolder(run_dir)
+        run = cls(folder, folder.read_config(), cache_dir, adapter=adapter)
+        if adapter:
+            run.require_finished()
+        if multi_head:
+            run.require_multi_head("analyze a multi-head run")
+        if adapter:
+            check_adapter(folder.adapter, run.cfg)
+        return run
+
+    @property
+    def multi_head(self) -> bool:
+        """Heads and a router (every method but plain LoRA; `methods.is_multi_head`)."""
+        return is_multi_head(self.cfg.method)
+
+    @property
+    def peft_type(self) -> str:
+        """The `peft_type` the run's adapters have (`methods.PEFT_TYPES`)."""
+        return PEFT_TYPES[self.cfg.method]
+
+    def require_multi_head(self, need: str) -> None:
+        """A RunFolderError unless the run has heads and a router; `need` says what to do instead."""
+        if not self.multi_head:
+            raise RunFolderError(f"{self.folder.root}: a plain LoRA run has one head and no router; {need}")
+
+    def require_finished(self) -> None:
+        """A RunFolderError unless the run has its adapter: it is being trained, or it stopped."""
+        if self.folder.is_finished():
+            return
+        holder = held_by(self.folder.lock)
         then = (
             f"it is being trained ({holder}): wait for it to end"
             if holder
             else "finish it with `rlora train ... --resume`"
         )
-        raise RunFolderError(f"{folder.root}: the run has no adapter yet; {then}")
-    if multi_head and cfg.method == "lora":
-        raise RunFolderError(f"{folder.root}: a plain LoRA run has one head and no router; analyze a multi-head run")
-    if adapter:
-        check_adapter(folder.adapter, cfg)
-    plan = plan_data(cfg, cache_dir)
-    model, tokenizer = load_base_model(cfg, cache_dir)
-    if adapter:
-        model = load_adapter(model, folder.adapter, peft_type=PEFT_TYPES[cfg.method])
-    return LoadedRun(folder, cfg, plan, model, tokenizer)
+        raise RunFolderError(f"{self.folder.root}: the run has no adapter yet; {then}")
+
+    @functools.cached_property
+    def plan(self) -> DataPlan:
+        # the validation split is carved as training carved it (training.eval_steps): the same training mixture
+        return plan_data(self.cfg.data, self.cfg.seed, self.cache_dir, self.cfg.training.eval_steps is not None)
+
+    @functools.cached_property
+    def _base(self) -> tuple[Any, Any]:
+        return load_base_model(self.cfg, self.cache_dir)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The base model's tokenizer, with the chat template the run config asks for (loaded with the base)."""
+        return self._base[1]
+
+    @property
+    def base_model(self) -> Any:
+        """The base model, loaded as the run config's `base` section says (quantized or not). PEFT adapts it in
+        place: once `model` is loaded it holds the adapter's layers; open the run with `adapter=False` for a bare
+        base."""
+        return self._base[0]
+
+    @functools.cached_property
+    def model(self) -> Any:
+        """The base model with the run's adapter on it (checked when the run was opened), or the base model alone
+        for a run opened without its adapter."""
+        if not self.with_adapter:
+            return self.base_model
+        return load_adapter(self.base_model, self.folder.adapter, peft_type=self.peft_type)
+
+    def load(self) -> Run:
+        """Loads now what is otherwise loaded when first used: the data plan first (a bad data file fails before any
+        model loads), then the model with its adapter."""
+        _ = self.plan, self.model
+        return self
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens (prompt and generated) the model reads (`models.context_length`); None if it does not say."""
+        return models.context_length(self.model)
+
+    def check_lengths(self) -> None:
+        check_lengths(self.cfg, self.model)
+
+
+LoadedRun = Run  # the former name, for code that still says it
+
+
+def load_run(
+    run_dir: str | Path, cache_dir: str | None = None, *, adapter: bool = True, multi_head: bool = False
+) -> Run:
+    """`Run.open(...).load()`: the former way to open a run, kept for the code that still calls it."""
+    return Run.open(run_dir, cache_dir, adapter=adapter, multi_head=multi_head).load()
 
 
 def load_base_model(cfg: RunConfig, cache_dir: str | None = None) -> tuple[Any, Any]:
     """The run's base model and tokenizer (with the chat template the run config asks for, loaded as its `base`
-    section says: quantized or not), without any adapter."""
+    section says: quantized or not), without any adapter (`Run.base_model` and `Run.tokenizer` load them so)."""
     return models.load_model_and_tokenizer(
         cfg.model, cache_dir=cache_dir, chat_template=cfg.data.chat_template, loading=cfg.base
     )
@@ -392,7 +471,9 @@ def check_adapter(path: Path, cfg: RunConfig) -> None:
     and the settings the run config gives its method (an `AdapterError` naming the file and the field otherwise)."""
     found, _ = read_adapter(path, PEFT_TYPES[cfg.method])
     settings = dataclasses.asdict(cfg.adapter)
-    if cfg.method == "lora" and settings["lora_r"] is None:  # matched to the model: its shapes are checked on loading
+    if (
+        not is_multi_head(cfg.method) and settings["lora_r"] is None
+    ):  # matched to the model: its shapes are checked on loading
         settings["lora_r"] = found.r
     expected = adapter_config(cfg.method, **settings)
     for name in ADAPTER_FIELDS:
@@ -408,7 +489,7 @@ def check_adapter(path: Path, cfg: RunConfig) -> None:
             )
 
 
-def gold_sequences(run: LoadedRun, max_per_task: int | None = None) -> dict[str, list[list[int]]]:
+def gold_sequences(run: Run, max_per_task: int | None = None) -> dict[str, list[list[int]]]:
     """Per task, the token ids of the first `max_per_task` (all: None) evaluated examples' gold context and answer,
     as training reads them (RC or MC, as configured)."""
     d = run.cfg.data

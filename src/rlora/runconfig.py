@@ -18,46 +18,23 @@ import math
 import os
 import types
 import typing
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ._yaml import KeyTwice, StrictLoader, TooLarge, safe_load
-from .data.example import DEFAULT_FORMAT, FORMATS
+from .config_fields import FINITE_POSITIVE, POSITIVE, Range
+from .config_fields import at_least as _at_least
+from .config_fields import key as _key
+from .config_fields import one_of as _one_of
 from .data.files import DataFile
-from .data.mixture import MIXTURE_RULES
-from .data.split import DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, HOLDOUTS, bad_test_fraction
+from .data.settings import DEFAULT_TASKS, DataSettings
 from .errors import ConfigError
 from .methods import METHODS
 from .models import DEFAULT_MODEL, BaseLoading, check_loading, has_cpp_compiler, model_problem
 from .tuner.config import FIELD_RULES, field_default, field_help
-
-Range = tuple[Callable[[Any], bool], str]  # (is the value in range?, what is expected)
-
-
-def _key(default: Any, help: str, valid: Range | None = None, factory: Callable[[], Any] | None = None) -> Any:
-    """A run config field: its default, its help text and its range (checked by `validate_run_config`)."""
-    metadata = {"help": help} | ({"range": valid} if valid is not None else {})
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def _one_of(choices: Sequence[str]) -> Range:
-    return (lambda v: v in choices, f"one of {', '.join(choices)}")
-
-
-def _at_least(low: int, null: bool = False) -> Range:
-    return (lambda v: (null and v is None) or (v is not None and v >= low), f"an integer >= {low}{' or null' * null}")
-
-
-POSITIVE = _at_least(1)
-FINITE_POSITIVE: Range = (lambda v: 0 < v < math.inf, "a finite number > 0")
-UNIT_OPEN: Range = (lambda v: 0 < v < 1, "a number in (0, 1)")
-
 
 TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")  # `training.report_to`: the Trainer's integrations offered
 
@@ -77,55 +54,6 @@ def _rlora_field(name: str, optional: bool = False) -> Any:
     valid, expected = FIELD_RULES[name]
     rule: Range = ((lambda v: v is None or valid(v)) if optional else valid, expected)
     return _key(None if optional else field_default(name), field_help(name), rule)
-
-
-@dataclass
-class DataSettings:
-    tasks: list[str] = _key(
-        None,
-        "built-in task names or suites (`rlora tasks`)",
-        factory=lambda: ["boolq", "piqa", "arc_easy", "winogrande"],
-    )
-    jsonl: list[str] = _key(None, "files in rlora's own JSONL schema (see the README's data section)", factory=list)
-    files: list[str | dict] = _key(
-        None, "instruction data and other files: a path, or {path, schema, task, columns}", factory=list
-    )
-    mixture: str = _key(
-        "temperature", "how tasks are mixed: proportional | equal | temperature", MIXTURE_RULES["mixture"]
-    )
-    temperature: float = _key(
-        2.0, "with mixture temperature: a task's share is proportional to size^(1/T)", MIXTURE_RULES["temperature"]
-    )
-    max_train_per_task: int | None = _key(
-        None, "at most this many training examples of a task (null: all)", MIXTURE_RULES["max_train_per_task"]
-    )
-    total_train: int | None = _key(
-        None, "the training mixture's size (null: the largest that keeps the shares)", MIXTURE_RULES["total_train"]
-    )
-    max_eval_per_task: int | None = _key(200, "held-out examples evaluated per task (null: all)", _at_least(1, True))
-    test_fraction: float = _key(
-        DEFAULT_TEST_FRACTION,
-        "the share of each task's examples in the test split (by a hash of their content)",
-        (lambda v: bad_test_fraction(v, both_sides=True) is None, "a number in (0, 1)"),
-    )
-    holdout: str = _key(
-        "test",
-        "what a run evaluates: the test split, or a validation split carved from the training examples (for "
-        "choosing settings without the test set: `rlora compare --sweep`); the run then trains on those left",
-        _one_of(HOLDOUTS),
-    )
-    validation_fraction: float = _key(
-        DEFAULT_VALIDATION_FRACTION,
-        "with holdout validation or training.eval_steps: the share of the training examples held out for validation",
-        UNIT_OPEN,
-    )
-    max_length: int = _key(384, "tokens per sequence; a longer prompt loses its start, never its answer", POSITIVE)
-    chat_template: bool = _key(False, "wrap prompts in the model's chat template")
-    format: str = _key(
-        DEFAULT_FORMAT,
-        "multiple choice as rc (cloze: each choice's text scored after the prompt) or mc (lettered or word labels)",
-        _one_of(FORMATS),
-    )
 
 
 @dataclass
@@ -425,6 +353,8 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
     problem = model_problem(cfg.model)
     if problem is not None:
         raise ConfigError(f"{source}: model: {problem}")
+    if cfg.data.tasks is None:
+        cfg.data.tasks = [] if cfg.data.jsonl or cfg.data.files else list(DEFAULT_TASKS)
     if not cfg.data.tasks and not cfg.data.jsonl and not cfg.data.files:
         raise ConfigError(
             f"{source}: data: no tasks: give data.tasks (built-in names), data.files or data.jsonl (your files)"

@@ -18,7 +18,9 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +38,8 @@ from .adapters import README_FILE, adapter_readme
 from .data.mixture import index_dtype
 from .data.plan import plan_data
 from .errors import ConfigError, MissingPackage, RloraError, RunFolderError, TrainingError, pickle_refusal
-from .methods import PEFT_TYPES, adapter_config, adapter_sizes
-from .output_head import causal_lm_loss
+from .methods import PEFT_TYPES, adapter_config, adapter_sizes, is_multi_head
+from .output_head import Capture, capture_hidden, causal_lm, head_only_loss, router_aux_loss
 from .run import (
     RunFolder,
     check_lengths,
@@ -50,13 +52,17 @@ from .watch import ValidationScores, tracking, trainer_arguments, watch
 logger = logging.getLogger(__name__)
 
 
+DATA_FINGERPRINT_FILE = "rlora_data_fingerprint"  # in each checkpoint: `DataPlan.fingerprint` of the data it trained on
+
+
 class _MarkComplete(TrainerCallback):
     """After the Trainer has written a checkpoint (state last), mark it complete; resume only trusts marked ones.
     Then, and only then, the oldest complete checkpoints beyond `keep` are removed (the Trainer's own rotation,
     which runs before this callback, is off): a kill at any moment leaves at least one complete checkpoint."""
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, data_fingerprint: str) -> None:
         self.keep = keep
+        self.data_fingerprint = data_fingerprint
 
     def on_save(self, args, state, control, **kwargs):
         if args.distributed_state is not None:
@@ -64,6 +70,7 @@ class _MarkComplete(TrainerCallback):
         if state.is_world_process_zero:
             folder = checkpoint_dir(Path(args.output_dir), state.global_step)
             if folder.is_dir():
+                atomic_write_text(folder / DATA_FINGERPRINT_FILE, self.data_fingerprint + "\n")
                 mark_complete(folder, f"{state.global_step}\n")
             best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
             for old in complete_checkpoints(Path(args.output_dir))[: -self.keep]:
@@ -119,29 +126,45 @@ class LengthGroupedIndices(torch.utils.data.Sampler):
 
 class HeadOnlyLossTrainer(Trainer):
     """The Trainer, with the causal-LM loss computed from the output head at the trained positions only
-    (`output_head.causal_lm_loss`: no batch x sequence x vocabulary logits), the same loss and gradients as the
-    model's own. Where the model's weights are sharded over processes (DeepSpeed, FSDP: the head's weights exist
-    whole only inside the model's forward), or a label smoother or custom loss function is set, or the outputs
-    are asked for, the Trainer's own `compute_loss` runs instead."""
+    (`output_head.head_only_loss`: no batch x sequence x vocabulary logits), the same loss and gradients as the
+    model's own, its router's auxiliary loss included. The loss is the Trainer's public `compute_loss_func` hook: the
+    Trainer runs the forward (under its autocast), counts the trained tokens and scales the loss as for any such
+    function; `compute_loss` only makes that forward skip the logits (`capture_hidden`), and the head then runs in the
+    forward's own autocast state. Where the model's weights are sharded over processes (DeepSpeed, FSDP: the head's
+    weights exist whole only inside the model's forward) or the outputs are asked for, the same loss comes from the
+    model's full logits through its own loss function. A label smoother or a `compute_loss_func` of the caller's is
+    left to the Trainer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.compute_loss_func is None and self.label_smoother is None:
+            self.compute_loss_func = self._causal_lm_loss
+        self._capture: Capture | None = None
+        self._shift_labels: torch.Tensor | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if (
-            return_outputs
-            or "labels" not in inputs
-            or "shift_labels" in inputs
-            or self.label_smoother is not None
-            or self.compute_loss_func is not None
-            or self.is_deepspeed_enabled
-            or self.is_fsdp_enabled
-        ):
+        if self.compute_loss_func != self._causal_lm_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # As `Trainer.compute_loss` with a model that sums and divides by `num_items_in_batch` when it takes it
-        loss = causal_lm_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
-        counted = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        if self.args.average_tokens_across_devices and counted:
-            loss_scale = self.accelerator.num_processes // self.get_tp_size()
-            loss *= loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu
-        return loss
+        inputs = dict(inputs)
+        self._shift_labels = inputs.pop("shift_labels", None)  # the Trainer passes only `labels` to the function
+        skip_logits = not (return_outputs or self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        try:
+            with capture_hidden(model) if skip_logits else contextlib.nullcontext() as self._capture:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._capture = self._shift_labels = None
+
+    def _causal_lm_loss(self, outputs, labels, num_items_in_batch=None) -> torch.Tensor:
+        if self._capture is not None:
+            self._capture.outputs = outputs
+            return head_only_loss(self._capture, labels, num_items_in_batch, self._shift_labels)
+        lm = causal_lm(self.model)
+        vocab_size = lm.config.get_text_config().vocab_size
+        loss = lm.loss_function(
+            outputs.logits, labels, vocab_size, num_items_in_batch=num_items_in_batch, shift_labels=self._shift_labels
+        )
+        aux = router_aux_loss(lm, outputs)
+        return loss if aux is None else loss + aux.to(loss.device)
 
 
 class _FiniteLossTrainer(ValidationScores, HeadOnlyLossTrainer):
@@ -258,7 +281,7 @@ def check_adapter_fits(cfg: RunConfig, model: torch.nn.Module) -> None:
         heads, per_rank = adapter_sizes(model, a.target_modules, a.r, a.num_heads)
     except ConfigError:  # no layer matches: PEFT says so, in its words
         return
-    plain = cfg.method == "lora" and a.lora_r is not None
+    plain = not is_multi_head(cfg.method) and a.lora_r is not None
     weights = per_rank * a.lora_r if plain else heads
     what = f"lora_r {a.lora_r}" if plain else f"r {a.r} x num_heads {a.num_heads}"
     need = weights * TRAINING_COPIES * 4  # float32
@@ -308,9 +331,12 @@ def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
     )
 
 
-def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) -> Path:
+def train(
+    cfg: RunConfig, resume: bool = False, cache_dir: str | None = None, accept_changed_data: bool = False
+) -> Path:
     """Trains `cfg` into `cfg.output_dir` and returns the run folder. Bad input fails before the model loads and
-    before anything is written; a folder that another process is training in is refused (`RunFolder.writer`)."""
+    before anything is written; a folder that another process is training in is refused (`RunFolder.writer`). A
+    resume whose task data changed since its checkpoint is refused, unless `accept_changed_data` (then a warning)."""
     validate_run_config(cfg, "run config")  # the one check of the config here: a RunConfig made in Python gets it too
     folder = RunFolder(cfg.output_dir)
     args = _trainer_arguments(cfg, folder)  # before the model loads, and held while it does: ZeRO-3 loads partitioned
@@ -318,13 +344,22 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
     _zero3_ready(args)
     folder.check_start(cfg, resume, is_main)
 
-    plan = plan_data(cfg, cache_dir)  # validates tasks and files, before any model is loaded
+    # validates tasks and files, before any model is loaded; training.eval_steps scores a validation split
+    plan = plan_data(cfg.data, cfg.seed, cache_dir, validation=cfg.training.eval_steps is not None)
     logger.info("training mixture:\n%s", plan.counts_table())
     tokenizer = models.load_tokenizer(cfg.model, cache_dir, chat_template=cfg.data.chat_template)
     train_dataset = plan.train_dataset(tokenizer)  # every example fits data.max_length
 
-    with folder.writer() if is_main else contextlib.nullcontext(), _full_disk(folder), tracking(cfg, folder):
+    with (
+        folder.writer() if is_main else contextlib.nullcontext(),
+        _full_disk(folder),
+        _no_start_left(folder, is_main),
+        tracking(cfg, folder),
+    ):
         last = folder.begin(cfg, resume, is_main)
+        fingerprint = plan.fingerprint()
+        if last is not None:
+            check_same_data(last, fingerprint, accept_changed_data)
         base = models.load_model(cfg.model, tokenizer, cache_dir=cache_dir, loading=cfg.base)
         check_lengths(cfg, base)
         model = build_peft_model(cfg, base)
@@ -338,7 +373,7 @@ def train(cfg: RunConfig, resume: bool = False, cache_dir: str | None = None) ->
             train_dataset=train_dataset,
             data_collator=plan.collator(tokenizer),
             processing_class=tokenizer,
-            callbacks=[_MarkComplete(keep=cfg.training.save_total_limit)],
+            callbacks=[_MarkComplete(keep=cfg.training.save_total_limit, data_fingerprint=fingerprint)],
             router_lr_scale=cfg.training.router_lr_scale,
             eval_dataset=plan.validation if cfg.training.eval_steps is not None else None,
         )
@@ -399,12 +434,35 @@ def _zero3_ready(args: TrainingArguments) -> None:
             comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
 
+def check_same_data(checkpoint: Path, fingerprint: str, accept_changed_data: bool = False) -> None:
+    """Resuming from `checkpoint` on data whose `DataPlan.fingerprint` is not the one it was saved with would train the
+    rest of the run on other data, silently: refused (RunFolderError), or with `accept_changed_data` a warning. A
+    checkpoint without a fingerprint (saved by an older rlora) has nothing to compare."""
+    try:
+        saved = (checkpoint / DATA_FINGERPRINT_FILE).read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError):
+        saved = "unreadable"
+    if saved == fingerprint:
+        return
+    what = f"{checkpoint}: the run's task data changed since this checkpoint was saved"
+    if accept_changed_data:
+        logger.warning("%s; training on with the new data (--accept-changed-data)", what)
+        return
+    raise RunFolderError(
+        f"{what} (a file edited, added or removed); pass --accept-changed-data to train on with the new data, or "
+        "start a new run in another output_dir"
+    )
+
+
 def _fit(trainer: Trainer, last: Path | None):
     """`trainer.train()`, from checkpoint `last` if given; a checkpoint whose pickled state was planted or altered is
     a RunFolderError naming it."""
     try:
         if last is not None and trainer.is_deepspeed_enabled:
-            check_deepspeed_checkpoint(last)
+            with _deepspeed_loads_tag(check_deepspeed_checkpoint(last)):
+                return trainer.train(resume_from_checkpoint=str(last))
         return trainer.train(resume_from_checkpoint=str(last) if last else None)
     except pickle.UnpicklingError as error:  # a checkpoint file (optimizer, scheduler, rng) planted or altered
         if last is None:
@@ -414,18 +472,63 @@ def _fit(trainer: Trainer, last: Path | None):
         ) from None
 
 
-def check_deepspeed_checkpoint(checkpoint: Path) -> None:
-    """DeepSpeed resumes from its own files in `checkpoint` with torch's full unpickler (`weights_only=False`), which
-    would run whatever code a planted file holds; each must first load with torch's weights-only loading, which builds
-    tensors, containers and the few plain DeepSpeed records its files hold (ZeRO stage, loss scaler, fragment address),
-    and nothing else: pickle.UnpicklingError otherwise."""
+DEEPSPEED_TAG = re.compile(r"global_step\d{1,12}")  # the tags the Trainer's DeepSpeed checkpoints are saved under
+
+
+def check_deepspeed_checkpoint(checkpoint: Path) -> str:
+    """The tag DeepSpeed is to resume `checkpoint` from, once checked: rlora reads the checkpoint's `latest` file
+    itself (DeepSpeed would follow it anywhere), accepts only a plain `global_stepN` naming a folder of the checkpoint,
+    and loads every file in that folder with torch's weights-only loading first. DeepSpeed unpickles its files with
+    torch's full unpickler (`weights_only=False`), which would run whatever code a planted file holds; the weights-only
+    loading builds tensors, containers and the few plain DeepSpeed records its files hold (ZeRO stage, loss scaler,
+    fragment address), and nothing else: pickle.UnpicklingError otherwise. Any other fault is a RunFolderError."""
+    latest = checkpoint / "latest"
+    redo = f"remove {checkpoint} to resume from the one before"
+    try:
+        with open(latest, "rb") as f:
+            tag = f.read(64).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        why = error.strerror if isinstance(error, OSError) else "not ASCII text"
+        raise RunFolderError(f"{latest}: cannot read DeepSpeed's checkpoint tag ({why}); {redo}") from None
+    folder = checkpoint / tag
+    if not DEEPSPEED_TAG.fullmatch(tag) or folder.is_symlink() or not folder.is_dir():
+        raise RunFolderError(
+            f"{latest}: names {tag[:40]!r}, expected global_stepN naming a folder of the checkpoint; {redo}"
+        )
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
-        for path in sorted(checkpoint.glob("global_step*/*.pt")):
+        for path in sorted(folder.rglob("*.pt")):  # what DeepSpeed loads: model, optimizer and expert states
             torch.load(path, map_location="cpu", weights_only=True)
+    return tag
+
+
+@contextlib.contextmanager
+def _deepspeed_loads_tag(tag: str) -> Iterator[None]:
+    """While the block runs, the Trainer resumes DeepSpeed from the checkpoint folder `tag` (checked by
+    `check_deepspeed_checkpoint`) instead of whatever the checkpoint's `latest` file says by then. The Trainer calls
+    transformers' `deepspeed_load_checkpoint`, which passes no tag; this one passes it (a test pins the name)."""
+    import transformers.trainer as hf_trainer
+
+    def load(engine, checkpoint_path: str, load_module_strict: bool = True) -> None:
+        path, _ = engine.load_checkpoint(
+            checkpoint_path,
+            tag=tag,
+            load_module_strict=load_module_strict,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if path is None:
+            raise RunFolderError(f"{checkpoint_path}: DeepSpeed could not load {tag}; remove it to resume from before")
+
+    original = hf_trainer.deepspeed_load_checkpoint
+    hf_trainer.deepspeed_load_checkpoint = load
+    try:
+        yield
+    finally:
+        hf_trainer.deepspeed_load_checkpoint = original
 
 
 def _save_adapter(model, folder: Path, cfg: RunConfig) -> None:
@@ -440,6 +543,19 @@ def _write_readme(adapter: Path, cfg: RunConfig) -> None:
 
 
 FULL = 1 << 20  # bytes free below which a failed write is put down to a full disk (torch.save says "basic_ios")
+
+
+@contextlib.contextmanager
+def _no_start_left(folder: RunFolder, is_main: bool) -> Iterator[None]:
+    """Bad input that shows only once training reads it (an example whose answer alone is longer than
+    data.max_length) leaves no start behind: what the start wrote is removed when it saved nothing, so the folder
+    goes too if the run made it (`RunFolder.writer`). An interrupted start is kept: it resumes."""
+    try:
+        yield
+    except RloraError as error:
+        if is_main and not isinstance(error, TrainingError) and folder.root.is_dir() and folder.saved_nothing():
+            folder.clear_start()
+        raise
 
 
 @contextlib.contextmanager

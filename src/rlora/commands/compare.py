@@ -42,10 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from .._io import atomic_write_json, atomic_write_text
+from .._io import atomic_write_json, atomic_write_text, check_writable
 from ..errors import ConfigError, TrainingError
-from ..methods import MethodSpec, parse_method
+from ..methods import MethodSpec, is_multi_head, parse_method
 from ..metrics import ACCURACY_METRICS
+from ..names import check_name
 from ..plots import plot_comparison
 from ..reports import comparison_markdown
 from ..run import RunFolder
@@ -131,7 +132,7 @@ def _split_top_level(text: str) -> list[str]:
 
 def point_name(overrides: tuple[str, ...] | list[str]) -> str:
     """A sweep point's folder name: its `key=value` overrides joined by commas, unsafe characters %-escaped."""
-    return quote(",".join(overrides), safe="=,.+-_@[]")
+    return check_name(quote(",".join(overrides), safe="=,.+-_@[]"), f"--sweep point {','.join(overrides)[:60]!r}")
 
 
 def run_config_for(
@@ -140,7 +141,7 @@ def run_config_for(
     """`base` as a run of `spec` (its method, and a plain LoRA's rank) with `seed`, written into `folder`."""
     cfg = copy.deepcopy(base)
     cfg.method, cfg.seed, cfg.output_dir = spec.method, seed, str(folder)
-    if spec.method == "lora" and spec.rank(matched_rank) is not None:
+    if not is_multi_head(spec.method) and spec.rank(matched_rank) is not None:
         cfg.adapter.lora_r = spec.rank(matched_rank)
     return cfg
 
@@ -255,6 +256,7 @@ def compare(
     each method's settings are chosen first (`select_settings`, at the first seed) and its seeds run at them."""
     out = Path(out).expanduser()
     specs = [parse_method(m) for m in methods]
+    check_writable(out, "nothing was trained (the comparison's runs and results go there)")
     matched = matched_rank(base, cache_dir) if any(s.rank_factor for s in specs) else None
     selection = None
     chosen: dict[str, tuple[str, ...]] = {spec.label: () for spec in specs}
@@ -344,7 +346,9 @@ def _ci(pair: tuple[float, float]) -> dict[str, float | None]:
 
 def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
-    sweep_items = [*([f"training.lr={args.lr}"] if args.lr else []), *args.sweep]
+    if args.lr is not None and not args.lr.strip():
+        raise ConfigError(f"--lr {args.lr!r}: expected comma-separated learning rates to choose from, e.g. 3e-4,1e-3")
+    sweep_items = [*([f"training.lr={args.lr}"] if args.lr is not None else []), *args.sweep]
     sweep = parse_sweep(sweep_items) if sweep_items else None
     if sweep is not None:
         fixed = {".".join(override_parts(o)[0]) for o in args.overrides}

@@ -1,12 +1,9 @@
 r"""`rlora export`: a multi-head run as plain PEFT LoRA adapters (or full merged models) that any LoRA server loads.
 
-With FIXED gates g (K,) an adapted layer's update is a plain LoRA update of rank r, or 2r with R-LoRA's offset:
-
-    s * (sum_k g_k B_k) A  -  offset_B offset_A  =  [s * sum_k g_k B_k, -offset_B] @ [A; offset_A]
-
-(`RLoraLinear.fixed_gate_lora`). The exported `LoraConfig` has `lora_alpha = r` and no rsLoRA, so PEFT's scaling is 1,
-and no dropout. It is exact for those gates, and an approximation of the trained model, whose router mixes the heads
-per token: `rlora eval` on the export against the run says what the fixed gates cost.
+With FIXED gates an adapted layer's update is a plain LoRA update of rank r, or 2r with R-LoRA's offset
+(`rlora.tuner.convert`, which also merges it into a copy of the base model through each layer's own layout). It is
+exact for those gates, and an approximation of the trained model, whose router mixes the heads per token: `rlora
+eval` on the export against the run says what the fixed gates cost.
 
 Gates (`--gates`):
 - `uniform`: 1/K for every head of every layer;
@@ -16,7 +13,9 @@ Gates (`--gates`):
 - a JSON file: a list of K weights for every layer, or an object mapping each adapted module's name (as in the
   export's gates.json, e.g. "model.layers.0.mlp.up_proj") to its K weights.
 
-Every export folder also holds `gates.json`, the gates it was made with (a valid `--gates` file).
+Every export folder also holds `gates.json`, the gates it was made with (a valid `--gates` file) and their measured
+fidelity to the routed model, and a README.md with the commands that serve it; `--format gguf` adds a llama.cpp
+adapter, `--as-scales` exports the heads instead (see `export_deploy` and `export_heads`).
 """
 
 from __future__ import annotations
@@ -24,19 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._io import atomic_dir, atomic_write_json
 from ..errors import ConfigError, RunFolderError
+from ..names import inside
+from ..tuner.convert import PEFT_PREFIX, lora_config, lora_tensors, merged_copy
 
 if TYPE_CHECKING:
     import torch
 
     from ..run import LoadedRun
+    from .export_deploy import DeployOptions
 
-GATES_FILE = "gates.json"
-PEFT_PREFIX = "base_model.model."  # what PEFT puts before a module's name in the saved keys (and vLLM strips)
+GATES_FILE = "gates.json"  # also what marks a folder as an earlier export, which an export may replace
 DEFAULT_MAX_EXAMPLES = 256
 
 
@@ -57,11 +59,15 @@ def export_run(
     merged: bool = False,
     max_examples: int | None = None,
     cache_dir: str | None = None,
+    deploy: DeployOptions | None = None,
+    as_scales: bool = False,
 ) -> list[Path]:
     """Writes the run's adapter with fixed `gates` (see the module docstring) as a plain PEFT LoRA adapter folder, or
     with `merged` as a full model folder (safetensors, with the tokenizer); `per-task` writes one per task under
-    `out`. Returns the folders written."""
+    `out`; `deploy` says what else each adapter folder gets (`export_deploy`), `as_scales` writes the heads as
+    adapters with per-task scales instead (`export_heads`). Returns the folders written."""
     from ..run import RunFolder, load_run
+    from .export_deploy import Deployer, DeployOptions
 
     gates = parse_gates(gates)
     max_examples = max_examples or DEFAULT_MAX_EXAMPLES
@@ -72,27 +78,37 @@ def export_run(
             f"{folder.root}: a plain LoRA run's adapter is already a PEFT LoRA adapter ({folder.adapter}); "
             "export is for multi-head runs"
         )
-    _check_out(Path(out), per_task=gates == "per-task")
+    deploy = deploy or DeployOptions()
+    deploy.check()
+    if merged and (as_scales or deploy.format != "peft"):
+        raise ConfigError("--merged writes a full model; --as-scales and --format gguf write adapters: choose one")
+    _check_out(Path(out), per_task=gates == "per-task" and not as_scales)
     run = load_run(run_dir, cache_dir, multi_head=True)
     run.model.eval()
     layers = adapted_modules(run.model)
     if gates == "uniform":
         plans = {None: uniform_gates(layers)}
     elif gates == "per-task":
+        for task in run.plan.tasks:  # every target checked before any is computed
+            inside(out, task)
         plans = {task: task_gates(run, task, max_examples) for task in run.plan.tasks}
     elif gates.startswith("task:"):
         plans = {None: task_gates(run, gates[5:], max_examples)}
     else:
         plans = {None: read_gates_file(gates, layers)}
-    base = None
+    if as_scales:
+        from .export_heads import export_heads
+
+        return [export_heads(run, layers, plans, Path(out), Deployer(run, layers, deploy, gates))]
+    deployer = None if merged else Deployer(run, layers, deploy, gates)
     written = []
     for task, layer_gates in plans.items():
-        target = Path(out) / task if task is not None else Path(out)
+        target = inside(out, task) if task is not None else Path(out)
         if merged:
-            base = base or _plain_base(run, cache_dir)
-            write_merged(base, run.tokenizer, layers, layer_gates, target)
+            write_merged(run.model, run.tokenizer, layer_gates, target)
         else:
-            write_lora(run.model, layers, layer_gates, target, base_model=_base_model_path(run, cache_dir))
+            extras = deployer.extras(task, target.name)
+            write_lora(run.model, layers, layer_gates, target, base_model=_base_model_path(run), extras=extras)
         written.append(target)
     return written
 
@@ -151,6 +167,8 @@ def read_gates_file(path: str | Path, layers: dict[str, Any]) -> dict[str, torch
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ConfigError(f"{path}: not a readable JSON file ({error})") from None
+    if isinstance(data, dict) and isinstance(data.get("gates"), dict):  # an export's gates.json: gates and fidelity
+        data = data["gates"]
     if isinstance(data, list):
         data = dict.fromkeys(layers, data)
     if not isinstance(data, dict):
@@ -174,107 +192,60 @@ def read_gates_file(path: str | Path, layers: dict[str, Any]) -> dict[str, torch
     return out
 
 
-def lora_tensors(layers: dict[str, Any], gates: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """The plain LoRA tensors under PEFT's saved names (`base_model.model.<module>.lora_A.weight`, ...) in the
-    adapter's own dtype (computed in float64), and their rank."""
-    import torch
-
-    tensors, ranks = {}, set()
-    for name, layer in layers.items():
-        B, A = layer.fixed_gate_lora("default", gates[name], torch.float64)  # one rounding to the adapter's dtype
-        dtype = layer.rlora_A["default"].dtype
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous()
-        ranks.add(A.shape[0])
-    if len(ranks) != 1:
-        raise ValueError(f"adapted layers of different ranks {sorted(ranks)}")  # one RLoraConfig: never
-    return tensors, ranks.pop()
-
-
-def lora_config(layers: dict[str, Any], rank: int, base_model: str | None, model) -> Any:
-    """PEFT's `LoraConfig` of the export: scaling lora_alpha / r = 1, no dropout, and target modules that match
-    exactly the adapted layers (their leaf names when those match nothing else, else the full names)."""
-    from peft import LoraConfig
-    from torch import nn
-
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in layers})
-    linear = {  # every linear layer of the base model, by its own name (an adapted one's is its wrapper's)
-        n.removeprefix(PEFT_PREFIX).removesuffix(".base_layer")
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-    }
-    matched = {n for n in linear if n.rsplit(".", 1)[-1] in leaves}
-    targets = leaves if matched == set(layers) else sorted(layers)
-    return LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        use_rslora=False,
-        lora_dropout=0.0,
-        bias="none",
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model,
-    )
-
-
 def write_lora(
-    model, layers: dict[str, Any], gates: dict[str, torch.Tensor], out: Path, base_model: str | None
+    model,
+    layers: dict[str, Any],
+    gates: dict[str, torch.Tensor],
+    out: Path,
+    base_model: str | None,
+    extras: Callable[..., None] | None = None,
 ) -> None:
-    """One adapter folder of `model`'s `layers`: adapter_config.json, adapter_model.safetensors and gates.json, written
-    whole or not at all."""
+    """One adapter folder of `model`'s `layers`: adapter_config.json, adapter_model.safetensors and gates.json, and
+    what `extras(folder, tensors, rank, config, gates)` adds, written whole or not at all."""
     from safetensors.torch import save_file
 
     tensors, rank = lora_tensors(layers, gates)
     config = lora_config(layers, rank, base_model, model)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, owned=GATES_FILE) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / GATES_FILE, {name: g.tolist() for name, g in gates.items()})
+        if extras is not None:
+            extras(tmp, tensors, rank, config, {name: g.tolist() for name, g in gates.items()})
 
 
-def write_merged(base, tokenizer, layers: dict[str, Any], gates: dict[str, torch.Tensor], out: Path) -> None:
-    """A full model folder: `base` with every adapted layer's fixed-gate update added to its weight, saved with the
-    tokenizer; `base`'s weights are restored afterwards (so one base serves every task of `per-task`)."""
-    import torch
-
-    modules = dict(base.named_modules())
-    saved = {}
-    with torch.no_grad():
-        for name, layer in layers.items():
-            weight = modules[name].weight
-            saved[name] = weight.detach().clone()
-            B, A = layer.fixed_gate_lora("default", gates[name], torch.float64)
-            weight.copy_(weight.double() + B @ A)  # in float64, then one rounding to the weight's dtype
-        try:
-            with atomic_dir(out) as tmp:
-                base.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
-                atomic_write_json(tmp / GATES_FILE, {name: g.tolist() for name, g in gates.items()})
-        finally:
-            for name, weight in saved.items():
-                modules[name].weight.copy_(weight)
+def write_merged(model, tokenizer, gates: dict[str, torch.Tensor], out: Path) -> None:
+    """A full model folder: the base of the PEFT `model` with every adapted layer's fixed-gate update merged, on a
+    copy (`tuner.convert.merged_copy`), saved with the tokenizer and gates.json, whole or not at all."""
+    merged = merged_copy(model, gates)
+    with atomic_dir(out, owned=GATES_FILE) as tmp:
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(tmp / GATES_FILE, {name: g.tolist() for name, g in gates.items()})
 
 
-def _plain_base(run: LoadedRun, cache_dir: str | None):
+def _base_model_path(run: LoadedRun) -> str:
+    """The base model's portable name (never this machine's cache path): what adapter_config.json records."""
     from .. import models
 
-    model, _ = models.load_model_and_tokenizer(
-        run.cfg.model, cache_dir=cache_dir, chat_template=run.cfg.data.chat_template
-    )
-    return model.eval()
-
-
-def _base_model_path(run: LoadedRun, cache_dir: str | None) -> str:
-    from .. import models
-
-    return str(models.resolve_model(run.cfg.model, cache_dir))
+    return models.portable_name(run.cfg.model)
 
 
 def run(args: argparse.Namespace) -> int:
+    from .export_deploy import DeployOptions
+
+    deploy = DeployOptions(args.format, args.outtype, not args.no_fidelity, args.max_loss_rise)
     written = export_run(
-        args.run_dir, args.gates, args.out, merged=args.merged, max_examples=args.max_examples, cache_dir=args.cache_dir
+        args.run_dir,
+        args.gates,
+        args.out,
+        merged=args.merged,
+        max_examples=args.max_examples,
+        cache_dir=args.cache_dir,
+        deploy=deploy,
+        as_scales=args.as_scales,
     )
-    what = "merged model" if args.merged else "PEFT LoRA adapter"
+    what = "merged model" if args.merged else "per-head LoRA adapters" if args.as_scales else "PEFT LoRA adapter"
     for folder in written:
         print(f"{what} written to {folder}")
     return 0

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import ConfigError, ModelError, RunFolderError
-from ..run import RunFolder, load_run
+from ..errors import ConfigError, ModelError
+from ..run import Run
 
 ROUTING_FORMATS = (".png", ".html")
 
@@ -44,11 +44,13 @@ def generate_run(
     routing: str | Path | None = None,
     cache_dir: str | None = None,
     stream: bool = True,
+    adapter: str | Path | None = None,
 ) -> list[dict]:
-    """Generates a continuation of each prompt with the run's adapter (`load_run`, which checks it), printing it as
+    """Generates a continuation of each prompt with the run's adapter (`Run.open`, which checks it), printing it as
     it comes (transformers' `TextStreamer`) when `stream`. `chat_template`: wrap each prompt in the tokenizer's chat
     template (None: as the run was trained). With `routing` (.png or .html), also draws which head every adapted
     layer favours at every token of prompt and continuation (`analysis.favoured_heads`); only for a multi-head run.
+    With `adapter`, another adapter folder (an export: the fixed-gate model) on the run's base replaces the run's.
 
     Returns per prompt {"prompt", "text" (the continuation), "ids" (prompt and continuation), "prompt_tokens"} and,
     with `routing`, "tokens", "layers", "heads" ((tokens, layers) tensor) and "num_heads"."""
@@ -64,13 +66,20 @@ def generate_run(
     if empty:
         raise ConfigError(f"prompt {empty[0]} is empty; give the text to continue")
     check_routing_path(routing)
-    if routing is not None and RunFolder(run_dir).read_config().method == "lora":
-        raise RunFolderError(
-            f"{run_dir}: a plain LoRA run has one head and no router; --routing needs a multi-head run"
-        )
+    if routing is not None and adapter is not None:
+        raise ConfigError("--routing: draws a multi-head run's router; an --adapter export has none")
+    run = Run.open(run_dir, cache_dir, adapter=adapter is None)
+    if routing is not None:
+        run.require_multi_head("--routing needs a multi-head run")
     sampling = sampling or Sampling()
-    run = load_run(run_dir, cache_dir)
-    model, tokenizer = run.model, run.tokenizer
+    if adapter is not None:
+        from ..adapters import load_adapter
+
+        run.load()
+        model = load_adapter(run.base_model, adapter)
+    else:
+        model = run.load().model
+    tokenizer = run.tokenizer
     use_chat = run.cfg.data.chat_template if chat_template is None else chat_template
     if use_chat and not getattr(tokenizer, "chat_template", None):
         raise ModelError(f"model {run.cfg.model!r}: its tokenizer has no chat template; leave out --chat-template")
@@ -79,7 +88,7 @@ def generate_run(
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     pad = tokenizer.pad_token_id  # `models.load_tokenizer` gives every tokenizer one
     encoded = [encode_context(tokenizer, prompt, use_chat) for prompt in prompts]
-    check_context(model, encoded, sampling.max_new_tokens)
+    check_context(run.context_length, encoded, sampling.max_new_tokens)
     outputs = []
     for prompt, ids in zip(prompts, encoded, strict=True):
         if stream:
@@ -104,12 +113,10 @@ def generate_run(
     return outputs
 
 
-def check_context(model, encoded: Sequence[list[int]], max_new_tokens: int) -> None:
+def check_context(context: int | None, encoded: Sequence[list[int]], max_new_tokens: int) -> None:
     """Refuses, before generating anything, a prompt whose tokens and `max_new_tokens` would run past the model's
-    context (its `max_position_embeddings`): the model was never trained on positions past it."""
-    from ..models import context_length
-
-    context = context_length(model)
+    context (`Run.context_length`; None: the model does not say): the model was never trained on positions past
+    it."""
     if context is None:
         return
     for i, ids in enumerate(encoded):
@@ -143,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         routing=args.routing,
         cache_dir=args.cache_dir,
+        adapter=args.adapter,
     )
     if args.routing:
         print(f"routing map written to {args.routing}")

@@ -7,7 +7,7 @@ import argparse
 from ..data import check_task_name, encode_example, gold_pair, load_task
 from ..data.example import turn_pieces
 from ..data.split import split_positions
-from ..data.store import TaskData
+from ..data.store import ListTask
 from ..models import DEFAULT_MODEL, load_tokenizer
 from .tasks import user_tasks
 
@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task in user:
         examples = user[args.task]
     else:
-        examples = TaskData(args.task, examples_list=load_task(check_task_name(args.task)), default_format=args.format)
+        examples = ListTask(args.task, load_task(check_task_name(args.task)), args.format)
     train, _, test = split_positions(examples.split_keys(), args.test_fraction)
     chosen = examples.take((test if args.split == "test" else train)[: args.n])
     tokenizer = None

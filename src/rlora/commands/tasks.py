@@ -6,11 +6,11 @@ import argparse
 
 from ..data import DEFAULT_FORMAT, list_tasks, load_task
 from ..data.split import split_positions
-from ..data.store import TaskData
+from ..data.store import ListTask
 
 
 def user_tasks(args: argparse.Namespace, default_format: str = DEFAULT_FORMAT) -> dict:
-    """The --data files' tasks (`data.store.TaskData`: rows of a cached Arrow table, read once)."""
+    """The --data files' tasks (`data.store.TableTask`: rows of a cached Arrow table, read once)."""
     if not args.data:
         return {}
 
@@ -22,7 +22,7 @@ def user_tasks(args: argparse.Namespace, default_format: str = DEFAULT_FORMAT) -
 
 
 def run(args: argparse.Namespace) -> int:
-    tasks = {name: TaskData(name, examples_list=load_task(name)) for name in list_tasks(include_mmlu=args.mmlu)}
+    tasks = {name: ListTask(name, load_task(name)) for name in list_tasks(include_mmlu=args.mmlu)}
     tasks.update(user_tasks(args))
     width = max(len(name) for name in tasks)
     print(f"{'task':<{width}}  {'total':>6}  {'train':>6}  {'test':>6}")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from ..names import name_problem
+from ..names import rule as names_rule
 from .example import Example
 from .readers import CONTAINERS, container, kind_problem, quoted, shown
 from .schemas import ALL_FIELDS, FIELDS, PARSERS, SCHEMAS, Reader, check_one_schema, decode_cells, detect, renamed
@@ -168,6 +170,8 @@ def _settings_problem(schema: object, task: object, columns: tuple) -> str | Non
         return f"schema: expected one of {', '.join(SCHEMAS)}, got {quoted(schema)}"
     if task is not None and (not isinstance(task, str) or not task.strip()):
         return f"task: expected a non-empty string (the task's name), got {shown(task)}"
+    if task is not None and name_problem(task) is not None:
+        return f"task: {name_problem(task)}; {names_rule()}"
     fields = ALL_FIELDS if schema == "auto" else FIELDS[schema]
     seen: dict[str, str] = {}
     for field, column in columns:

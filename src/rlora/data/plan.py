@@ -1,6 +1,7 @@
-"""From a run config to the run's data: tasks, the hash split, the training mixture and the test sets.
+"""From the run config's data settings and seed to the run's data: tasks, the hash split, the training mixture and the
+test sets.
 
-Everything here is deterministic given the config (and its seed), so every process of a distributed run,
+Everything here is deterministic given the settings and the seed, so every process of a distributed run,
 every method of a comparison and a resumed run all see the same data. It runs before any model loads, so
 unknown tasks and bad files fail fast.
 
@@ -12,6 +13,7 @@ token counts in batched passes, or for very large mixtures a character count rea
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..runconfig import RunConfig
 from . import (
     CausalLMCollator,
     Example,
@@ -33,8 +34,9 @@ from . import (
     token_lengths,
 )
 from .files import DataFile
+from .settings import DataSettings
 from .split import SPLIT_SALT, split_positions
-from .store import TaskData, file_tasks
+from .store import ListTask, TaskData, file_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ class MixtureView(Sequence):
 
 @dataclass
 class DataPlan:
-    cfg: RunConfig
+    data: DataSettings
+    seed: int
     tasks: dict[str, TaskData]
     # per task, the held-out examples that are evaluated: of the test split, or of the validation split when the
     # config's data.holdout is validation (then the test split is neither evaluated nor trained on)
@@ -85,11 +88,23 @@ class DataPlan:
         """The `index`-th example of the `task_index`-th task, in the run's formulation."""
         return self.tasks[self._names[task_index]][index]
 
+    def fingerprint(self) -> str:
+        """A digest of the data the run trains on: each task's name and its examples' split keys (each a sha256 of
+        the example's content, `split.split_key`), in order, and the mixture. An example changed, added or removed
+        changes it; it costs no example made for a file's tasks (their keys are stored with the table)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, task in self.tasks.items():
+            digest.update(name.encode() + b"\0")
+            digest.update(np.ascontiguousarray(task.split_keys(), dtype=np.float64).tobytes())
+        for column in self.mixture:
+            digest.update(np.ascontiguousarray(column, dtype=np.int64).tobytes())
+        return digest.hexdigest()
+
     def counts_table(self) -> str:
         return format_mixture_table(self.counts, {t: s["train"] for t, s in self.sizes.items()})
 
     def manifest(self) -> dict:
-        d = self.cfg.data
+        d = self.data
         split = {"method": "sha256 of task, prompt, choices, answer (and a conversation's turns)", "salt": SPLIT_SALT}
         mixture = {"strategy": d.mixture, "temperature": d.temperature, "max_train_per_task": d.max_train_per_task}
         evaluated = f"{d.holdout}_evaluated"
@@ -99,13 +114,13 @@ class DataPlan:
         return {
             "split": split | {"test_fraction": d.test_fraction} | self._holdout(),
             "format": d.format,
-            "mixture": mixture | {"total_train": d.total_train, "seed": self.cfg.seed},
+            "mixture": mixture | {"total_train": d.total_train, "seed": self.seed},
             "tasks": {t: self.sizes[t] | used[t] for t in self.sizes},
             "train_examples": len(self.mixture[0]),
         }
 
     def _holdout(self) -> dict:
-        d = self.cfg.data
+        d = self.data
         if self.validation is None:
             return {"holdout": d.holdout}
         return {"holdout": d.holdout, "validation_fraction": d.validation_fraction}
@@ -122,7 +137,7 @@ class TrainingSet:
     `lengths` holds every item's length for `group_by_length` (see `_lengths`), computed up front."""
 
     def __init__(self, plan: DataPlan, tokenizer) -> None:
-        d = plan.cfg.data
+        d = plan.data
         self.plan, self.tokenizer = plan, tokenizer
         self.chat_template, self.max_length = d.chat_template, d.max_length
         self.lengths = self._lengths()
@@ -162,22 +177,24 @@ class TrainingSet:
         return lengths
 
 
-def load_tasks(cfg: RunConfig, cache_dir: str | None = None) -> dict[str, TaskData]:
+def load_tasks(data: DataSettings, cache_dir: str | None = None) -> dict[str, TaskData]:
     """Built-in tasks (suites expanded) and the files' tasks; names must not clash."""
-    names = expand_task_names(cfg.data.tasks)
-    fmt = cfg.data.format
-    tasks = {name: TaskData(name, examples_list=load_task(name), default_format=fmt) for name in names}
-    specs = [DataFile(Path(f), schema="rlora", kind="jsonl") for f in cfg.data.jsonl]  # any suffix, as ever
-    specs += [DataFile.from_config(f, f"data.files[{i}]") for i, f in enumerate(cfg.data.files)]
+    names = expand_task_names(data.tasks)
+    fmt = data.format
+    tasks = {name: ListTask(name, load_task(name), fmt) for name in names}
+    specs = [DataFile(Path(f), schema="rlora", kind="jsonl") for f in data.jsonl]  # any suffix, as ever
+    specs += [DataFile.from_config(f, f"data.files[{i}]") for i, f in enumerate(data.files)]
     tasks.update(file_tasks(specs, reserved=names, cache_dir=cache_dir, default_format=fmt))
     return tasks
 
 
-def plan_data(cfg: RunConfig, cache_dir: str | None = None) -> DataPlan:
-    d = cfg.data
-    tasks = load_tasks(cfg, cache_dir)
+def plan_data(data: DataSettings, seed: int, cache_dir: str | None = None, validation: bool = False) -> DataPlan:
+    """The run's data from its `data` settings and its seed (the run config's `data` and `seed`); with `validation`
+    (the run config's `training.eval_steps` is set) a validation split is carved even with `data.holdout` test."""
+    d = data
+    tasks = load_tasks(data, cache_dir)
+    carved = validation or d.holdout == "validation"  # a validation split, also scored during training
     validation = d.holdout == "validation"
-    carved = validation or cfg.training.eval_steps is not None  # a validation split, also scored during training
     splits, sizes = {}, {}
     for name, task in tasks.items():
         fractions = (d.test_fraction, d.validation_fraction if carved else 0.0)
@@ -199,7 +216,7 @@ def plan_data(cfg: RunConfig, cache_dir: str | None = None) -> DataPlan:
             )
     train_sizes = {t: len(tr) for t, (tr, _, _) in splits.items()}
     counts = mixture_counts(train_sizes, d.mixture, d.temperature, d.max_train_per_task, d.total_train)
-    task_of, position = mixture_positions(train_sizes, counts, seed=cfg.seed)
+    task_of, position = mixture_positions(train_sizes, counts, seed=seed)
     for t, (train, _, _) in enumerate(splits.values()):  # a position in the training split -> an index into the task
         chosen = task_of == t
         position[chosen] = train[position[chosen]]
@@ -207,7 +224,7 @@ def plan_data(cfg: RunConfig, cache_dir: str | None = None) -> DataPlan:
         task_of = task_of.astype(np.int16)  # every array here is kept for the whole run: millions of entries
     test = {t: _cap(tasks[t], held, d.max_eval_per_task) for t, (_, held, _) in splits.items()}
     scored = {t: _cap(tasks[t], v, d.max_eval_per_task) for t, (_, _, v) in splits.items()} if carved else None
-    return DataPlan(cfg, tasks, test, sizes, counts, (task_of, position), scored)
+    return DataPlan(data, seed, tasks, test, sizes, counts, (task_of, position), scored)
 
 
 def _cap(task: TaskData, positions: np.ndarray, limit: int | None) -> list[Example]:

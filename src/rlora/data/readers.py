@@ -203,6 +203,10 @@ def _csv_records(path: Path) -> Iterator[tuple[str, int, dict]]:
                 hint = " (a quoted cell is not closed)" if "unexpected end of data" in str(error) else ""
                 raise DataError(f"{path}:{end + 1}: not valid CSV: {error}{hint}") from None
             number, end = end + 1, rows.line_num
+            nul = next((i for i, cell in enumerate(row) if "\0" in cell), None)
+            if nul is not None:  # the csv module keeps it; no text holds one (a binary or damaged file)
+                name = f" ({header[nul]!r})" if header is not None and nul < len(header) else ""
+                raise DataError(f"{path}:{number}: column {nul + 1}{name}: a NUL byte in the cell; not text")
             if header is None:
                 header, width = row, len(row)
                 twice = next((name for i, name in enumerate(header) if name in header[:i]), None)

@@ -43,6 +43,7 @@ import re
 from typing import TYPE_CHECKING
 
 from ..errors import DataError
+from ..names import name_problem, rule
 from .example import MIN_CHOICES, Example, format_problem, gold_problem, labelling_problem, labels_problem
 from .readers import DECODER, FieldTwice, quoted, shown
 
@@ -75,6 +76,9 @@ class Reader:
         path = spec.path
         self.fixed_task = spec.task
         self.default_task = spec.task or (path.name if path.is_dir() else path.stem)
+        problem = name_problem(self.default_task)
+        if problem is not None:  # a given task was checked with the settings: this is the file's own name
+            raise DataError(f"{path}: the task's name, from the file's name: {problem}; {rule()}; or give task:")
         self.rename = {column: field for field, column in spec.columns if column != field}
         self.labels = {field: f"{field!r} (column {column!r})" for field, column in spec.columns if column != field}
 
@@ -145,7 +149,7 @@ def _rlora(record: dict, where: str, number: int, reader: Reader) -> Example:
     unknown = sorted(set(record) - KNOWN_FIELDS)
     if unknown:
         raise DataError(f"{where}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(KNOWN_FIELDS))}")
-    task = reader.fixed_task or _text(record, "task", where, reader, reader.default_task)
+    task = reader.fixed_task or _task_name(_text(record, "task", where, reader, reader.default_task), where, reader)
     uid = _uid(record.get("id", f"{task}/{number}"), where, reader)
     prompt = _text(record, "prompt", where, reader)
     if "choices" not in record:
@@ -322,7 +326,15 @@ def _task(record: dict, where: str, reader: Reader) -> str:
         return reader.default_task
     if not isinstance(task, str) or not task.strip():
         raise DataError(f"{where}: field {reader.label('task')}: expected a non-empty string, got {shown(task)}")
-    return _unicode(task, where, "task", reader)
+    return _task_name(_unicode(task, where, "task", reader), where, reader)
+
+
+def _task_name(task: str, where: str, reader: Reader) -> str:
+    """A task's name becomes part of paths (an export per task): `names.name_problem` refuses it where it is read."""
+    problem = name_problem(task)
+    if problem is not None:
+        raise DataError(f"{where}: field {reader.label('task')}: {problem}; {rule()}")
+    return task
 
 
 def _uid(uid: object, where: str, reader: Reader) -> str:

@@ -7,18 +7,28 @@ all. The fingerprint covers the file's path, size and modification time and the 
 is read again. A later run memory-maps the table: its pages are read from disk when touched and belong to the page
 cache, not the process.
 
-Nothing in the cache is trusted unchecked: a table records a hash of its source's bytes and of each of its own files
-(`INTEGRITY_FILE`), and every run hashes both again before mapping the table (cheap beside reading the file: see
-docs/benchmarks.md), so a source edited in place with its size and time kept, or a table damaged or rewritten, is
-read again (one warning), never used. One process at a time builds a table (a lock beside it, `.<key>.building`);
-`rlora cache` lists tables being built and never removes them.
+Nothing in the cache is trusted unchecked, at a cost that does not grow with the data on every start. A table records
+a blake2b hash of its source's bytes and of each of its own files (`INTEGRITY_FILE`), written when it is built; the
+first run that finds all of them as recorded (a full check, reading every byte) then records their identities
+(`IDENTITY_FILE`: size, modification and change times in ns, inode and device of the source and of each of the
+table's files, and a hash of the Arrow file's first 4 KiB and its whole footer: its schema and where its record
+batches lie). A later run compares those identities only. Writing a file changes its change time, which no user
+can set back (`os.utime` sets the access and modification times only), and replacing it changes its inode, so a
+source edited in place with its size and time kept, or a table damaged or rewritten, fails its identity, gets the
+full check, and is read again (one warning), never used; a file merely touched, copied or restored passes the full
+check and its new identity is recorded. A file changed within `RACY_NS` of the moment its identity is taken is not
+trusted by identity (as git treats "racily clean" files): the next run checks it in full again. What identities
+cannot see is a change below the file system (a flipped bit on disk): `rlora cache --verify` hashes every byte.
+These checks are against accidents, not against someone who can write the cache (who could rewrite its records
+too). One process at a time builds a table (a lock beside it, `.<key>.building`); `rlora cache` lists tables being
+built and never removes them.
 
 A task (`TaskData`) is then a table and the row numbers of its examples (a file may hold several tasks), or a
 built-in task's list. The split, the mixture and the test sets are index arrays over tasks; an `Example` is made
 only when one is read. Beside the table, per-row arrays hold each example's split key (`split.split_key`), task
 and length in characters, so splitting a million examples is a comparison of a float64 array.
 
-Over 400 lines because the cache's format, its building, verification and locking are one concern.
+Over 500 lines because the cache's format, its building, verification and locking are one concern.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ import logging
 import os
 import shutil
 import socket
+import stat as stat_mode
+import time
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,7 +52,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from .._io import atomic_dir, held_by, is_complete, unmark_complete, waiting_lock
+from .._io import atomic_dir, atomic_write_json, held_by, is_complete, unmark_complete, waiting_lock
 from ..errors import CacheError, DataError
 from .example import DEFAULT_FORMAT, Example, with_default_format
 from .files import DataFile, iter_examples
@@ -55,7 +67,11 @@ TABLE_FILE = "examples.arrow"
 SOURCE_FILE = "source.json"  # what the table was read from, for `rlora cache`
 INTEGRITY_FILE = "integrity.json"  # hashes of the source's bytes and of the table's own files, written last
 OWN_FILES = (TABLE_FILE, "keys.npy", "chars.npy", "tasks.npy", "tasks.json", SOURCE_FILE)
+IDENTITY_FILE = "identity.json"  # identities of the source and the files as the last full check found them
 HASH_CHUNK = 1 << 20
+ENDS = 1 << 12  # bytes hashed at each end of the table's file for its identity (its schema; its footer, below)
+ARROW_MAGIC = b"ARROW1"  # an Arrow IPC file ends with its footer, the footer's length (int32) and this
+RACY_NS = 2 * 10**9  # a file changed this recently when its identity is taken gets a full check next run too
 
 _STRINGS = pa.list_(pa.string())
 SCHEMA = pa.schema(
@@ -173,37 +189,40 @@ def _table_key(fingerprint: str) -> str:
 
 
 def load_file(spec: DataFile, cache_dir: str | os.PathLike | None = None) -> FileTable:
-    """The file's table: mapped from the cache once its files and its source's bytes check out, or read (and
+    """The file's table: mapped from the cache once it and its source check out (`verified_problem`), or read (and
     checked) once and cached first. A damaged or stale table is read again, with a warning."""
     root = usable_cache(cache_dir)
     stamp = spec.fingerprint()  # path, size, time and settings
     key = _table_key(stamp)
     folder = root / key
-    source = content_hash(spec.path)  # every run: an edit that kept the size and time changes it
-    table = _checked_table(spec, folder, source)
+    table = _checked_table(spec, folder)
     if table is not None:
         return table
     with _building(root, key):
-        table = _checked_table(spec, folder, source, warn=False)  # another process may have built it meanwhile
+        table = _checked_table(spec, folder, warn=False)  # another process may have built it meanwhile
         if table is not None:
             return table
         if folder.exists():
             _discard(folder)
+        for left in root.glob(f".{key}.*.tmp"):  # a build of this table that was killed: its lock is ours now
+            logger.warning("removing %s, left by a build of this table that was interrupted", left)
+            shutil.rmtree(left, ignore_errors=True)
         logger.info("reading %s into %s", spec.path, folder)
+        source = content_hash(spec.path)
         try:
-            with atomic_dir(folder, shared=True) as tmp:
+            with atomic_dir(folder, shared=True, owned=None) as tmp:
                 _write_table(spec, tmp, source, stamp)
         except OSError as error:
             raise _cache_error(root, error) from None
     return FileTable(spec, folder)
 
 
-def _checked_table(spec: DataFile, folder: Path, source: str, warn: bool = True) -> FileTable | None:
-    """The complete table at `folder` if its own files and its source's hash are what it recorded, else None
-    (a warning names the problem when `warn`)."""
+def _checked_table(spec: DataFile, folder: Path, warn: bool = True) -> FileTable | None:
+    """The complete table at `folder` if it and its source are what it recorded (`verified_problem`), else None (a
+    warning names the problem when `warn`)."""
     if not is_complete(folder):
         return None
-    problem = table_problem(folder, source)
+    problem = verified_problem(folder, spec.path)
     if problem is None:
         try:
             return FileTable(spec, folder)
@@ -212,6 +231,80 @@ def _checked_table(spec: DataFile, folder: Path, source: str, warn: bool = True)
     if warn:
         logger.warning("data cache: %s: %s; reading %s again", folder, problem, spec.path)
     return None
+
+
+def verified_problem(folder: Path, source: Path, full: bool = False) -> str | None:
+    """None if the table at `folder` may be served for the file `source`, else what is wrong. Unless `full`, a table
+    whose files and source have the identities recorded by its last full check passes without reading them; any
+    other gets the full check (`table_problem`: every byte hashed), which, when it passes, records their identities
+    (taken before hashing, so a change during the check is seen next time). A read-only cache is checked in full
+    every time."""
+    if not full and _unchanged(folder, source):
+        return None
+    identities = _identities(folder, source, racy_before=time.time_ns() - RACY_NS)
+    problem = table_problem(folder, content_hash(source))
+    if problem is None and identities is not None and is_complete(folder):  # not one discarded meanwhile
+        with contextlib.suppress(OSError):
+            atomic_write_json(folder / IDENTITY_FILE, identities)
+    return problem
+
+
+def _unchanged(folder: Path, source: Path) -> bool:
+    try:
+        recorded = json.loads((folder / IDENTITY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return recorded == _identities(folder, source)
+
+
+def _identities(folder: Path, source: Path, racy_before: int | None = None) -> dict | None:
+    """The identities of the table's files and of its source's file(s); None if one is missing or not a regular
+    file, or (given `racy_before`, in ns) was changed at or after that moment."""
+    try:
+        source = Path(source).expanduser().resolve()
+        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+        sources = {file.relative_to(source).as_posix(): _identity(file, racy_before) for file in files}
+        own = {name: _identity(folder / name, racy_before, name == TABLE_FILE) for name in (*OWN_FILES, INTEGRITY_FILE)}
+    except OSError:
+        return None
+    if None in sources.values() or None in own.values():
+        return None
+    return {"source": str(source), "source_files": sources, "files": own}
+
+
+def _identity(path: Path, racy_before: int | None, ends: bool = False) -> dict | None:
+    """A file's size, times, inode and device, and with `ends` the hash of its ends (`_ends_hash`)."""
+    info = path.stat()
+    if not stat_mode.S_ISREG(info.st_mode):
+        return None
+    if racy_before is not None and max(info.st_ctime_ns, info.st_mtime_ns) >= racy_before:
+        return None
+    identity = {
+        "bytes": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
+        "ctime_ns": info.st_ctime_ns,
+        "inode": info.st_ino,
+        "device": info.st_dev,
+    }
+    if ends:
+        with open(path, "rb") as f:
+            identity["ends"] = _ends_hash(f, info.st_size)
+    return identity
+
+
+def _ends_hash(f, size: int) -> str:
+    """blake2b of a file's first `ENDS` bytes and of its last `ENDS`, or, for an Arrow IPC file, of its whole footer
+    (where every record batch lies; 24 bytes a batch)."""
+    tail = min(size, ENDS)
+    f.seek(max(0, size - 4 - len(ARROW_MAGIC)))
+    trailer = f.read()
+    if len(trailer) == 4 + len(ARROW_MAGIC) and trailer.endswith(ARROW_MAGIC):
+        tail = min(size, int.from_bytes(trailer[:4], "little") + len(trailer))
+    f.seek(0)
+    digest = hashlib.blake2b(f.read(ENDS), digest_size=20)
+    f.seek(size - tail)
+    digest.update(f.read(tail))
+    return digest.hexdigest()
 
 
 def table_problem(folder: Path, source: str | None) -> str | None:
@@ -341,9 +434,10 @@ class CachedTable:
         return self.state in ("stale", "damaged", "partial")
 
 
-def cached_tables(cache_dir: str | os.PathLike | None = None) -> list[CachedTable]:
+def cached_tables(cache_dir: str | os.PathLike | None = None, verify: bool = False) -> list[CachedTable]:
     """The tables in the data cache (and the folders of builds under way or cut short), each with its size and
-    state; every table's files and its source's bytes are checked, as a run would."""
+    state; every table and its source are checked as a run would (`verified_problem`), or, with `verify`, every byte
+    of them is hashed."""
     root = data_cache(cache_dir)
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
@@ -366,7 +460,7 @@ def cached_tables(cache_dir: str | os.PathLike | None = None) -> list[CachedTabl
             elif _table_key(spec.fingerprint()) != folder.name:
                 state = "stale"
             else:
-                problem = table_problem(folder, content_hash(spec.path))
+                problem = verified_problem(folder, spec.path, full=verify)
                 state = "ok" if problem is None else problem.split(" ")[0]
         except DataError:  # its file is gone or unreadable
             state = "stale"
@@ -390,49 +484,92 @@ def _batches(examples: Iterator[Example]) -> Iterator[list[Example]]:
         yield batch
 
 
-@dataclass
 class TaskData:
-    """One task's examples: rows of a file's table, or a built-in task's list. Indexing makes an `Example`, in
-    formulation `default_format` unless it names its own (`with_default_format`): the run's formulation is resolved
-    here, where the examples are made, and nowhere else."""
+    """One task's examples, of one of two kinds: `ListTask` (a built-in task's list, in memory) or `TableTask` (rows
+    of a file's table, mapped from disk). Indexing makes an `Example`, in formulation `default_format` unless it
+    names its own (`with_default_format`): the run's formulation is resolved here, where the examples are made, and
+    nowhere else. Each kind gives its length, its raw examples, their split keys and their lengths in characters."""
 
     name: str
-    examples_list: Sequence[Example] | None = None
-    table: FileTable | None = None
-    rows: np.ndarray | None = None
-    default_format: str = DEFAULT_FORMAT
+    default_format: str
 
     def __len__(self) -> int:
-        return len(self.examples_list) if self.table is None else len(self.rows)
+        raise NotImplementedError
 
-    def __getitem__(self, i: int) -> Example:
-        example = self.examples_list[i] if self.table is None else self.table.example(self.rows[i])
-        return with_default_format(example, self.default_format)
+    def _example(self, i: int) -> Example:
+        raise NotImplementedError
 
-    def take(self, positions: np.ndarray) -> list[Example]:
-        """The examples at `positions` (indices into this task)."""
-        if self.table is None:
-            examples = [self.examples_list[int(i)] for i in positions]
-        else:
-            examples = self.table.examples(self.rows[positions]) if len(positions) else []
-        return [with_default_format(e, self.default_format) for e in examples]
+    def _examples(self, positions: np.ndarray) -> list[Example]:
+        raise NotImplementedError
 
     def split_keys(self) -> np.ndarray:
-        if self.table is None:
-            return split_keys(self.examples_list)
-        return self.table.column("keys")[self.rows]
+        raise NotImplementedError
 
     def text_lengths(self, positions: np.ndarray) -> np.ndarray:
         """Characters of the prompt, answer and turns of the examples at `positions`: a length estimate that needs
         no example made (a file's are computed when it is read)."""
-        if self.table is None:
-            return np.array([_chars(self.examples_list[int(i)]) for i in positions], dtype=np.int32)
-        return self.table.column("chars")[self.rows[positions]]
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Example:
+        return with_default_format(self._example(i), self.default_format)
+
+    def take(self, positions: np.ndarray) -> list[Example]:
+        """The examples at `positions` (indices into this task)."""
+        return [with_default_format(e, self.default_format) for e in self._examples(positions)]
 
     def chunks(self, positions: np.ndarray, size: int = 4096) -> Iterator[list[Example]]:
         """The examples at `positions`, `size` at a time (for a pass over a large task)."""
         for start in range(0, len(positions), size):
             yield self.take(positions[start : start + size])
+
+
+@dataclass
+class ListTask(TaskData):
+    """A task whose examples are a list in memory (a built-in task's)."""
+
+    name: str
+    examples_list: Sequence[Example]
+    default_format: str = DEFAULT_FORMAT
+
+    def __len__(self) -> int:
+        return len(self.examples_list)
+
+    def _example(self, i: int) -> Example:
+        return self.examples_list[i]
+
+    def _examples(self, positions: np.ndarray) -> list[Example]:
+        return [self.examples_list[int(i)] for i in positions]
+
+    def split_keys(self) -> np.ndarray:
+        return split_keys(self.examples_list)
+
+    def text_lengths(self, positions: np.ndarray) -> np.ndarray:
+        return np.array([_chars(self.examples_list[int(i)]) for i in positions], dtype=np.int32)
+
+
+@dataclass
+class TableTask(TaskData):
+    """A task whose examples are rows of a file's Arrow table (`FileTable`), made when read."""
+
+    name: str
+    table: FileTable
+    rows: np.ndarray
+    default_format: str = DEFAULT_FORMAT
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _example(self, i: int) -> Example:
+        return self.table.example(self.rows[i])
+
+    def _examples(self, positions: np.ndarray) -> list[Example]:
+        return self.table.examples(self.rows[positions]) if len(positions) else []
+
+    def split_keys(self) -> np.ndarray:
+        return self.table.column("keys")[self.rows]
+
+    def text_lengths(self, positions: np.ndarray) -> np.ndarray:
+        return self.table.column("chars")[self.rows[positions]]
 
 
 def file_tasks(
@@ -451,5 +588,5 @@ def file_tasks(
                 raise DataError(f"{spec.path}: task {name!r} has the name of a built-in task; rename it")
             if name in tasks:
                 raise DataError(f"{spec.path}: task {name!r} is defined twice (also in an earlier file)")
-            tasks[name] = TaskData(name, table=table, rows=rows, default_format=default_format)
+            tasks[name] = TableTask(name, table, rows, default_format)
     return tasks

@@ -166,8 +166,10 @@ class RLoraLayer(BaseTunerLayer):
         readers += [self.rlora_offset_A[adapter_name].to(A.dtype)] if offset else []
         fused_router = gate_dtype == x.dtype
         readers += [self.rlora_router[adapter_name].to(A.dtype)] if fused_router else []
-        parts = F.linear(x, torch.cat(readers) if len(readers) > 1 else readers[0])  # (..., r + r + K) at most
-        parts = list(parts.split([w.shape[0] for w in readers], dim=-1))
+        parts = []  # none when A reads a dropped x and nothing else reads x in x's dtype (a low-precision adapter)
+        if readers:
+            fused = torch.cat(readers) if len(readers) > 1 else readers[0]
+            parts = list(F.linear(x, fused).split([w.shape[0] for w in readers], dim=-1))  # (..., r + r + K) at most
         z = F.linear(F.dropout(x, p, self.training), A) if dropped else parts.pop(0)  # (..., r)
         z0 = parts.pop(0) if offset else None  # (..., r): A^0 x
         router = self.rlora_router[adapter_name]
@@ -236,8 +238,9 @@ class RLoraLinear(nn.Module, RLoraLayer):
         if is_conv1d(base):
             delta = delta.t()
         kind = get_bnb_param_type(weight)
-        if not kind:
-            weight += delta.to(weight.dtype)
+        if not kind:  # the sum in the wider of the two dtypes, then one rounding to the weight's
+            wide = torch.promote_types(weight.dtype, delta.dtype)
+            weight.copy_(weight.to(wide) + delta.to(weight.device, wide))
             return 0.0
         import bitsandbytes as bnb
 

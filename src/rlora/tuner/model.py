@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from peft import NoMatchingPeftModuleError
@@ -155,17 +155,28 @@ class RLoraModel(BaseTuner):
         raise ValueError(MERGE_ERROR)
 
     @torch.no_grad()
-    def merge_with_fixed_gates(self, gates: torch.Tensor | None = None, adapter_name: str | None = None) -> nn.Module:
-        """Merge one adapter with FIXED head weights (default uniform) and return the plain base model.
+    def merge_with_fixed_gates(
+        self, gates: torch.Tensor | Mapping[str, torch.Tensor] | None = None, adapter_name: str | None = None
+    ) -> nn.Module:
+        """Merge one adapter with FIXED head weights and return the plain base model: `gates` (K,) for every layer,
+        or a mapping of each adapted module's name in the base model ("model.layers.0.mlp.up_proj") to its K gates;
+        default uniform. Each layer adds its update in its own layout (`RLoraLinear.add_to_base_weight`).
 
         This is an approximation, not the trained model: the trained router mixes heads per token, a merged
         matrix cannot. Use it only where a plain model is required and measure what is lost.
         """
         adapter_name = adapter_name or self.active_adapters[0]
+        modules = self.model.named_modules()
+        layers = {n: m for n, m in modules if isinstance(m, RLoraLinear) and adapter_name in m.rlora_A}
+        if isinstance(gates, Mapping) and set(gates) != set(layers):
+            missing, unknown = sorted(set(layers) - set(gates)), sorted(set(gates) - set(layers))
+            what = f"layer {missing[0]!r} has no gates" if missing else f"{unknown[0]!r} is not an adapted layer"
+            raise ValueError(f"gates: {what}")
         error = 0.0
-        for module in self.model.modules():
-            if isinstance(module, RLoraLinear) and adapter_name in module.rlora_A:
-                error = max(error, module.add_to_base_weight(module.get_delta_weight(adapter_name, gates)))
+        for name, module in layers.items():
+            g = gates[name] if isinstance(gates, Mapping) else gates
+            B, A = module.fixed_gate_lora(adapter_name, g, torch.float64)  # float64, one rounding into the weight
+            error = max(error, module.add_to_base_weight(B @ A))
         if error > 0:
             logger.warning(
                 "merge_with_fixed_gates: the base is quantized; the merged weights were quantized again, which moved "
