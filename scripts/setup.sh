@@ -14,7 +14,8 @@ case "${1:-}" in
         # quant: bitsandbytes, for quantized bases (its CPU backend runs tests/test_quantized.py).
         # distributed: DeepSpeed (ZeRO-3 over CPU processes in tests/test_distributed.py).
         # serve: fastapi and uvicorn for `rlora serve` (tests/test_serve.py starts it).
-        EXTRAS="[dev,distributed,lm-eval,quant,serve]" ;;
+        # track: TensorBoard and MLflow for training.report_to (tests/test_training_watch.py reads their files back).
+        EXTRAS="[dev,distributed,lm-eval,quant,serve,track]" ;;
     *) echo "scripts/setup.sh: unknown argument '$1' (expected nothing or --dev)" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python3}

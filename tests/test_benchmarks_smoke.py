@@ -146,3 +146,15 @@ def test_gpu_check_smoke_version_trains_each_method_in_bf16_and_fp32_and_compare
     assert [row[0] for row in body] == list(gpu_check.METHODS.values())
     assert [row[-1] for row in body] == ["pass"] * 3 and body[0][-2] == "1.00"  # ratios to PEFT LoRA
     assert text.rstrip().endswith("Result: every method within 2% of fp32.")
+
+
+def test_telemetry_benchmark_gives_telemetry_and_validation_as_ratios_of_the_training_step(workspace, tmp_path):
+    import bench_telemetry
+    from _tiny import write_config
+
+    config = write_config(workspace, tmp_path / "run")
+    rows = table_rows(bench_telemetry.main(["--quick", "--config", str(config), f"output_dir={tmp_path / 'run'}"]))
+    header, body = rows[0], rows[1:]
+    assert header == ["measured", "median s", "/ training step", "interval (steps)", "added per step"]
+    assert [row[0].split()[0] for row in body] == ["training", "router", "validation"]
+    assert body[0][2] == "1.00" and body[1][3] == "1" and body[2][3] == "32"  # write_config logs every step

@@ -130,6 +130,22 @@ def _entropy(p: Sequence[float]) -> float:
     return -sum(x * math.log(x) for x in p if x > 0)
 
 
+def router_status(normalized_entropy: float, shares: Sequence[float]) -> str:
+    """The one rule (for `router_health` after training and `telemetry` during it): "collapsed" when at least half of
+    the layers' largest `shares` are at least `COLLAPSED_SHARE`, else "inert" when `normalized_entropy` (the gates'
+    entropy over ln K) is at least `INERT_ENTROPY`, else "active". A layer's status: this rule on its own numbers."""
+    collapsed = sum(share >= COLLAPSED_SHARE for share in shares)
+    return "collapsed" if 2 * collapsed >= len(shares) else "inert" if normalized_entropy >= INERT_ENTROPY else "active"
+
+
+def task_divergence(gates: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """(Jensen-Shannon divergence, largest share) of the tasks' mean gate vectors in one layer: the entropy of their
+    mean minus the mean of their entropies (nats), and the largest head's share of their mean."""
+    k = len(gates[0])
+    pooled = [sum(g[h] for g in gates) / len(gates) for h in range(k)]
+    return _entropy(pooled) - sum(_entropy(g) for g in gates) / len(gates), max(pooled)
+
+
 def router_health(usage: dict[str, dict]) -> dict:
     """How the routers route, from `router_usage`'s per-task numbers (every value in nats; each task weighs the same):
 
@@ -141,21 +157,17 @@ def router_health(usage: dict[str, dict]) -> dict:
       ln min(tasks, K)), averaged over layers: how far the routing is task-specific;
     - `largest_share`: per layer, the largest head's share of the mean gate over every task, averaged over layers;
       `collapsed_layers`: the layers where it is at least `COLLAPSED_SHARE`;
-    - `status`: "collapsed" when at least half the layers are, "inert" when `normalized_entropy` is at least
-      `INERT_ENTROPY`, else "active"."""
+    - `status`: `router_status` of these numbers ("collapsed" when at least half the layers are, "inert" when
+      `normalized_entropy` is at least `INERT_ENTROPY`, else "active")."""
     tasks = list(usage)
     layers = list(usage[tasks[0]]["mean_gate_per_layer"])
     k = len(usage[tasks[0]]["mean_gate"])
     entropy = sum(usage[t]["entropy"] for t in tasks) / len(tasks)
-    divergence, shares = [], []
-    for layer in layers:
-        gates = [usage[t]["mean_gate_per_layer"][layer] for t in tasks]
-        pooled = [sum(g[h] for g in gates) / len(tasks) for h in range(len(gates[0]))]  # this layer's K
-        divergence.append(_entropy(pooled) - sum(_entropy(g) for g in gates) / len(tasks))
-        shares.append(max(pooled))
+    rows = [task_divergence([usage[t]["mean_gate_per_layer"][layer] for t in tasks]) for layer in layers]
+    divergence, shares = [d for d, _ in rows], [s for _, s in rows]
     collapsed = sum(share >= COLLAPSED_SHARE for share in shares)
     normalized = entropy / math.log(k) if k > 1 else math.nan
-    status = "collapsed" if 2 * collapsed >= len(layers) else "inert" if normalized >= INERT_ENTROPY else "active"
+    status = router_status(normalized, shares)
     return {
         "num_heads": k,
         "entropy": entropy,

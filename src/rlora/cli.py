@@ -235,6 +235,14 @@ def _add_analyze(subparsers) -> None:
     parser.set_defaults(func=_command("analyze"))
 
 
+def _add_curves(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "curves", help="draw a run's training loss, validation losses and router telemetry from its train_log.jsonl"
+    )
+    parser.add_argument("run_dir", help="a run folder, finished or not (a killed run's log is drawn too)")
+    parser.set_defaults(func=_command("curves"))
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -381,6 +389,7 @@ SUBCOMMANDS = (
     _add_compare,
     _add_plan,
     _add_analyze,
+    _add_curves,
     _add_generate,
     _add_export,
     _add_serve,

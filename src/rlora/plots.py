@@ -124,3 +124,53 @@ def plot_routing(maps: list[dict], num_heads: int, path: str | Path) -> None:
     handles = [Patch(color=c, label=f"head {k}") for k, c in enumerate(colours)]
     fig.legend(handles=handles, loc="outside upper center", fontsize=7, ncol=min(num_heads, 10))
     save_png(fig, path)
+
+
+def plot_training_curves(series: dict[str, list[tuple[int, float]]], path: str | Path) -> None:
+    """The training loss, the learning rate and each task's validation loss over the steps, one panel each (the
+    validation panel only when the run scored it): `series` maps a log key to its (step, value) points."""
+    val = sorted(k for k in series if k.startswith("eval_") and k.endswith("_loss") and k != "eval_loss")
+    panels = [("training loss", ["loss"]), ("learning rate", ["learning_rate"])]
+    if val:
+        panels.append(("validation loss per task (nats per trained token)", [*val, "eval_loss"]))
+    fig = Figure(figsize=(7, 2.6 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        for key in keys:
+            points = series.get(key, [])
+            label = "mean" if key == "eval_loss" else key.removeprefix("eval_").removesuffix("_loss")
+            style = {"ls": "--", "color": "black"} if key == "eval_loss" else {}
+            ax.plot([s for s, _ in points], [v for _, v in points], marker="o", ms=2, label=label, **style)
+        ax.set_title(title, fontsize=9)
+        if len(keys) > 1:
+            ax.legend(fontsize=7, ncol=3)
+    axes[-1].set_xlabel("step")
+    save_png(fig, path)
+
+
+ROUTER_PANELS = (  # (the telemetry's log name, the panel's title, the threshold line's key in `thresholds`)
+    ("entropy", "gate entropy / ln K (1: uniform)", "inert_entropy"),
+    ("largest_share", "largest head's share of the mean gate", "collapsed_share"),
+    ("task_jsd", "tasks' Jensen-Shannon divergence (nats)", None),
+    ("head_cosine", "heads' mean pairwise cosine", None),
+)
+
+
+def plot_router_curves(series: dict[str, list[tuple[int, float]]], thresholds: dict[str, float], path) -> None:
+    """The router telemetry over the steps: per panel the average over layers (black) and every layer (thin), with
+    the threshold of inert or collapsed (dotted) where it applies."""
+    fig = Figure(figsize=(7, 2.4 * len(ROUTER_PANELS)), layout="constrained")
+    axes = fig.subplots(len(ROUTER_PANELS), 1, squeeze=False, sharex=True)[:, 0]
+    for ax, (name, title, threshold) in zip(axes, ROUTER_PANELS, strict=True):
+        layers = [k for k in series if k.startswith("router/") and k.endswith(f"/{name}") and k.count("/") == 2]
+        for key in layers:
+            points = series[key]
+            ax.plot([s for s, _ in points], [v for _, v in points], lw=0.5, alpha=0.4, color="tab:blue")
+        points = series.get(f"router/{name}", [])
+        ax.plot([s for s, _ in points], [v for _, v in points], color="black", marker="o", ms=2, label="average")
+        if threshold is not None:
+            ax.axhline(thresholds[threshold], color="tab:red", ls=":", lw=1, label=threshold.replace("_", " "))
+            ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
+    axes[-1].set_xlabel("step")
+    save_png(fig, path)

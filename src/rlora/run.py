@@ -5,7 +5,11 @@
     RUN_DIR/checkpoints/          Trainer checkpoints (checkpoint-<step>), each marked complete once fully written
     RUN_DIR/adapter/              the final adapter (PEFT format); the run is finished once it exists
     RUN_DIR/adapter_init/         the adapter as initialised (step 0), for the head-similarity analysis
-    RUN_DIR/train_log.jsonl       the Trainer's log history, one record a line
+    RUN_DIR/train_log.jsonl       the Trainer's log history, one record a line, appended while training
+                                  (loss, validation scores, router telemetry: `watch.py`, `telemetry.py`)
+    RUN_DIR/tracking/             what the trackers of training.report_to write locally (TensorBoard, MLflow, ...)
+    RUN_DIR/watch.json            what watching the run decided: the checkpoint kept (training.keep_best), a stop
+    RUN_DIR/curves/               the training curves drawn from train_log.jsonl (`rlora curves`)
     RUN_DIR/train_metrics.json    final training metrics
     RUN_DIR/eval.json, eval.md    per-task accuracy and held-out loss of the adapter (`rlora eval`)
     RUN_DIR/eval_base.json, .md   the same for the base model alone (`rlora eval --base`, `rlora demo`)
@@ -72,6 +76,9 @@ class RunFolder:
         self.adapter_init = root / "adapter_init"
         self.train_log = root / "train_log.jsonl"
         self.train_metrics = root / "train_metrics.json"
+        self.tracking = root / "tracking"
+        self.watch = root / "watch.json"
+        self.curves = root / "curves"
         self.analysis = root / "analysis"
         self.demo_table = root / "demo.md"
         self.lock = root / ".rlora-lock"
@@ -114,15 +121,15 @@ class RunFolder:
     def saved_nothing(self) -> bool:
         """The run started but saved no progress and no result (it stopped before its first checkpoint, e.g. a
         check that failed once the model was loaded): it holds only what a start writes."""
-        start = {self.config, self.manifest, self.adapter_init, self.checkpoints}
+        start = {self.config, self.manifest, self.adapter_init, self.checkpoints, self.train_log, self.tracking}
         others = [p for p in self.root.iterdir() if not p.name.startswith(".") and p not in start]
         return not others and not self.complete_checkpoints()
 
     def clear_start(self) -> None:
         """Removes what a start that saved nothing wrote (`saved_nothing`), before a start with another config."""
-        for path in (self.adapter_init, self.checkpoints):
+        for path in (self.adapter_init, self.checkpoints, self.tracking):
             shutil.rmtree(path, ignore_errors=True)
-        for path in (self.config, self.manifest):
+        for path in (self.config, self.manifest, self.train_log):
             path.unlink(missing_ok=True)
 
     def check_start(self, cfg: RunConfig, resume: bool, is_main: bool = True) -> None:
@@ -180,6 +187,42 @@ class RunFolder:
         publish_dir(self.adapter_staging, self.adapter)
         atomic_write_text(self.train_log, "".join(json.dumps(record) + "\n" for record in log_history))
         atomic_write_json(self.train_metrics, metrics)
+
+    def read_train_log(self) -> list[dict]:
+        """The records of train_log.jsonl, written as training goes: a last line cut by a kill is left out (with a
+        warning); any other line that is not a JSON object is a RunFolderError naming the file and the line."""
+        try:
+            lines = self.train_log.read_text(encoding="utf-8").split("\n")
+        except FileNotFoundError:
+            raise RunFolderError(f"{self.root}: no train_log.jsonl (the run has not logged a step yet)") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise RunFolderError(f"{self.train_log}: not readable ({error})") from None
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif number == len(lines):  # no newline after it: the line a kill cut
+                logger.warning(
+                    "%s: line %d is cut (the run was stopped while writing it); left out", self.train_log, number
+                )
+            else:
+                raise RunFolderError(f"{self.train_log}: line {number}: expected a JSON object (one log record)")
+        return records
+
+    def record_watch(self, key: str, record: dict) -> None:
+        """Adds `record` under `key` to RUN_DIR/watch.json (what watching the run decided: `watch.py`, `telemetry.py`);
+        a damaged file is replaced."""
+        data = {}
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(self.watch.read_text(encoding="utf-8"))
+            data = loaded if isinstance(loaded, dict) else {}
+        atomic_write_json(self.watch, data | {key: record})
 
     def check_free(self) -> None:
         """Refuses a folder that another process is writing (`writer`), naming it."""
@@ -359,7 +402,8 @@ class Run:
 
     @functools.cached_property
     def plan(self) -> DataPlan:
-        return plan_data(self.cfg.data, self.cfg.seed, self.cache_dir)
+        # the validation split is carved as training carved it (training.eval_steps): the same training mixture
+        return plan_data(self.cfg.data, self.cfg.seed, self.cache_dir, self.cfg.training.eval_steps is not None)
 
     @functools.cached_property
     def _base(self) -> tuple[Any, Any]:

@@ -36,6 +36,12 @@ from .methods import METHODS
 from .models import DEFAULT_MODEL, BaseLoading, check_loading, has_cpp_compiler, model_problem
 from .tuner.config import FIELD_RULES, field_default, field_help
 
+TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")  # `training.report_to`: the Trainer's integrations offered
+
+
+def _trackers_valid(value: list[str]) -> bool:
+    return value == ["none"] or all(name in TRACKERS for name in value)
+
 
 def _targets_valid(value: Any) -> bool:
     names = [] if value is None else [value] if isinstance(value, str) else value
@@ -121,6 +127,49 @@ class TrainingSettings:
     )
     gradient_checkpointing_reentrant: bool = _key(False, "torch's older reentrant checkpoint instead of the default")
     torch_compile: bool = _key(False, "compile the model with torch.compile (on a CPU it needs a C++ compiler)")
+    report_to: list[str] = _key(
+        None,
+        f"trackers the Trainer reports to, from {', '.join(TRACKERS)} ([] or [none]: none); offline or local by "
+        "default, under RUN_DIR/tracking/ (docs/training-watch.md); train_log.jsonl is written whatever they are",
+        (_trackers_valid, f"a list of {', '.join(TRACKERS)}, or [none]"),
+        factory=list,
+    )
+    router_telemetry_steps: int | None = _key(
+        None,
+        "measure the routers' health (gate entropy, largest head's share, tasks' divergence, head cosine, status) on a "
+        "probe of each task's validation examples every this many steps (null: every logging_steps; 0: never)",
+        _at_least(0, True),
+    )
+    router_probe_examples: int = _key(
+        1,
+        "validation examples per task in the router telemetry's probe (each one a forward pass: 1 keeps the demo's "
+        "telemetry under 3% of its training time; more give a steadier tasks' divergence)",
+        POSITIVE,
+    )
+    router_warn_intervals: int = _key(
+        3, "warn when the router is inert or collapsed for this many telemetry intervals in a row", POSITIVE
+    )
+    router_stop: bool = _key(False, "stop training when that warning is given (the adapter so far is the run's)")
+    eval_steps: int | None = _key(
+        None,
+        "score each task's validation split every this many steps (null: never); the validation split is carved from "
+        "the training examples (data.validation_fraction), the test split is never read",
+        _at_least(1, True),
+    )
+    eval_examples: int | None = _key(
+        None,
+        "with eval_steps: the first this many validation examples of each task are scored (null: all of them, up to "
+        "data.max_eval_per_task); each costs about 1/20 of a training step of the demo",
+        _at_least(1, True),
+    )
+    eval_accuracy: bool = _key(
+        False, "with eval_steps: each multiple-choice task's accuracy too (every choice scored: a few times the cost)"
+    )
+    keep_best: bool = _key(
+        False,
+        "with eval_steps: the run's adapter is the checkpoint of lowest mean validation loss (save_steps a multiple of "
+        "eval_steps), recorded in RUN_DIR/watch.json",
+    )
 
 
 @dataclass
@@ -321,6 +370,7 @@ def validate_run_config(cfg: RunConfig, source: str) -> RunConfig:
     if cfg.training.deepspeed is not None and cfg.training.fsdp:
         raise ConfigError(f"{source}: training.fsdp: not together with training.deepspeed; give one of them")
     _check_engines(cfg, source)
+    _check_watch(cfg.training, source)
     if cfg.training.deepspeed is not None:
         _check_deepspeed(Path(cfg.training.deepspeed).expanduser(), f"{source}: training.deepspeed")
     _check_output_dir(cfg.output_dir, f"{source}: output_dir")
@@ -373,6 +423,26 @@ def _check_engines(cfg: RunConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: training.torch_compile: on a CPU torch.compile builds C++ code and no C++ compiler (c++, g++, "
             "clang++) is on PATH; install one or set training.torch_compile: false"
+        )
+
+
+def _check_watch(t: TrainingSettings, source: str) -> None:
+    """The settings of what is measured during training, together."""
+    if len(set(t.report_to)) < len(t.report_to):
+        raise ConfigError(f"{source}: training.report_to: a tracker is named twice in {t.report_to}")
+    for name in ("eval_examples", "eval_accuracy", "keep_best"):
+        if getattr(t, name) and t.eval_steps is None:
+            raise ConfigError(f"{source}: training.{name}: only with training.eval_steps (the validation scoring)")
+    if t.keep_best and t.save_steps % t.eval_steps:
+        raise ConfigError(
+            f"{source}: training.keep_best: save_steps ({t.save_steps}) must be a multiple of eval_steps "
+            f"({t.eval_steps}), so that each scored step's checkpoint can be kept"
+        )
+    if t.eval_steps is not None and (t.deepspeed is not None or t.fsdp):
+        engine = "training.deepspeed" if t.deepspeed is not None else "training.fsdp"
+        raise ConfigError(
+            f"{source}: training.eval_steps: not with {engine} (the scoring runs the whole model on each process); "
+            "score the checkpoints after training with `rlora eval`"
         )
 
 

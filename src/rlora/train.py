@@ -47,6 +47,7 @@ from .run import (
     complete_checkpoints,
 )
 from .runconfig import RunConfig, validate_run_config
+from .watch import ValidationScores, tracking, trainer_arguments, watch
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,10 @@ class _MarkComplete(TrainerCallback):
             if folder.is_dir():
                 atomic_write_text(folder / DATA_FINGERPRINT_FILE, self.data_fingerprint + "\n")
                 mark_complete(folder, f"{state.global_step}\n")
+            best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
             for old in complete_checkpoints(Path(args.output_dir))[: -self.keep]:
+                if old.name == best:  # training.keep_best: kept, as the Trainer's own rotation keeps it
+                    continue
                 unmark_complete(old)  # first: a kill during the removal leaves an incomplete one, never trusted
                 shutil.rmtree(old, ignore_errors=True)
         return control
@@ -163,7 +167,7 @@ class HeadOnlyLossTrainer(Trainer):
         return loss if aux is None else loss + aux.to(loss.device)
 
 
-class _FiniteLossTrainer(HeadOnlyLossTrainer):
+class _FiniteLossTrainer(ValidationScores, HeadOnlyLossTrainer):
     """Stops at the first NaN or infinite loss, naming the step; the last good checkpoint stays on disk.
 
     With `router_lr_scale` != 1 the routers' weights train at that multiple of the learning rate (their own
@@ -366,7 +370,6 @@ def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
         data_seed=cfg.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False,
-        report_to=[],
         dataloader_num_workers=t.dataloader_workers,
         dataloader_pin_memory=_accelerator() is not None,  # pinned pages only help a copy to an accelerator
         ddp_find_unused_parameters=False,
@@ -378,6 +381,7 @@ def training_arguments(cfg: RunConfig, folder: RunFolder) -> TrainingArguments:
         torch_compile=t.torch_compile,
         use_cpu=_multi_process_without_gpu() or (flags["bf16"] and _accelerator() is None),
         **flags,
+        **trainer_arguments(cfg, folder),  # trackers, validation scoring, best checkpoint: watch.py
     )
 
 
@@ -394,12 +398,18 @@ def train(
     _zero3_ready(args)
     folder.check_start(cfg, resume, is_main)
 
-    plan = plan_data(cfg.data, cfg.seed, cache_dir)  # validates tasks and files, before any model is loaded
+    # validates tasks and files, before any model is loaded; training.eval_steps scores a validation split
+    plan = plan_data(cfg.data, cfg.seed, cache_dir, validation=cfg.training.eval_steps is not None)
     logger.info("training mixture:\n%s", plan.counts_table())
     tokenizer = models.load_tokenizer(cfg.model, cache_dir, chat_template=cfg.data.chat_template)
     train_dataset = plan.train_dataset(tokenizer)  # every example fits data.max_length
 
-    with folder.writer() if is_main else contextlib.nullcontext(), _full_disk(folder), _no_start_left(folder, is_main):
+    with (
+        folder.writer() if is_main else contextlib.nullcontext(),
+        _full_disk(folder),
+        _no_start_left(folder, is_main),
+        tracking(cfg, folder),
+    ):
         last = folder.begin(cfg, resume, is_main)
         fingerprint = plan.fingerprint()
         if last is not None:
@@ -419,7 +429,9 @@ def train(
             processing_class=tokenizer,
             callbacks=[_MarkComplete(keep=cfg.training.save_total_limit, data_fingerprint=fingerprint)],
             router_lr_scale=cfg.training.router_lr_scale,
+            eval_dataset=plan.validation if cfg.training.eval_steps is not None else None,
         )
+        watch(trainer, cfg, plan, folder)  # the log as it goes, trackers' parameters, validation, router telemetry
         result = _fit(trainer, last)
 
         trainer.save_model(str(folder.adapter_staging))  # on every process: gathers ZeRO-3/FSDP shards; main writes

@@ -72,6 +72,9 @@ class DataPlan:
     counts: dict[str, int]  # per task: examples in the training mixture
     # the shuffled mixture, two arrays: each entry's task (an index into `tasks`) and example (an index into the task)
     mixture: tuple[np.ndarray, np.ndarray]
+    # per task, the validation examples scored during training (`training.eval_steps`) and probed by the router
+    # telemetry; None when the run carves no validation split (data.holdout test and no eval_steps)
+    validation: dict[str, list[Example]] | None = None
 
     @property
     def train(self) -> MixtureView:
@@ -106,6 +109,8 @@ class DataPlan:
         mixture = {"strategy": d.mixture, "temperature": d.temperature, "max_train_per_task": d.max_train_per_task}
         evaluated = f"{d.holdout}_evaluated"
         used = {t: {"train_used": self.counts[t], evaluated: len(self.test[t])} for t in self.sizes}
+        if self.validation is not None and d.holdout == "test":  # scored during training (training.eval_steps)
+            used = {t: used[t] | {"validation_scored": len(self.validation[t])} for t in used}
         return {
             "split": split | {"test_fraction": d.test_fraction} | self._holdout(),
             "format": d.format,
@@ -116,9 +121,9 @@ class DataPlan:
 
     def _holdout(self) -> dict:
         d = self.data
-        if d.holdout == "test":
-            return {"holdout": "test"}
-        return {"holdout": "validation", "validation_fraction": d.validation_fraction}
+        if self.validation is None:
+            return {"holdout": d.holdout}
+        return {"holdout": d.holdout, "validation_fraction": d.validation_fraction}
 
     def train_dataset(self, tokenizer) -> TrainingSet:
         return TrainingSet(self, tokenizer)
@@ -184,40 +189,43 @@ def load_tasks(data: DataSettings, cache_dir: str | None = None) -> dict[str, Ta
     return tasks
 
 
-def plan_data(data: DataSettings, seed: int, cache_dir: str | None = None) -> DataPlan:
-    """The run's data from its `data` settings and its seed (the run config's `data` and `seed`)."""
+def plan_data(data: DataSettings, seed: int, cache_dir: str | None = None, validation: bool = False) -> DataPlan:
+    """The run's data from its `data` settings and its seed (the run config's `data` and `seed`); with `validation`
+    (the run config's `training.eval_steps` is set) a validation split is carved even with `data.holdout` test."""
     d = data
     tasks = load_tasks(data, cache_dir)
+    carved = validation or d.holdout == "validation"  # a validation split, also scored during training
     validation = d.holdout == "validation"
     splits, sizes = {}, {}
     for name, task in tasks.items():
-        fractions = (d.test_fraction, d.validation_fraction if validation else 0.0)
+        fractions = (d.test_fraction, d.validation_fraction if carved else 0.0)
         train, held_val, held_test = split_positions(task.split_keys(), *fractions)
         held = held_val if validation else held_test  # with validation, no test example is evaluated or trained on
-        splits[name] = (train, held)
+        splits[name] = (train, held, held_val)
         sizes[name] = {"total": len(task), "train": len(train), "test": len(held_test)}
-        if validation:
+        if carved:
             sizes[name]["validation"] = len(held_val)
-    for task, (train, held) in splits.items():
-        if not len(train) or not len(held):
-            side = "training" if not len(train) else d.holdout
+    for task, (train, held, held_val) in splits.items():
+        if not len(train) or not len(held) or (carved and not len(held_val)):
+            side = "training" if not len(train) else d.holdout if not len(held) else "validation"
             fractions = f"test_fraction={d.test_fraction}" + (
-                f", validation_fraction={d.validation_fraction}" if validation else ""
+                f", validation_fraction={d.validation_fraction}" if carved else ""
             )
             raise DataError(
                 f"task {task!r}: its {sizes[task]['total']} examples leave the {side} split empty "
                 f"({fractions}); give it more examples"
             )
-    train_sizes = {t: len(tr) for t, (tr, _) in splits.items()}
+    train_sizes = {t: len(tr) for t, (tr, _, _) in splits.items()}
     counts = mixture_counts(train_sizes, d.mixture, d.temperature, d.max_train_per_task, d.total_train)
     task_of, position = mixture_positions(train_sizes, counts, seed=seed)
-    for t, (train, _) in enumerate(splits.values()):  # a position in the training split -> an index into the task
+    for t, (train, _, _) in enumerate(splits.values()):  # a position in the training split -> an index into the task
         chosen = task_of == t
         position[chosen] = train[position[chosen]]
     if len(tasks) < 2**15:
         task_of = task_of.astype(np.int16)  # every array here is kept for the whole run: millions of entries
-    test = {t: _cap(tasks[t], held, d.max_eval_per_task) for t, (_, held) in splits.items()}
-    return DataPlan(data, seed, tasks, test, sizes, counts, (task_of, position))
+    test = {t: _cap(tasks[t], held, d.max_eval_per_task) for t, (_, held, _) in splits.items()}
+    scored = {t: _cap(tasks[t], v, d.max_eval_per_task) for t, (_, _, v) in splits.items()} if carved else None
+    return DataPlan(data, seed, tasks, test, sizes, counts, (task_of, position), scored)
 
 
 def _cap(task: TaskData, positions: np.ndarray, limit: int | None) -> list[Example]:

@@ -51,7 +51,9 @@ class DataSettings:
         one_of(HOLDOUTS),
     )
     validation_fraction: float = key(
-        DEFAULT_VALIDATION_FRACTION, "with holdout validation: the share of the training examples held out", UNIT_OPEN
+        DEFAULT_VALIDATION_FRACTION,
+        "with holdout validation or training.eval_steps: the share of the training examples held out for validation",
+        UNIT_OPEN,
     )
     max_length: int = key(384, "tokens per sequence; a longer prompt loses its start, never its answer", POSITIVE)
     chat_template: bool = key(False, "wrap prompts in the model's chat template")
