@@ -18,7 +18,7 @@ import pytest
 from _tiny import TINY_CHAT_TEMPLATE, perturb_adapter, untrained_runs, write_config
 
 from rlora.commands.generate import Sampling, generate_run
-from rlora.commands.serve import load_served
+from rlora.serving.runs import load_served
 from rlora.errors import ConfigError
 
 RUNS = ("alpha", "beta")
