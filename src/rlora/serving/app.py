@@ -224,19 +224,25 @@ def make_job(served: Served, body, ids: list[int], emit, timeout: float) -> Job:
 
 
 async def collect(request, job: Job, events: asyncio.Queue) -> tuple[list[Delta], Done] | None:
-    """Every event of the job until its `Done`; None (and the job cancelled) if the client disconnects first."""
+    """Every event of the job until its `Done`; None (and the job cancelled) if the client disconnects first (checked
+    every DISCONNECT_POLL seconds, however often events arrive)."""
     deltas: list[Delta] = []
+    loop = asyncio.get_running_loop()
+    check = loop.time() + DISCONNECT_POLL
     while True:
         try:
-            event = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
+            event = await asyncio.wait_for(events.get(), max(0.0, check - loop.time()))
         except TimeoutError:
+            event = None
+        if isinstance(event, Done):
+            return deltas, event
+        if event is not None:
+            deltas.append(event)
+        if loop.time() >= check:
             if await request.is_disconnected():
                 job.cancel()
                 return None
-            continue
-        if isinstance(event, Done):
-            return deltas, event
-        deltas.append(event)
+            check = loop.time() + DISCONNECT_POLL
 
 
 async def stream(shape, job: Job, events: asyncio.Queue) -> AsyncIterator[str]:

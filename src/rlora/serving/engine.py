@@ -119,6 +119,8 @@ class Engine:
         self.mask: torch.Tensor | None = None  # (rows, columns) 1 where the cache holds a real token
         self.last: torch.Tensor | None = None  # (rows, 1) the token each row feeds next
         self.stopping = False
+        self.steps = 0  # decoding steps run, and jobs dropped unstarted (their client left): for /health
+        self.dropped = 0
         self.thread = threading.Thread(target=self._loop, name="rlora-generation", daemon=True)
 
     # ---- front end side --------------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ class Engine:
             self.wake.notify()
 
     def load(self) -> dict[str, int]:
-        return {"queued": len(self.queue), "running": len(self.rows)}
+        return {"queued": len(self.queue), "running": len(self.rows), "steps": self.steps, "dropped": self.dropped}
 
     # ---- worker side -----------------------------------------------------------------------------------------------
 
@@ -173,6 +175,7 @@ class Engine:
         while self.queue and len(self.rows) + len(joining) < self.max_batch:
             job = self.queue.popleft()
             if job.cancelled:
+                self.dropped += 1
                 continue
             if now > job.deadline:
                 job.emit(Done(None, len(job.ids), 0, 504, "the request timed out in the queue"))
@@ -233,6 +236,7 @@ class Engine:
         """One decoding step of every row, then the rows that ended leave."""
         self.mask = F.pad(self.mask, (0, 1), value=1)
         logits = self._forward(self.last, self.mask, self.cache, [row.job.adapter for row in self.rows])
+        self.steps += 1
         self._advance(self.rows, logits, offset=0)
 
     def _advance(self, rows: list[Row], logits: torch.Tensor, offset: int) -> None:
@@ -262,23 +266,9 @@ class Engine:
         self.rows, self.cache, self.mask, self.last = [], None, None, None
 
     def _pick(self, row: Row, logits: torch.Tensor) -> int:
-        """The row's next token from its logits (vocab,): greedy at temperature 0, else drawn after temperature, top-k
-        and top-p, with the row's generator. Its log-probability (and the top alternatives') is the model's own
-        distribution, before temperature and truncation."""
+        """The row's next token (`choose`), recorded with its log-probabilities when the job asks for them."""
         job = row.job
-        if job.temperature == 0:
-            token = int(logits.argmax())
-        else:
-            scores = logits / job.temperature
-            if job.top_k is not None and job.top_k < scores.shape[-1]:
-                kth = scores.topk(job.top_k).values[-1]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            probs = scores.softmax(-1)
-            if job.top_p < 1:
-                sorted_probs, order = probs.sort(descending=True)
-                outside = sorted_probs.cumsum(-1) - sorted_probs >= job.top_p  # the nucleus keeps the top token
-                probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
-            token = int(torch.multinomial(probs, 1, generator=row.generator))
+        token = choose(job, row.generator, logits)
         row.new.append(token)
         if token not in self.eos:
             row.pending.append(token)
@@ -320,6 +310,24 @@ class Engine:
         row.done = True
         generated = len(row.new) - (1 if row.new and row.new[-1] in self.eos else 0)
         row.job.emit(Done(reason, len(row.job.ids), generated, status, message))
+
+
+def choose(job: Job, generator: torch.Generator | None, logits: torch.Tensor) -> int:
+    """The next token from `logits` (vocab,): greedy at temperature 0, else drawn with `generator` after the job's
+    temperature, its top-k (only when it asks: none by default, unlike transformers' generation config) and top-p.
+    Log-probabilities reported (`_logprob_entry`) are the model's own distribution, before these."""
+    if job.temperature == 0:
+        return int(logits.argmax())
+    scores = logits / job.temperature
+    if job.top_k is not None and job.top_k < scores.shape[-1]:
+        kth = scores.topk(job.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = scores.softmax(-1)
+    if job.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= job.top_p  # the nucleus keeps the top token
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _logprob_entry(logits: torch.Tensor, token: int, top: int) -> dict:
