@@ -93,6 +93,7 @@ class RLoraLayer(BaseTunerLayer):
         self.rlora_offset_A = BufferDict({}, persistent=True)  # (r, d_in), frozen A^0
         self.rlora_offset_B = BufferDict({}, persistent=True)  # (d_out, r), frozen s * mean_k(B_k^0)
         self._disable_adapters = False
+        self._inference_weights: dict[tuple, tuple] = {}  # `_fused`'s weights between decoding steps
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
         base = self.get_base_layer()
@@ -163,10 +164,13 @@ class RLoraLayer(BaseTunerLayer):
         # One matmul for everything that reads the undropped x: A (unless dropped), the offset's A^0 and, when the
         # gates' float32 (float64) is x's dtype, the router. The weights are concatenated, (2r + K) x d_in at most.
         readers = [] if dropped else [A]
-        readers += [self.rlora_offset_A[adapter_name].to(A.dtype)] if offset else []
+        readers += [self.rlora_offset_A[adapter_name]] if offset else []
         fused_router = gate_dtype == x.dtype
-        readers += [self.rlora_router[adapter_name].to(A.dtype)] if fused_router else []
-        parts = F.linear(x, torch.cat(readers) if len(readers) > 1 else readers[0])  # (..., r + r + K) at most
+        readers += [self.rlora_router[adapter_name]] if fused_router else []
+        read = self._fused(
+            ("read", adapter_name, A.dtype, dropped), readers, lambda: torch.cat([w.to(A.dtype) for w in readers])
+        )
+        parts = F.linear(x, read)  # (..., r + r + K) at most
         parts = list(parts.split([w.shape[0] for w in readers], dim=-1))
         z = F.linear(F.dropout(x, p, self.training), A) if dropped else parts.pop(0)  # (..., r)
         z0 = parts.pop(0) if offset else None  # (..., r): A^0 x
@@ -181,13 +185,26 @@ class RLoraLayer(BaseTunerLayer):
         u = (zk * gates.unsqueeze(-1)).flatten(-2)  # (..., K*r)
         if offset:  # the offset is one more "head" with input A^0 x and weight -s*mean_k(B_k^0): same matmul
             u = torch.cat([u, z0], dim=-1)  # (..., (K+1)*r)
-            B = torch.cat([B, -self.rlora_offset_B[adapter_name].to(A.dtype)], dim=1)  # (d_out, (K+1)*r)
+            offset_B = self.rlora_offset_B[adapter_name]
+            B = self._fused(("B", adapter_name), [B, offset_B], lambda: torch.cat([B, -offset_B.to(B.dtype)], dim=1))
         if result is None:
             return F.linear(u, B)  # (..., d_out)
         if result.dtype != u.dtype:
             return result + F.linear(u, B).to(result.dtype)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), B.t())
         return out.view(result.shape)
+
+    def _fused(self, key: tuple, sources: list[torch.Tensor], build) -> torch.Tensor:
+        """`build()`, a weight concatenated from `sources`; while autograd is off (generation), kept from one call to
+        the next as long as no source changed (its storage and in-place version counter are the key), so that a
+        decoding step does not copy the adapter's weights again in every layer."""
+        if torch.is_grad_enabled():
+            return build()
+        stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+        kept = self._inference_weights.get(key)
+        if kept is None or kept[0] != stamp:
+            kept = self._inference_weights[key] = (stamp, build())
+        return kept[1]
 
 
 class RLoraLinear(nn.Module, RLoraLayer):
@@ -215,7 +232,10 @@ class RLoraLinear(nn.Module, RLoraLayer):
         rows of one adapter go through `delta` together. PEFT passes `adapter_names` here (`RLoraModel`'s hook)."""
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names: {len(adapter_names)} names for a batch of {x.shape[0]} rows")
-        for name in dict.fromkeys(adapter_names):  # unique, in order of first use
+        names = dict.fromkeys(adapter_names)  # unique, in order of first use
+        if len(names) == 1:  # every row the same adapter: no rows to gather and scatter back
+            return self.delta(x, adapter_names[0], result) if adapter_names[0] in self.rlora_A else result
+        for name in names:
             if name not in self.rlora_A:  # "__base__", or an adapter that does not adapt this layer
                 continue
             rows = [i for i, n in enumerate(adapter_names) if n == name]
