@@ -118,3 +118,12 @@ def test_quantized_benchmark_has_every_base_method_and_checkpointing_with_ratios
     assert [row[:3] for row in body] == expected
     assert all(row[4] == "1.00" and row[6] == "1.00" for row in body if row[0] == "float32" and row[2] == "off")
     assert all(float(row[6]) < 1 for row in body if row[0] != "float32")  # quantized weights take less memory
+
+
+def test_decode_benchmark_compares_r_lora_with_the_base_and_peft_lora_at_batch_1_and_8():
+    import bench_decode
+
+    rows = table_rows(bench_decode.main(["--quick"]))
+    header, body = rows[0], rows[1:]
+    assert header[: 1 + len(bench_decode.VARIANTS)] == ["batch", *bench_decode.VARIANTS]
+    assert [row[0] for row in body] == ["1", "8"] and all(len(row) == len(header) for row in body)

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .engine import Delta, Done, Engine, Job, QueueFull
 from .protocol import ChatRequest, CompletionRequest, GenerationRequest, Limits, RequestError, parse_request
@@ -64,6 +65,8 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, tracked)
+        except ClientDisconnect:  # the client left while its body was read: nobody to answer
+            return
         except Exception as error:
             logger.error("request %s failed", scope.get("path"), exc_info=error)
             if scope["type"] == "http" and not started:
