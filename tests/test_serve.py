@@ -357,6 +357,8 @@ def test_top_k_is_added_only_when_asked():
         ({"model": "alpha", "prompt": "hi", "temperature": "1"}, 400, "temperature: Input should be a valid number"),
         ({"model": "alpha", "prompt": "hi", "stop": ["a", 1]}, 400, "stop: Input should be a valid string"),
         ({"model": "alpha", "prompt": "hi", "n": 2}, 400, "n: not supported by this server"),
+        ({"model": "alpha", "prompt": "hi", "stop": list("abcde")}, 400, "stop: "),
+        ({"model": "alpha", "prompt": "hi", "seed": 2**64}, 400, "seed: Input should be less than 1844674407"),
         ({"model": "alpha", "prompt": "hi", "best_of": 2}, 400, "best_of: not supported by this server"),
         ({"model": "alpha", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty: not supported"),
         ({"model": "alpha", "prompt": "hi", "frequency_penalty": 1}, 400, "frequency_penalty: not supported"),

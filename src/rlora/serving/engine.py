@@ -33,6 +33,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy (as vLLM does): dividing by it would overflow the logits
 
 
 class QueueFull(Exception):
@@ -92,7 +93,7 @@ class Row:
         self.pending_logprobs: list[dict] = []
         self.done = False
         self.generator = None
-        if job.temperature > 0:
+        if job.temperature >= GREEDY_BELOW:
             self.generator = torch.Generator(device=device)
             if job.seed is None:
                 self.generator.seed()
@@ -313,10 +314,11 @@ class Engine:
 
 
 def choose(job: Job, generator: torch.Generator | None, logits: torch.Tensor) -> int:
-    """The next token from `logits` (vocab,): greedy at temperature 0, else drawn with `generator` after the job's
-    temperature, its top-k (only when it asks: none by default, unlike transformers' generation config) and top-p.
-    Log-probabilities reported (`_logprob_entry`) are the model's own distribution, before these."""
-    if job.temperature == 0:
+    """The next token from `logits` (vocab,): greedy at temperature 0 (below GREEDY_BELOW), else drawn with
+    `generator` after the job's temperature, its top-k (only when it asks: none by default, unlike transformers'
+    generation config) and top-p. Log-probabilities reported (`_logprob_entry`) are the model's own distribution,
+    before these."""
+    if job.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     scores = logits / job.temperature
     if job.top_k is not None and job.top_k < scores.shape[-1]:

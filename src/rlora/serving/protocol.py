@@ -65,7 +65,7 @@ UNSUPPORTED: dict[str, object] = {
 NO_OP = (None, {}, [])  # "not used" for the fields whose default is None
 NESTED = ("role", "content", "type", "text", "include_usage")  # field names inside a request's nested objects
 
-Stop = Annotated[str, Field(min_length=1)]
+Stop = Annotated[str, Field(min_length=1, max_length=100)]  # checked at every step: kept short, as few as OpenAI's 4
 
 
 class StreamOptions(BaseModel):
@@ -83,8 +83,8 @@ class GenerationRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)  # OpenAI's default; 0 is greedy
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=1)
-    seed: int | None = None
-    stop: Stop | list[Stop] | None = Field(default=None)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # OpenAI's end-user label: accepted, and used for nothing
