@@ -167,10 +167,9 @@ def run(args: argparse.Namespace) -> str:
         if args.transformers_serve:
             hf_port = free_port()
             path = resolve_model(model)
-            hf = start(
-                ["transformers", "serve", path, "--continuous-batching", "--port", str(hf_port)],
-                hf_port, args.threads, root / "hf.log",
-            )  # fmt: skip
+            cli = str(Path(sys.executable).with_name("transformers"))  # the venv's, beside this Python
+            command = [cli, "serve", path, "--continuous-batching", "--port", str(hf_port)]
+            hf = start(command, hf_port, args.threads, root / "hf.log")
             if hf is None:
                 others.append(f"`transformers serve` did not start: see {root / 'hf.log'}")
             else:
