@@ -563,6 +563,41 @@ def test_the_queue_bound_answers_503_and_queued_requests_whose_client_left_never
 # ---- the engine alone ----------------------------------------------------------------------------------------------
 
 
+def run_jobs(engine: Engine, jobs: list[tuple[str, list[int], int]]) -> list[list]:
+    """Every job's events, submitted at once to a started engine (waited for at most TIMEOUT seconds)."""
+    events: list[list] = [[] for _ in jobs]
+    for (adapter, ids, n), sink in zip(jobs, events, strict=True):
+        engine.submit(Job(adapter, ids, n, sink.append, temperature=0))
+    deadline = time.monotonic() + TIMEOUT
+    while not all(e and isinstance(e[-1], Done) for e in events) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return events
+
+
+def test_rows_that_join_and_leave_a_running_batch_get_the_text_they_get_alone(served):
+    """Six jobs of different lengths over both runs and the base, three rows at a time: rows leave as they finish
+    and queued ones join the running batch (its cache padded and extended). Each row's tokens are HF generate's for
+    that row alone (end-of-sequence ignored on both sides, so that every row runs its full length)."""
+    tokenizer, model = served.tokenizer, served.model
+    prompts = [tokenizer(p)["input_ids"] for p in (*PROMPTS, "no", "yes B C D the sky")]
+    jobs = [(["alpha", "beta", "__base__"][i % 3], prompts[i % 4], n) for i, n in enumerate((12, 5, 20, 9, 15, 7))]
+    engine = Engine(model, tokenizer, max_batch=3)
+    engine.eos = set()
+    engine.start()
+    try:
+        events = run_jobs(engine, jobs)
+    finally:
+        engine.stop()
+    for (adapter, ids, n), got in zip(jobs, events, strict=True):
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([ids]), adapter_names=[adapter], max_new_tokens=n, do_sample=False,
+                pad_token_id=0, eos_token_id=None,
+            )  # fmt: skip
+        assert [t for e in got[:-1] for t in e.tokens] == out[0, len(ids) :].tolist()
+        assert got[-1].reason == "length" and got[-1].completion_tokens == n
+
+
 def test_a_job_past_its_deadline_ends_with_a_timeout(served):
     engine = Engine(served.model, served.tokenizer, max_batch=2)
     ended: list[Delta | Done] = []

@@ -200,7 +200,7 @@ class Engine:
         logits = self._forward(ids, mask, cache, [job.adapter for job in jobs])
         rows = [Row(job, self.device) for job in jobs]
         self._merge(rows, cache, mask)
-        self._advance(rows, logits, offset=len(self.rows) - len(rows))
+        self._advance(rows, logits)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, adapters: list[str]) -> torch.Tensor:
         """Last-position logits (rows, vocab) in float32 of `ids` (rows, new columns) read after `cache`."""
@@ -238,13 +238,14 @@ class Engine:
         self.mask = F.pad(self.mask, (0, 1), value=1)
         logits = self._forward(self.last, self.mask, self.cache, [row.job.adapter for row in self.rows])
         self.steps += 1
-        self._advance(self.rows, logits, offset=0)
+        self._advance(self.rows, logits)
 
-    def _advance(self, rows: list[Row], logits: torch.Tensor, offset: int) -> None:
-        """Each row's next token from its logits; ended rows leave the batch."""
+    def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Each of `rows` (the batch, or the rows that just joined its end) gets its next token from its logits; ended
+        rows leave the batch."""
         tokens = [self._pick(row, logits[i]) for i, row in enumerate(rows)]
         last = torch.tensor(tokens, device=self.device).unsqueeze(-1)  # (rows, 1)
-        self.last = last if offset == 0 and len(rows) == len(self.rows) else torch.cat([self.last, last])
+        self.last = last if rows is self.rows else torch.cat([self.last, last])
         for row in rows:
             self._emit(row)
         keep = [i for i, row in enumerate(self.rows) if not self._ended(row)]
