@@ -153,9 +153,11 @@ CLAIMS = [
     ),
     Claim(
         "README.md",
-        "`rlora serve RUN_DIR ...` | an OpenAI-compatible server on 127.0.0.1",
+        "`rlora serve RUN_DIR ...` | an OpenAI-compatible server on 127.0.0.1, batching across runs",
         _t(
             "test_serve",
+            "test_concurrent_requests_for_both_runs_and_the_base_are_never_mixed",
+            "test_rows_that_join_and_leave_a_running_batch_get_the_text_they_get_alone",
             "test_completions_give_the_greedy_text_of_rlora_generate",
             "test_chat_completions_use_the_chat_template",
             "test_streaming_sends_the_same_text_in_pieces",
@@ -418,6 +420,15 @@ CLAIMS = [
             "test_mixed_batch",
             "test_a_mixed_batch_forward_equals_each_row_alone",
             "test_a_mixed_batch_generates_each_rows_own_greedy_text",
+        ),
+    ),
+    Claim(
+        "docs/generate.md",
+        "a client that leaves stops its row within a step",
+        _t(
+            "test_serve",
+            "test_a_dropped_stream_stops_its_row_within_a_few_steps",
+            "test_the_queue_bound_answers_503_and_queued_requests_whose_client_left_never_start",
         ),
     ),
     Claim(

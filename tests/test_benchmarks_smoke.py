@@ -158,3 +158,12 @@ def test_telemetry_benchmark_gives_telemetry_and_validation_as_ratios_of_the_tra
     assert header == ["measured", "median s", "/ training step", "interval (steps)", "added per step"]
     assert [row[0].split()[0] for row in body] == ["training", "router", "validation"]
     assert body[0][2] == "1.00" and body[1][3] == "1" and body[2][3] == "32"  # write_config logs every step
+
+
+def test_decode_benchmark_compares_r_lora_with_the_base_and_peft_lora_at_batch_1_and_8():
+    import bench_decode
+
+    rows = table_rows(bench_decode.main(["--quick"]))
+    header, body = rows[0], rows[1:]
+    assert header[: 1 + len(bench_decode.VARIANTS)] == ["batch", *bench_decode.VARIANTS]
+    assert [row[0] for row in body] == ["1", "8"] and all(len(row) == len(header) for row in body)

@@ -297,3 +297,22 @@ def test_with_dropout_a_reads_the_dropped_input_and_the_router_and_offset_the_un
     g_naive = torch.autograd.grad((naive * weights).sum(), [x2, A, B, Wr])
     for a, b in zip(g_fused, g_naive, strict=True):
         torch.testing.assert_close(a, b, **F64)
+
+
+@pytest.mark.numerics
+def test_weights_kept_between_decoding_steps_follow_every_change_of_the_adapter():
+    """Without autograd the layer keeps its concatenated weights from call to call; a weight changed in place (an
+    optimizer step, `load_state_dict`) or replaced must be seen by the next call. float64: both sides are the same
+    algebra in different orders, equal to F64's bound."""
+    layer = make_layer(head_init="random").eval()
+    leave_the_init(layer, seed=3)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), naive_forward(layer, x), **F64)  # kept from here on
+        layer.rlora_B["default"].mul_(2.0)
+        layer.rlora_offset_B["default"].add_(0.5)
+        torch.testing.assert_close(layer(x), naive_forward(layer, x), **F64)
+        layer.rlora_router["default"].data = torch.randn(3, 24, dtype=torch.float64)
+        layer.rlora_A["default"].add_(0.1)
+        torch.testing.assert_close(layer(x), naive_forward(layer, x), **F64)
+    assert len(layer._inference_weights) == 2  # one entry per kind of weight, replaced, not accumulated

@@ -351,9 +351,38 @@ def _add_serve(subparsers) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)"
     )
-    parser.add_argument("--port", type=positive_int, default=8000, help="(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s; 0: any free port)")
     parser.add_argument(
         "--max-model-len", type=positive_int, help="context limit in tokens (default: the model's position limit)"
+    )
+    parser.add_argument(
+        "--api-key",
+        help="require `Authorization: Bearer KEY` on /v1 (default: the RLORA_API_KEY environment variable, or none)",
+    )
+    parser.add_argument(
+        "--max-batch", type=positive_int, default=8, help="rows decoded together (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=64,
+        help="requests waiting for a row; past it a 503 with Retry-After (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=positive_int,
+        default=600,
+        help="seconds from a request's arrival to its last token (default: %(default)s)",
+    )
+    parser.add_argument("--max-body-bytes", type=positive_int, default=1_000_000, help="(default: %(default)s)")
+    parser.add_argument(
+        "--max-prompt-chars",
+        type=positive_int,
+        default=200_000,
+        help="characters of a prompt or of all messages together (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-messages", type=positive_int, default=256, help="messages in a chat request (default: %(default)s)"
     )
     _add_cache_dir(parser)
     parser.set_defaults(func=_command("serve"))

@@ -126,6 +126,7 @@ class RLoraLayer(BaseTunerLayer):
         self.routing_inputs: RoutingInputs | None = None  # set around a forward pass by RLoraModel.routing
         self.recorded_router_losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # (balance, z) per training forward
         self._disable_adapters = False
+        self._inference_weights: dict[tuple, tuple] = {}  # `_fused`'s weights between decoding steps
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
         base = self.get_base_layer()
@@ -212,15 +213,17 @@ class RLoraLayer(BaseTunerLayer):
         # One matmul for everything that reads the undropped x: A (unless dropped), the offset's A^0 and, when the
         # gates' float32 (float64) is x's dtype, the router. The weights are concatenated, (2r + K) x d_in at most.
         readers = [] if dropped else [A]
-        readers += [self.rlora_offset_A[adapter_name].to(A.dtype)] if offset else []
+        readers += [self.rlora_offset_A[adapter_name]] if offset else []
         router = self.rlora_router.get(adapter_name)  # None: routing by task alone
         fused_router = router is not None and gate_dtype == x.dtype
-        readers += [router.to(A.dtype)] if fused_router else []
+        readers += [router] if fused_router else []
         z = F.linear(F.dropout(x, p, self.training), A) if dropped else None  # (..., r or K*r)
         parts = []  # none when A reads a dropped x and nothing else reads x in x's dtype (a low-precision adapter)
         if readers:
-            parts = F.linear(x, torch.cat(readers) if len(readers) > 1 else readers[0])  # (..., r + r + K) at most
-            parts = list(parts.split([w.shape[0] for w in readers], dim=-1))
+            read = self._fused(
+                ("read", adapter_name, A.dtype, dropped), readers, lambda: torch.cat([w.to(A.dtype) for w in readers])
+            )
+            parts = list(F.linear(x, read).split([w.shape[0] for w in readers], dim=-1))  # (..., r + r + K) at most
             z = parts.pop(0) if z is None else z
         z0 = parts.pop(0) if offset else None  # (..., r): A^0 x
         if fused_router:
@@ -244,7 +247,8 @@ class RLoraLayer(BaseTunerLayer):
             u = (zk * gates.unsqueeze(-1)).flatten(-2)  # (..., K*r)
         if offset:  # the offset is one more "head" with input A^0 x and weight -s*mean_k(B_k^0): same matmul
             u = torch.cat([u, z0], dim=-1)  # (..., (K+1)*r)
-            B = torch.cat([B, -self.rlora_offset_B[adapter_name].to(A.dtype)], dim=1)  # (d_out, (K+1)*r)
+            offset_B = self.rlora_offset_B[adapter_name]
+            B = self._fused(("B", adapter_name), [B, offset_B], lambda: torch.cat([B, -offset_B.to(B.dtype)], dim=1))
         if result is None:
             return F.linear(u, B)  # (..., d_out)
         if result.dtype != u.dtype:
@@ -310,6 +314,18 @@ class RLoraLayer(BaseTunerLayer):
         z = torch.logsumexp(flat, dim=-1).pow(2).mean()
         self.recorded_router_losses.append((balance, z))
 
+    def _fused(self, key: tuple, sources: list[torch.Tensor], build) -> torch.Tensor:
+        """`build()`, a weight concatenated from `sources`; while autograd is off (generation), kept from one call to
+        the next as long as no source changed (its storage and in-place version counter are the key), so that a
+        decoding step does not copy the adapter's weights again in every layer."""
+        if torch.is_grad_enabled():
+            return build()
+        stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+        kept = self._inference_weights.get(key)
+        if kept is None or kept[0] != stamp:
+            kept = self._inference_weights[key] = (stamp, build())
+        return kept[1]
+
 
 class RLoraLinear(nn.Module, RLoraLayer):
     def __init__(
@@ -348,6 +364,15 @@ class RLoraLinear(nn.Module, RLoraLayer):
                 result[rows] = self.delta(x[rows], name, result[rows])
         finally:
             self.routing_inputs = inputs
+
+        names = dict.fromkeys(adapter_names)  # unique, in order of first use
+        if len(names) == 1:  # every row the same adapter: no rows to gather and scatter back
+            return self.delta(x, adapter_names[0], result) if adapter_names[0] in self.rlora_A else result
+        for name in names:
+            if name not in self.rlora_A:  # "__base__", or an adapter that does not adapt this layer
+                continue
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            result[rows] = self.delta(x[rows], name, result[rows])
         return result
 
     def merge(self, *args, **kwargs) -> None:  # PEFT's signature: (safe_merge, adapter_names)
