@@ -36,7 +36,7 @@ from ..tuner.convert import PEFT_PREFIX, lora_config, lora_tensors, merged_copy
 if TYPE_CHECKING:
     import torch
 
-    from ..run import LoadedRun
+    from ..run import Run
     from .export_deploy import DeployOptions
 
 GATES_FILE = "gates.json"  # also what marks a folder as an earlier export, which an export may replace
@@ -67,16 +67,15 @@ def export_run(
     with `merged` as a full model folder (safetensors, with the tokenizer); `per-task` writes one per task under
     `out`; `deploy` says what else each adapter folder gets (`export_deploy`), `as_scales` writes the heads as
     adapters with per-task scales instead (`export_heads`). Returns the folders written."""
-    from ..run import RunFolder, load_run
+    from ..run import Run
     from .export_deploy import Deployer, DeployOptions
 
     gates = parse_gates(gates)
     max_examples = max_examples or DEFAULT_MAX_EXAMPLES
-    folder = RunFolder(run_dir)
-    cfg = folder.read_config()
-    if cfg.method == "lora":
+    run = Run.open(run_dir, cache_dir)
+    if not run.multi_head:
         raise RunFolderError(
-            f"{folder.root}: a plain LoRA run's adapter is already a PEFT LoRA adapter ({folder.adapter}); "
+            f"{run.folder.root}: a plain LoRA run's adapter is already a PEFT LoRA adapter ({run.folder.adapter}); "
             "export is for multi-head runs"
         )
     deploy = deploy or DeployOptions()
@@ -84,8 +83,7 @@ def export_run(
     if merged and (as_scales or deploy.format != "peft"):
         raise ConfigError("--merged writes a full model; --as-scales and --format gguf write adapters: choose one")
     _check_out(Path(out), per_task=gates == "per-task" and not as_scales)
-    run = load_run(run_dir, cache_dir, multi_head=True)
-    run.model.eval()
+    run.load().model.eval()
     layers = adapted_modules(run.model)
     if gates == "uniform":
         plans = {None: uniform_gates(layers)}
@@ -138,7 +136,7 @@ def uniform_gates(layers: dict[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
-def task_gates(run: LoadedRun, task: str, max_examples: int) -> dict[str, torch.Tensor]:
+def task_gates(run: Run, task: str, max_examples: int) -> dict[str, torch.Tensor]:
     """The task's mean gates per layer over the real tokens of (up to `max_examples` of) its training examples."""
     import torch
 
@@ -229,7 +227,7 @@ def write_merged(model, tokenizer, gates: dict[str, torch.Tensor], out: Path) ->
         atomic_write_json(tmp / GATES_FILE, {name: g.tolist() for name, g in gates.items()})
 
 
-def _base_model_path(run: LoadedRun) -> str:
+def _base_model_path(run: Run) -> str:
     """The base model's portable name (never this machine's cache path): what adapter_config.json records."""
     from .. import models
 
@@ -268,6 +266,6 @@ def run(args: argparse.Namespace) -> int:
     what = "merged model" if args.merged else "per-head LoRA adapters" if args.as_scales else "PEFT LoRA adapter"
     for folder in written:
         print(f"{what} written to {folder}")
-    config, _ = read_adapter(RunFolder(args.run_dir).adapter)
+    config, _ = read_adapter(RunFolder(args.run_dir).adapter)  # the run's adapter, checked by the export above
     print(export_note(args.gates, getattr(config, "routing", "token")))
     return 0

@@ -19,7 +19,7 @@ from .export import GATES_FILE
 if TYPE_CHECKING:
     import torch
 
-    from ..run import LoadedRun
+    from ..run import Run
 
 FORMATS = ("peft", "gguf")
 
@@ -54,7 +54,7 @@ def base_config(model):
 class Deployer:
     """Adds gates.json (with `fidelity`), README.md and the GGUF adapter to each LoRA export of one run."""
 
-    def __init__(self, run: LoadedRun, layers: dict[str, Any], options: DeployOptions, gates_spec: str) -> None:
+    def __init__(self, run: Run, layers: dict[str, Any], options: DeployOptions, gates_spec: str) -> None:
         from ..models import portable_name
 
         options.check()

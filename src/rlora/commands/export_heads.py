@@ -30,7 +30,7 @@ from .export_deploy import Deployer, factors
 if TYPE_CHECKING:
     import torch
 
-    from ..run import LoadedRun
+    from ..run import Run
 
 OFFSET = "offset"
 
@@ -74,7 +74,7 @@ def scale_rows(plans: dict[str | None, dict[str, torch.Tensor]], spec: str) -> d
 
 
 def export_heads(
-    run: LoadedRun,
+    run: Run,
     layers: dict[str, Any],
     plans: dict[str | None, dict[str, torch.Tensor]],
     out: Path,

@@ -1,7 +1,6 @@
 """The served runs: one base model, loaded as the runs were trained on it (their config's `base` section:
 quantization, attention kernel, compute dtype), each run's adapter on it under the run's name, and the base model
-itself under its own id. Every call into the run-loading functions (`rlora.run`) is in `_load_base` and
-`_load_runs`."""
+itself under its own id. Each run is opened as every verb opens one (`rlora.run.Run`)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, RunFolderError
+from .. import models
+from ..adapters import load_adapter
+from ..errors import ConfigError
+from ..run import Run
 from .engine import BASE
 from .protocol import ChatRequest, CompletionRequest, RequestError
 
@@ -49,75 +51,55 @@ def load_served(
     """Loads the runs' common base model once and each run's adapter on it, checked. The runs' folder names are their
     model ids; runs on different bases (model or `base` section), of different PEFT types, or named alike are refused
     in one line before anything loads."""
-    folders, cfgs = _read_runs(run_dirs)
-    ids = [folder.root.resolve().name for folder in folders]
-    base = base_id(cfgs[0].model)
+    runs = _open_runs(run_dirs, cache_dir)
+    ids = [run.folder.root.resolve().name for run in runs]
+    base = base_id(runs[0].cfg.model)
     if base in ids:
         raise ConfigError(f"a run is named {base!r}, the id of the base model; rename the run folder")
-    model, tokenizer = _load_base(cfgs, cache_dir)
-    model = _load_runs(model, folders, cfgs, ids)
+    # the base and tokenizer as the runs' `base` section loads them; one run asking for the chat template is enough
+    loader = next((run for run in runs if run.cfg.data.chat_template), runs[0])
+    model, tokenizer = loader.base_model, loader.tokenizer
+    for run, model_id in zip(runs, ids, strict=True):
+        model = load_adapter(model, run.folder.adapter, adapter_name=model_id, peft_type=run.peft_type)
     model.eval()
-    limit = getattr(model.config, "max_position_embeddings", None) or 2048
-    if max_model_len is not None:
-        limit = min(limit, max_model_len)
-    chat = {model_id: cfg.data.chat_template for model_id, cfg in zip(ids, cfgs, strict=True)} | {base: False}
+    limit = models.context_length(model)
+    if limit is None and max_model_len is None:
+        raise ConfigError(f"model {runs[0].cfg.model!r}: its config gives no context length; pass --max-model-len")
+    limit = min(x for x in (limit, max_model_len) if x is not None)
+    chat = {model_id: run.cfg.data.chat_template for model_id, run in zip(ids, runs, strict=True)} | {base: False}
     return Served(model, tokenizer, chat, base, limit, int(time.time()))
 
 
-def _read_runs(run_dirs: Sequence[str | Path]) -> tuple[list, list]:
-    from ..methods import PEFT_TYPES
-    from ..run import RunFolder, check_adapter
-
+def _open_runs(run_dirs: Sequence[str | Path], cache_dir: str | None) -> list[Run]:
+    """Each run opened (`Run.open`: finished, its adapter its own), and refused in one line unless they can share one
+    server: distinct names, one base model loaded alike, one PEFT type."""
     if not run_dirs:
         raise ConfigError("no run: give one or more run folders")
-    folders = [RunFolder(d) for d in run_dirs]
-    ids = [folder.root.resolve().name for folder in folders]
+    ids = [Path(d).resolve().name for d in run_dirs]
     duplicate = next((i for i in ids if ids.count(i) > 1), None)
     if duplicate:
         raise ConfigError(f"two runs are named {duplicate!r}: every served run folder needs its own name")
-    cfgs = [folder.read_config() for folder in folders]
-    first, first_cfg = folders[0], cfgs[0]
-    for folder, cfg in zip(folders, cfgs, strict=True):
-        if not folder.is_finished():
-            raise RunFolderError(
-                f"{folder.root}: the run has no adapter yet; finish it with `rlora train ... --resume`"
-            )
-        check_adapter(folder.adapter, cfg)
+    runs = [Run.open(d, cache_dir) for d in run_dirs]
+    first = runs[0]
+    for run in runs[1:]:
+        root, cfg, first_cfg = run.folder.root, run.cfg, first.cfg
         if base_id(cfg.model) != base_id(first_cfg.model):
             raise ConfigError(
-                f"{folder.root}: base model {cfg.model!r}, but {first.root} has {first_cfg.model!r}; the runs "
+                f"{root}: base model {cfg.model!r}, but {first.folder.root} has {first_cfg.model!r}; the runs "
                 "served together share one base model"
             )
         if cfg.base != first_cfg.base:
             differ = next(k for k, v in dataclasses.asdict(cfg.base).items() if getattr(first_cfg.base, k) != v)
             raise ConfigError(
-                f"{folder.root}: base.{differ} is {getattr(cfg.base, differ)!r}, but {first.root} has "
+                f"{root}: base.{differ} is {getattr(cfg.base, differ)!r}, but {first.folder.root} has "
                 f"{getattr(first_cfg.base, differ)!r}; the runs served together load their base model alike"
             )
-        if PEFT_TYPES[cfg.method] != PEFT_TYPES[first_cfg.method]:
+        if run.peft_type != first.peft_type:
             raise ConfigError(
-                f"{folder.root}: a {cfg.method} run cannot be served with the {first_cfg.method} run {first.root} "
+                f"{root}: a {cfg.method} run cannot be served with the {first_cfg.method} run {first.folder.root} "
                 "(PEFT holds adapters of one type on a model); serve them separately"
             )
-    return folders, cfgs
-
-
-def _load_base(cfgs: list, cache_dir: str | None) -> tuple[Any, Any]:
-    """The base model and tokenizer as the runs' `base` section loads them (one run asking for the chat template is
-    enough: it is needed)."""
-    from ..run import load_base_model
-
-    with_template = next((cfg for cfg in cfgs if cfg.data.chat_template), cfgs[0])
-    return load_base_model(with_template, cache_dir)
-
-
-def _load_runs(model, folders: list, cfgs: list, ids: list[str]):
-    from ..adapters import load_adapter
-    from ..methods import PEFT_TYPES
-
-    for folder, cfg, model_id in zip(folders, cfgs, ids, strict=True):
-        model = load_adapter(model, folder.adapter, adapter_name=model_id, peft_type=PEFT_TYPES[cfg.method])
-    return model
+    return runs
 
 
 # ---- prompts to token ids ------------------------------------------------------------------------------------------
