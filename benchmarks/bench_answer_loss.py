@@ -4,7 +4,7 @@
 Each step is the Trainer's own `training_step` (forward, loss, backward) then AdamW's step, on one batch of rows made
 of a prompt of `--prompt` random tokens and an answer of 1 to `--answer` tokens, the loss on the answer only (as
 `rlora train` puts it on the reply), right-padded. Variants:
-- R-LoRA, head at the answers: `rlora.train.HeadOnlyLossTrainer` (what `rlora train` runs);
+- R-LoRA, head at the answers: `rlora.trainer.HeadOnlyLossTrainer` (what `rlora train` runs);
 - R-LoRA, full logits: the same model under `transformers.Trainer` (today's path before the change: the model
   computes batch x sequence x vocabulary logits and its own loss);
 - PEFT LoRA, full logits: `peft.LoraConfig` (rsLoRA, same r, alpha, dropout, targets) under `transformers.Trainer`.
@@ -37,7 +37,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from rlora import RLoraConfig
 from rlora.reports import markdown_table
-from rlora.train import HeadOnlyLossTrainer
+from rlora.trainer import HeadOnlyLossTrainer
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["R-LoRA, head at the answers", "R-LoRA, full logits", "PEFT LoRA, full logits"]

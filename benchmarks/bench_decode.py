@@ -22,6 +22,7 @@ from peft import LoraConfig, get_peft_model
 
 import rlora  # noqa: F401  (registers the R-LoRA type with PEFT)
 from rlora import RLoraConfig
+from rlora.tuner.layer import reuse_fused_weights
 
 SMOLLM2_135M = dict(  # the embedded default's config (its shapes)
     vocab_size=49152,
@@ -71,7 +72,7 @@ def generate_fn(model, batch: int, tokens: int, dev: torch.device, named: bool):
     extra = {"adapter_names": ["run"] * batch} if named else {}
 
     def run():
-        with torch.inference_mode():
+        with torch.inference_mode(), reuse_fused_weights(model):  # as the server's worker runs
             model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),

@@ -32,7 +32,7 @@ from rlora import models
 from rlora.data import IGNORE_INDEX
 from rlora.methods import adapter_config
 from rlora.reports import markdown_table
-from rlora.train import _FiniteLossTrainer
+from rlora.trainer import RloraTrainer
 
 METHODS = {"lora": "PEFT LoRA", "hydralora": "HydraLoRA", "rlora": "R-LoRA"}
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -107,9 +107,7 @@ def train(method: str, precision: str, args, rows, collator, dev: torch.device, 
         use_cpu=dev.type == "cpu",
     )
     times = StepTimes(dev)
-    trainer = _FiniteLossTrainer(
-        model=model, args=training, train_dataset=rows, data_collator=collator, callbacks=[times]
-    )
+    trainer = RloraTrainer(model=model, args=training, train_dataset=rows, data_collator=collator, callbacks=[times])
     trainer.train()
     return [r["loss"] for r in trainer.state.log_history if "loss" in r], times.times
 

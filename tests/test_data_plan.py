@@ -16,7 +16,7 @@ from rlora.data.plan import plan_data
 from rlora.data.store import load_file
 from rlora.errors import DataError
 from rlora.runconfig import load_run_config
-from rlora.train import LengthGroupedIndices
+from rlora.trainer import LengthGroupedIndices
 
 
 def _naive_mixture(tasks, counts, seed):

@@ -15,6 +15,7 @@ from _tiny import F64, fixed_gate_weight_bound, start_bound
 from torch import nn
 
 from rlora import RLoraConfig, RLoraLinear
+from rlora.tuner.layer import reuse_fused_weights
 
 pytestmark = pytest.mark.numerics  # run again on other CPU kernel paths by scripts/test.sh
 
@@ -307,7 +308,7 @@ def test_weights_kept_between_decoding_steps_follow_every_change_of_the_adapter(
     layer = make_layer(head_init="random").eval()
     leave_the_init(layer, seed=3)
     x = torch.randn(5, 24, dtype=torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), reuse_fused_weights(layer):
         torch.testing.assert_close(layer(x), naive_forward(layer, x), **F64)  # kept from here on
         layer.rlora_B["default"].mul_(2.0)
         layer.rlora_offset_B["default"].add_(0.5)
@@ -315,4 +316,20 @@ def test_weights_kept_between_decoding_steps_follow_every_change_of_the_adapter(
         layer.rlora_router["default"].data = torch.randn(3, 24, dtype=torch.float64)
         layer.rlora_A["default"].add_(0.1)
         torch.testing.assert_close(layer(x), naive_forward(layer, x), **F64)
-    assert len(layer._inference_weights) == 2  # one entry per kind of weight, replaced, not accumulated
+        assert len(layer._inference_weights) == 2  # one entry per kind of weight, replaced, not accumulated
+    assert layer._inference_weights is None  # dropped on leaving
+
+
+def test_outside_reuse_fused_weights_a_write_that_bumps_no_version_counter_is_seen():
+    """Fused AdamW (the Trainer's default optimizer) updates weights without bumping their version counters: a
+    validation pass between training steps must see the new weights, so nothing is kept outside the context."""
+    layer = make_layer(head_init="random").eval()
+    leave_the_init(layer, seed=3)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), naive_forward(layer, x), **F64)
+        version = layer.rlora_B["default"]._version
+        layer.rlora_B["default"].data.mul_(2.0)  # as fused AdamW writes: no version bump
+        assert layer.rlora_B["default"]._version == version
+        torch.testing.assert_close(layer(x), naive_forward(layer, x), **F64)
+    assert layer._inference_weights is None

@@ -34,7 +34,7 @@ from rlora.data import IGNORE_INDEX, Example
 from rlora.errors import ModelError
 from rlora.evaluate import held_out_loss, predict
 from rlora.output_head import causal_lm_loss
-from rlora.train import HeadOnlyLossTrainer
+from rlora.trainer import HeadOnlyLossTrainer
 
 numerics = pytest.mark.numerics  # run again on other CPU kernel paths by scripts/test.sh
 

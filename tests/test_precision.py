@@ -37,6 +37,7 @@ from transformers import (
 )
 
 import rlora.train
+import rlora.trainer
 from rlora.cli import main
 from rlora.data import IGNORE_INDEX
 from rlora.errors import ModelError
@@ -183,7 +184,7 @@ def record_losses(monkeypatch) -> list[dict]:
     """Makes rlora's Trainer also compute, at every step, the plain Trainer's loss (the model's own, from its full
     logits) at the same weights, on the same batch and under the same autocast, and returns the list it fills."""
     records: list[dict] = []
-    compute_loss = rlora.train.HeadOnlyLossTrainer.compute_loss
+    compute_loss = rlora.trainer.HeadOnlyLossTrainer.compute_loss
 
     def recording(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ours = compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
@@ -199,7 +200,7 @@ def record_losses(monkeypatch) -> list[dict]:
         records.append({"ours": ours.item(), "plain": plain.item(), "largest": largest, "in_bf16": in_bf16})
         return ours
 
-    monkeypatch.setattr(rlora.train.HeadOnlyLossTrainer, "compute_loss", recording)
+    monkeypatch.setattr(rlora.trainer.HeadOnlyLossTrainer, "compute_loss", recording)
     return records
 
 

@@ -283,11 +283,11 @@ def test_router_lr_scale_gives_the_routers_their_own_optimizer_group(tmp_path, s
     from peft import get_peft_model
     from transformers import TrainingArguments
 
-    from rlora.train import _FiniteLossTrainer
+    from rlora.trainer import RloraTrainer
 
     model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP))
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to=[], use_cpu=True)
-    optimizer = _FiniteLossTrainer(model=model, args=args, router_lr_scale=scale).create_optimizer()
+    optimizer = RloraTrainer(model=model, args=args, router_lr_scale=scale).create_optimizer()
     routers = {id(p) for n, p in model.named_parameters() if "rlora_router" in n}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     grouped = [{id(p) for p in g["params"]} for g in optimizer.param_groups]

@@ -21,7 +21,8 @@ from rlora.cli import main
 from rlora.data import render_pairs
 from rlora.evaluate import Prediction, normalize_answer, predict
 from rlora.runconfig import dump_run_config, load_run_config
-from rlora.train import HeadOnlyLossTrainer, TrainingError, complete_checkpoints, train
+from rlora.train import TrainingError, complete_checkpoints, train
+from rlora.trainer import HeadOnlyLossTrainer
 
 
 def run_cli(*args, cwd=None, timeout=300):

@@ -23,7 +23,8 @@ from rlora.data.split import split_key
 from rlora.errors import ConfigError, MissingPackage
 from rlora.runconfig import load_run_config
 from rlora.telemetry import STATUS_CODES
-from rlora.train import _FiniteLossTrainer, train
+from rlora.train import train
+from rlora.trainer import RloraTrainer
 
 SCORED = ["training.eval_accuracy=true", "training.eval_examples=2"]
 WATCHED = ["training.max_steps=4", "training.eval_steps=2", "training.keep_best=true", "training.save_total_limit=1"]
@@ -256,14 +257,14 @@ def test_a_router_that_learns_task_routing_is_reported_active(workspace, tmp_pat
 
 
 def test_a_killed_runs_log_is_streamed_and_its_curves_are_drawn(workspace, tmp_path, monkeypatch, capsys, caplog):
-    step = _FiniteLossTrainer.training_step
+    step = RloraTrainer.training_step
 
     def killed_at_step_3(self, *args, **kwargs):
         if self.state.global_step == 2:
             raise KeyboardInterrupt
         return step(self, *args, **kwargs)
 
-    monkeypatch.setattr(_FiniteLossTrainer, "training_step", killed_at_step_3)
+    monkeypatch.setattr(RloraTrainer, "training_step", killed_at_step_3)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         _train(workspace, out, ["training.max_steps=4", "training.eval_steps=1", *SCORED])
@@ -349,7 +350,7 @@ def test_a_tracker_that_is_not_installed_is_refused_before_the_model_loads(works
 
 
 def test_a_resumed_run_streams_its_log_from_the_checkpoint_on(workspace, tmp_path, monkeypatch):
-    step = _FiniteLossTrainer.training_step
+    step = RloraTrainer.training_step
 
     def killed_at_step_4(self, *args, **kwargs):
         if self.state.global_step == 3:
@@ -359,13 +360,13 @@ def test_a_resumed_run_streams_its_log_from_the_checkpoint_on(workspace, tmp_pat
     out = tmp_path / "run"
     cfg = load_run_config(write_config(workspace, out), ["training.max_steps=4"])
     with monkeypatch.context() as patch:
-        patch.setattr(_FiniteLossTrainer, "training_step", killed_at_step_4)
+        patch.setattr(RloraTrainer, "training_step", killed_at_step_4)
         with pytest.raises(KeyboardInterrupt):
             train(cfg)
     streamed = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in streamed if "loss" in r] == [1, 2, 3]  # step 3 logged; the last checkpoint is step 2
     with monkeypatch.context() as patch:  # resumed from step 2, killed at step 4 again
-        patch.setattr(_FiniteLossTrainer, "training_step", killed_at_step_4)
+        patch.setattr(RloraTrainer, "training_step", killed_at_step_4)
         with pytest.raises(KeyboardInterrupt):
             train(cfg, resume=True)
     again = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]

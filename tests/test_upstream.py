@@ -11,18 +11,18 @@ from accelerate import PartialState
 from transformers import TrainingArguments
 
 from rlora.output_head import causal_lm
-from rlora.train import LengthGroupedIndices, _FiniteLossTrainer
+from rlora.trainer import LengthGroupedIndices, RloraTrainer
 
 
 def test_accelerate_partial_state_keeps_its_attributes_in_a_shared_dict():
-    """train.py turns FSDP on over CPU processes by setting `PartialState._shared_state["distributed_type"]`, as
+    """trainer.py turns FSDP on over CPU processes by setting `PartialState._shared_state["distributed_type"]`, as
     accelerate itself does on GPUs: that works while every PartialState's attributes are that one dict."""
     state = PartialState(cpu=True)
     shared = getattr(PartialState, "_shared_state", None)
     assert shared is state.__dict__ and "distributed_type" in shared, (
         f"accelerate {accelerate.__version__}: PartialState no longer keeps its attributes (distributed_type) in "
-        "the class dict `_shared_state`; rlora.train._FiniteLossTrainer.create_accelerator_and_postprocess (FSDP over "
-        "CPU processes) must change"
+        "the class dict `_shared_state`; rlora.trainer.FsdpOverCpuProcesses.create_accelerator_and_postprocess "
+        "(FSDP over CPU processes) must change"
     )
 
 
@@ -35,7 +35,7 @@ def test_the_trainer_takes_its_train_sampler_from_get_train_sampler(tmp_path):
     dataset = _Lengths(rows)
     args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, train_sampling_strategy="group_by_length")
     args = args.set_dataloader(train_batch_size=2)
-    trainer = _FiniteLossTrainer(model=model, args=args, train_dataset=dataset, data_collator=lambda rows: rows)
+    trainer = RloraTrainer(model=model, args=args, train_dataset=dataset, data_collator=lambda rows: rows)
     sampler = trainer.get_train_dataloader().base_dataloader.batch_sampler.sampler
     assert isinstance(sampler, LengthGroupedIndices), (
         f"transformers {transformers.__version__}: Trainer.get_train_dataloader no longer takes its sampler from "

@@ -59,6 +59,7 @@ def generate_run(
 
     from ..analysis import favoured_heads
     from ..data.tokenize import encode_context
+    from ..tuner.layer import reuse_fused_weights
 
     if not prompts:
         raise ConfigError("no prompt: give prompts as arguments, or one per line on stdin")
@@ -93,7 +94,7 @@ def generate_run(
     for prompt, ids in zip(prompts, encoded, strict=True):
         if stream:
             print(f"=== {prompt}", flush=True)
-        with torch.no_grad():
+        with torch.no_grad(), reuse_fused_weights(model):
             out = model.generate(
                 input_ids=torch.tensor([ids], device=device),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..tuner.layer import reuse_fused_weights
+
 logger = logging.getLogger(__name__)
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
@@ -148,6 +150,10 @@ class Engine:
     # ---- worker side -----------------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        with reuse_fused_weights(self.model):  # the served weights do not change while the worker runs
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self.wake:
                 while not self.queue and not self.rows and not self.stopping:

@@ -37,7 +37,9 @@ Dropout:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +128,7 @@ class RLoraLayer(BaseTunerLayer):
         self.routing_inputs: RoutingInputs | None = None  # set around a forward pass by RLoraModel.routing
         self.recorded_router_losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # (balance, z) per training forward
         self._disable_adapters = False
-        self._inference_weights: dict[tuple, tuple] = {}  # `_fused`'s weights between decoding steps
+        self._inference_weights: dict[tuple, tuple] | None = None  # `_fused`'s weights, in `reuse_fused_weights`
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
         base = self.get_base_layer()
@@ -315,10 +317,10 @@ class RLoraLayer(BaseTunerLayer):
         self.recorded_router_losses.append((balance, z))
 
     def _fused(self, key: tuple, sources: list[torch.Tensor], build) -> torch.Tensor:
-        """`build()`, a weight concatenated from `sources`; while autograd is off (generation), kept from one call to
-        the next as long as no source changed (its storage and in-place version counter are the key), so that a
-        decoding step does not copy the adapter's weights again in every layer."""
-        if torch.is_grad_enabled():
+        """`build()`, a weight concatenated from `sources`; inside `reuse_fused_weights` with autograd off, kept from
+        one call to the next while no source changed (its storage and in-place version counter are the key), so that
+        a decoding step does not copy the adapter's weights again in every layer."""
+        if self._inference_weights is None or torch.is_grad_enabled():
             return build()
         stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
         kept = self._inference_weights.get(key)
@@ -354,9 +356,12 @@ class RLoraLinear(nn.Module, RLoraLayer):
         rows of one adapter go through `delta` together. PEFT passes `adapter_names` here (`RLoraModel`'s hook)."""
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names: {len(adapter_names)} names for a batch of {x.shape[0]} rows")
+        names = dict.fromkeys(adapter_names)  # unique, in order of first use
+        if len(names) == 1:  # every row the same adapter: no rows to gather and scatter back
+            return self.delta(x, adapter_names[0], result) if adapter_names[0] in self.rlora_A else result
         inputs = self.routing_inputs
         try:
-            for name in dict.fromkeys(adapter_names):  # unique, in order of first use
+            for name in names:
                 if name not in self.rlora_A:  # "__base__", or an adapter that does not adapt this layer
                     continue
                 rows = [i for i, n in enumerate(adapter_names) if n == name]
@@ -364,15 +369,6 @@ class RLoraLinear(nn.Module, RLoraLayer):
                 result[rows] = self.delta(x[rows], name, result[rows])
         finally:
             self.routing_inputs = inputs
-
-        names = dict.fromkeys(adapter_names)  # unique, in order of first use
-        if len(names) == 1:  # every row the same adapter: no rows to gather and scatter back
-            return self.delta(x, adapter_names[0], result) if adapter_names[0] in self.rlora_A else result
-        for name in names:
-            if name not in self.rlora_A:  # "__base__", or an adapter that does not adapt this layer
-                continue
-            rows = [i for i, n in enumerate(adapter_names) if n == name]
-            result[rows] = self.delta(x[rows], name, result[rows])
         return result
 
     def merge(self, *args, **kwargs) -> None:  # PEFT's signature: (safe_merge, adapter_names)
@@ -450,3 +446,20 @@ class RLoraLinear(nn.Module, RLoraLayer):
 
     def __repr__(self) -> str:
         return "rlora." + super().__repr__()
+
+
+@contextlib.contextmanager
+def reuse_fused_weights(model: nn.Module) -> Iterator[None]:
+    """While inside, every R-LoRA layer of `model` keeps the weights its forward concatenates (A with the offset's A^0
+    and the router, B with the offset's B) from one call without autograd to the next: for generation, where a
+    decoding step would otherwise copy them again in every layer. A weight changed in place is seen through its
+    version counter, but not every writer bumps it (fused AdamW does not, nor a write through `.data`): so the
+    weights are kept only where the caller knows they do not change, and dropped on leaving."""
+    layers = [m for m in model.modules() if isinstance(m, RLoraLayer)]
+    for layer in layers:
+        layer._inference_weights = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._inference_weights = None
