@@ -279,6 +279,18 @@ def test_every_export_carries_its_fidelity_as_rlora_eval_measures_it(exported, r
     assert ("**Warning**" in readme) == bool(fidelity["warnings"])
 
 
+def test_a_merged_export_carries_the_fidelity_of_its_fixed_gate_model(exported, runs, tmp_path):
+    """The merged model is the fixed-gate model of the uniform-gate LoRA export: the same gates, the same measurement
+    (the same examples through the same scoring of the same routed and fixed-gate adapters: equal numbers)."""
+    assert main(["export", str(runs["rlora"]), "--merged", "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "gates.json").read_text())
+    lora = json.loads((exported["f32"] / "gates.json").read_text())
+    assert merged["gates"] == lora["gates"]
+    assert merged["fidelity"] == lora["fidelity"]
+    assert main(["export", str(runs["rlora"]), "--merged", "--no-fidelity", "--out", str(tmp_path / "bare")]) == 0
+    assert json.loads((tmp_path / "bare" / "gates.json").read_text()) == {"gates": lora["gates"]}
+
+
 def test_a_loss_rise_past_the_threshold_is_flagged(runs, tmp_path, caplog):
     (folder,) = export_run(runs["rlora"], "uniform", tmp_path / "out", deploy=_options(max_loss_rise=-1.0))
     record = json.loads((folder / "gates.json").read_text())

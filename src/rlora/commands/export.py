@@ -99,12 +99,12 @@ def export_run(
         from .export_heads import export_heads
 
         return [export_heads(run, layers, plans, Path(out), Deployer(run, layers, deploy, gates))]
-    deployer = None if merged else Deployer(run, layers, deploy, gates)
+    deployer = Deployer(run, layers, deploy, gates)
     written = []
     for task, layer_gates in plans.items():
         target = inside(out, task) if task is not None else Path(out)
         if merged:
-            write_merged(run.model, run.tokenizer, layer_gates, target)
+            write_merged(run.model, run.tokenizer, layer_gates, target, deployer.gates_record(task, layer_gates))
         else:
             extras = deployer.extras(task, target.name)
             write_lora(run.model, layers, layer_gates, target, base_model=_base_model_path(run), extras=extras)
@@ -217,14 +217,15 @@ def write_lora(
             extras(tmp, tensors, rank, config, {name: g.tolist() for name, g in gates.items()})
 
 
-def write_merged(model, tokenizer, gates: dict[str, torch.Tensor], out: Path) -> None:
+def write_merged(model, tokenizer, gates: dict[str, torch.Tensor], out: Path, record: dict | None = None) -> None:
     """A full model folder: the base of the PEFT `model` with every adapted layer's fixed-gate update merged, on a
-    copy (`tuner.convert.merged_copy`), saved with the tokenizer and gates.json, whole or not at all."""
+    copy (`tuner.convert.merged_copy`), saved with the tokenizer and gates.json (`record`: the gates and their
+    fidelity, as a LoRA export's), whole or not at all."""
     merged = merged_copy(model, gates)
     with atomic_dir(out, owned=GATES_FILE) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        atomic_write_json(tmp / GATES_FILE, {name: g.tolist() for name, g in gates.items()})
+        atomic_write_json(tmp / GATES_FILE, record or {"gates": {name: g.tolist() for name, g in gates.items()}})
 
 
 def _base_model_path(run: Run) -> str:

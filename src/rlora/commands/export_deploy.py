@@ -77,6 +77,17 @@ class Deployer:
             config = base_config(self.run.model)
             write_gguf_adapter(parts, config, folder / gguf_name(self.options.outtype), self.options.outtype, rank)
 
+    def gates_record(self, task: str | None, layer_gates: dict[str, torch.Tensor]) -> dict:
+        """gates.json of a merged export of `task`'s gates (None: every task): the gates and, unless asked not to, the
+        fidelity of the fixed-gate model they make (the merged model is that model), measured as for a LoRA export."""
+        from ..tuner.convert import lora_tensors
+
+        record = {"gates": {name: g.tolist() for name, g in layer_gates.items()}}
+        if self.fidelity is not None:
+            tensors, _ = lora_tensors(self.layers, layer_gates)
+            record["fidelity"] = self.fidelity.measure(factors(tensors, self.layers), self.tasks_for(task))
+        return record
+
     def extras(self, task: str | None, name: str):
         """What `write_lora` calls in the folder it is filling, for the export called `name` of `task`'s gates (None:
         one export for every task)."""
