@@ -234,7 +234,7 @@ def test_the_trainer_in_bf16_takes_the_models_own_loss_at_every_step(architectur
     )
     model = adapted(architecture, method)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    rlora.train._FiniteLossTrainer(model=model, args=args, train_dataset=rows).train()
+    rlora.trainer.RloraTrainer(model=model, args=args, train_dataset=rows).train()
     check_records(records, steps=6, roundings=ROUNDINGS[architecture])
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 
@@ -255,7 +255,7 @@ def test_gradient_checkpointing_in_bf16_recomputes_under_the_same_autocast(tmp_p
         activation_checkpointing_kwargs={"use_reentrant": False},
     )
     model = adapted("gemma2")
-    rlora.train._FiniteLossTrainer(model=model, args=args, train_dataset=rows).train()
+    rlora.trainer.RloraTrainer(model=model, args=args, train_dataset=rows).train()
     check_records(records, steps=2, roundings=ROUNDINGS["gemma2"])
 
 
@@ -386,7 +386,7 @@ def test_torch_compile_in_bf16_takes_the_models_own_loss(tmp_path, monkeypatch):
         torch_compile=True,
         torch_compile_backend="aot_eager",
     )
-    rlora.train._FiniteLossTrainer(model=adapted("gemma2"), args=args, train_dataset=rows).train()
+    rlora.trainer.RloraTrainer(model=adapted("gemma2"), args=args, train_dataset=rows).train()
     check_records(records, steps=2, roundings=ROUNDINGS["gemma2"])
 
 
