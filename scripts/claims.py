@@ -196,9 +196,10 @@ CLAIMS = [
     ),
     Claim(
         "README.md",
-        "`rlora cache` | the data cache: list it, clear stale tables",
+        "`rlora cache` | the data cache: list it, `--verify` every byte, clear stale tables",
         _t("test_data_plan", "test_rlora_cache_lists_the_tables_and_removes_the_stale_ones")
-        + _t("test_reliability", "test_rlora_cache_marks_damaged_tables_and_never_removes_one_being_built"),
+        + _t("test_reliability", "test_rlora_cache_marks_damaged_tables_and_never_removes_one_being_built")
+        + _t("test_data_cache_identity", "test_rlora_cache_verify_finds_a_flipped_byte_that_identity_cannot_see"),
     ),
     Claim(
         "README.md",
@@ -477,16 +478,7 @@ CLAIMS = [
 ]
 
 # Claims the documents make that no test here shows: (document, phrase, why, what it should say instead).
-UNBACKED = [
-    (
-        "README.md",
-        "and on GPUs through the usual engines",
-        "no GPU runs in the test suite; `benchmarks/gpu_check.py` is the GPU check and no GPU has run it yet "
-        "(docs/precision.md)",
-        "that GPUs take the same command, not yet checked on one (docs/precision.md), until a recorded "
-        "`benchmarks/gpu_check.py` run backs it",
-    ),
-]
+UNBACKED: list[tuple[str, str, str, str]] = []  # (document, phrase, why no test shows it, what it should say)
 
 
 def _collapse(text: str) -> str:

@@ -42,7 +42,7 @@ def test_the_table_lists_every_claim_and_the_unbacked_ones_with_what_they_should
     assert claims.main([]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + len(claims.CLAIMS) + len(claims.UNBACKED)
-    assert all("none: " in line and "should say" in line for line in lines[-len(claims.UNBACKED) :])
+    assert all("none: " in line and "should say" in line for line in lines[len(lines) - len(claims.UNBACKED) :])
     # three cells a row: a phrase quoting a table row ("`rlora demo` | ...") has its `|` escaped
     assert [len(re.findall(r"(?<!\\)\|", line)) for line in lines] == [4] * len(lines)
     assert any("\\|" in line for line in lines)
