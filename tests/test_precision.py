@@ -21,15 +21,11 @@ import torch.nn.functional as F
 from _tiny import F64, write_config
 from peft import get_peft_model
 from safetensors.torch import load_file
+from test_output_head import ARCHITECTURES as DENSE
+from test_output_head import SHAPE
 from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
     Trainer,
@@ -48,22 +44,10 @@ from rlora.runconfig import TrainingSettings, load_run_config
 
 numerics = pytest.mark.numerics  # run again on other CPU kernel paths by scripts/test.sh
 
-SHAPE = {
-    "vocab_size": 97,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
 MOE = {"num_experts_per_tok": 2, "output_router_logits": True, "router_aux_loss_coef": 0.02}
 MOE |= {"experts_implementation": "eager"}  # a loop over experts: any dtype (torch's grouped matmul: no float64)
 ARCHITECTURES = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SHAPE, tie_word_embeddings=False)),
-    # a small cap, so that the softcapping changes the logits far beyond rounding
-    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**SHAPE, head_dim=8, final_logit_softcapping=2.0)),
+    **{name: DENSE[name] for name in ("llama", "qwen2", "gemma2")},  # gemma2 with soft-capping
     "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**SHAPE, num_local_experts=4, **MOE)),
     "qwen2_moe": lambda: Qwen2MoeForCausalLM(
         Qwen2MoeConfig(**SHAPE, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32, **MOE)
@@ -204,6 +188,20 @@ def record_losses(monkeypatch) -> list[dict]:
     return records
 
 
+def bf16_training(tmp_path, **settings) -> tuple[TrainingArguments, list[dict]]:
+    """The Trainer's arguments for a few bf16 steps on the CPU (nothing saved or reported), and 6 rows to train on."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=True,
+        disable_tqdm=True,
+        **settings,
+    )
+    return args, [{k: v[i] for k, v in batch(seed=s).items()} for s in range(2) for i in range(3)]
+
+
 def check_records(records: list[dict], steps: int, roundings: int = 1) -> None:
     assert len(records) == steps
     for i, r in enumerate(records):
@@ -219,18 +217,8 @@ def test_the_trainer_in_bf16_takes_the_models_own_loss_at_every_step(architectur
     """The Python API: rlora's Trainer with `bf16=True` (torch's CPU autocast, through accelerate), 3 steps of 2
     accumulated batches, on each family and method, against the plain Trainer's loss under the same autocast."""
     records = record_losses(monkeypatch)
-    rows = [{k: v[i] for k, v in batch(seed=s).items()} for s in range(2) for i in range(3)]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=2,
-        max_steps=3,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=True,
-        disable_tqdm=True,
+    args, rows = bf16_training(
+        tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-2
     )
     model = adapted(architecture, method)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -241,16 +229,10 @@ def test_the_trainer_in_bf16_takes_the_models_own_loss_at_every_step(architectur
 
 def test_gradient_checkpointing_in_bf16_recomputes_under_the_same_autocast(tmp_path, monkeypatch):
     records = record_losses(monkeypatch)
-    rows = [{k: v[i] for k, v in batch(seed=s).items()} for s in range(2) for i in range(3)]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
+    args, rows = bf16_training(
+        tmp_path,
         per_device_train_batch_size=3,
         max_steps=2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=True,
-        disable_tqdm=True,
         activation_checkpointing=True,
         activation_checkpointing_kwargs={"use_reentrant": False},
     )
@@ -373,18 +355,8 @@ def test_torch_compile_in_bf16_takes_the_models_own_loss(tmp_path, monkeypatch):
     """The Trainer's `torch_compile` (backend aot_eager: the graphs dynamo captures, without a C++ compiler): the
     head's input swap and its autocast state are taken inside the compiled forward."""
     records = record_losses(monkeypatch)
-    rows = [{k: v[i] for k, v in batch(seed=s).items()} for s in range(2) for i in range(3)]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=3,
-        max_steps=2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=True,
-        disable_tqdm=True,
-        torch_compile=True,
-        torch_compile_backend="aot_eager",
+    args, rows = bf16_training(
+        tmp_path, per_device_train_batch_size=3, max_steps=2, torch_compile=True, torch_compile_backend="aot_eager"
     )
     rlora.trainer.RloraTrainer(model=adapted("gemma2"), args=args, train_dataset=rows).train()
     check_records(records, steps=2, roundings=ROUNDINGS["gemma2"])
