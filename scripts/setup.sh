@@ -9,7 +9,7 @@ EXTRAS=""
 case "${1:-}" in
     "") ;;
     --dev)
-        # dev: pytest, ruff, httpx (tests/test_serve.py talks to `rlora serve` with it).
+        # dev: pytest, ruff, httpx and the openai client (tests/test_serve.py talks to `rlora serve` with both).
         # lm-eval: tests/test_lm_eval_agreement.py cross-checks the multiple-choice scorer against lm-eval-harness.
         # quant: bitsandbytes, for quantized bases (its CPU backend runs tests/test_quantized.py).
         # distributed: DeepSpeed (ZeRO-3 over CPU processes in tests/test_distributed.py).

@@ -316,8 +316,27 @@ def test_weights_kept_between_decoding_steps_follow_every_change_of_the_adapter(
         layer.rlora_router["default"].data = torch.randn(3, 24, dtype=torch.float64)
         layer.rlora_A["default"].add_(0.1)
         torch.testing.assert_close(layer(x), naive_forward(layer, x), **F64)
-        assert len(layer._inference_weights) == 2  # one entry per kind of weight, replaced, not accumulated
+        assert len(layer._inference_weights) == 1  # one entry per adapter, replaced, not accumulated
     assert layer._inference_weights is None  # dropped on leaving
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 5)], ids=["one-token", "batch-of-tokens", "prompt"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("head_init", "head_dropout"), VARIANTS)
+def test_the_decoding_path_is_the_layers_algebra(head_init, head_dropout, case, shape):
+    """Inside `reuse_fused_weights`, in eval mode without autograd, the layer takes its decoding path (fewer small
+    operations, the scaling folded into the kept B): the same function as the per-head formula. float64: the same
+    algebra in another order, equal to F64's bound."""
+    layer = case_layer(case, head_init=head_init, head_dropout=head_dropout, lora_dropout=0.1).eval()
+    leave_the_init(layer, case[0])
+    x = torch.randn(*shape, case[1], dtype=torch.float64)
+    with torch.no_grad(), reuse_fused_weights(layer):
+        out = layer(x)
+        assert set(layer._inference_weights) == {("decode", "default")} and layer._decode_weights("default") is not None
+        torch.testing.assert_close(out, naive_forward(layer, x), **F64)
+        torch.testing.assert_close(layer(x), out, **F64)  # from the kept weights
+    with torch.no_grad():  # outside: the general path, which keeps nothing
+        torch.testing.assert_close(layer(x), out, **F64)
 
 
 def test_outside_reuse_fused_weights_a_write_that_bumps_no_version_counter_is_seen():

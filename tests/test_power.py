@@ -211,3 +211,16 @@ def test_the_loss_without_per_example_outcomes_is_planned_in_seeds_only(tmp_path
     cells = [c.strip() for c in row.strip("|").split("|")][2:]
     expected = ["any" if needed_examples(noise, s, 0.05) else "never" for s in (2, 3, 4, 5, 6, 8, 10, 15, 20)]
     assert cells == expected and "never" in cells and "any" in cells  # some seed counts do not suffice, some do
+
+
+@pytest.mark.parametrize(
+    ("seeds", "why"),
+    [([0], "under 2 seeds"), ([0, 1, 2], "this comparison.json predates the noise record; rerun the same")],
+)
+def test_a_difference_without_a_noise_record_says_why(tmp_path, capsys, seeds, why):
+    """A comparison of one seed has no noise; one written before `rlora compare` recorded it (the older records in
+    docs/results) is told how to add it."""
+    summary = {"seeds": seeds, "metrics": {"acc_ll": {"differences": {"rlora": {"tasks": {}}}, "difference_to": "h"}}}
+    (tmp_path / "comparison.json").write_text(json.dumps(summary))
+    assert main(["plan", str(tmp_path), "--effect", "1"]) == 0
+    assert f"rlora − h: no noise measured ({why}" in capsys.readouterr().out

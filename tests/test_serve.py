@@ -235,6 +235,35 @@ def test_streaming_sends_the_same_text_in_pieces(server, expected):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1  # include_usage's chunk
 
 
+def test_the_official_openai_client_gets_the_texts_streams_usage_and_errors(server, expected):
+    """As a user would talk to it: the `openai` package's client (no retries, the test's timeout)."""
+    import openai
+
+    base_url = f"http://127.0.0.1:{server['port']}/v1"
+    client = openai.OpenAI(base_url=base_url, api_key=KEY, timeout=TIMEOUT, max_retries=0)
+    assert [m.id for m in client.models.list()] == [*RUNS, BASE_ID]
+    answer = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    assert answer.choices[0].text == expected[("alpha", PROMPTS[0], False)]
+    assert answer.usage.completion_tokens >= 1 and answer.usage.prompt_tokens >= 1
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    chat = client.chat.completions.create(model="beta", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    assert chat.choices[0].message.content == expected[("beta", PROMPTS[1], True)]
+    stream = client.chat.completions.create(
+        model="beta", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=2, best_of=2)
+    assert "best_of: not supported by this server" in refused.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gamma", prompt=PROMPTS[0], max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base_url, api_key="wrong", timeout=TIMEOUT, max_retries=0).models.list()
+
+
 def test_concurrent_requests_for_both_runs_and_the_base_are_never_mixed(server, expected):
     port, headers = server["port"], server["headers"]
     jobs = [(RUNS[i % 2], PROMPTS[i // 2 % 2]) for i in range(8)]

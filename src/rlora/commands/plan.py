@@ -81,7 +81,13 @@ def plan_markdown(summary: dict, metric: str, effect: float, file: str) -> str:
             cells = ["never" if p["examples"] is None else "any" if fixed else str(p["examples"]) for p in planned]
             rows.append([name, mde_now, *cells])
         if not rows:
-            parts += [f"{method} − {ref}: no noise measured (under 2 seeds)", ""]
+            why = (
+                "under 2 seeds"
+                if len(summary.get("seeds") or []) < 2
+                else "this comparison.json predates the noise record; rerun the same `rlora compare` (it reuses "
+                "every finished run) to add it"
+            )
+            parts += [f"{method} − {ref}: no noise measured ({why})", ""]
             continue
         parts += [
             f"{method} − {ref}:",

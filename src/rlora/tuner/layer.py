@@ -204,6 +204,10 @@ class RLoraLayer(BaseTunerLayer):
 
         With `result` (the base layer's output), returns result + contribution, added inside the last matmul.
         """
+        if self._inference_weights is not None and result is not None and not self.training:
+            kept = None if torch.is_grad_enabled() else self._decode_weights(adapter_name)
+            if kept is not None and x.dtype == result.dtype == kept[0].dtype:
+                return self._decode_delta(x, result, *kept)
         A, B = self.rlora_A[adapter_name], self.rlora_B[adapter_name]
         r, k, p = self.r[adapter_name], self.num_heads[adapter_name], self.dropout_p[adapter_name]
         x = self._cast_input_dtype(x, A.dtype)
@@ -257,6 +261,50 @@ class RLoraLayer(BaseTunerLayer):
             return result + F.linear(u, B).to(result.dtype)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), B.t())
         return out.view(result.shape)
+
+    def _decode_weights(self, adapter_name: str) -> tuple | None:
+        """Inside `reuse_fused_weights`: the weights `_decode_delta` reads, kept while their sources are unchanged
+        (storage and in-place version counter), or None where the layer is not in its case (one shared A, token
+        routing, a float32/64 adapter: the gates' dtype)."""
+        entry = self._inference_weights.get(("decode", adapter_name))
+        if entry is not None and entry[1] == tuple((t.data_ptr(), t._version) for t in entry[0]):
+            return entry[2]
+        A, B = self.rlora_A[adapter_name], self.rlora_B[adapter_name]
+        router = self.rlora_router.get(adapter_name)
+        offset = adapter_name in self.rlora_offset_A
+        sources = [A, B] + ([router] if router is not None else [])
+        sources += [self.rlora_offset_A[adapter_name], self.rlora_offset_B[adapter_name]] if offset else []
+        kept = None
+        eligible = self.share[adapter_name] == "down" and self.routing[adapter_name] == "token"
+        if eligible and A.dtype in (torch.float32, torch.float64) and B.dtype == A.dtype:
+            s = self.scaling[adapter_name]
+            readers = [A, self.rlora_offset_A[adapter_name], router] if offset else [A, router]
+            writers = [s * B, -self.rlora_offset_B[adapter_name]] if offset else [s * B]
+            read = torch.cat([w.detach().to(A.dtype) for w in readers])  # (r [+ r] + K, d_in)
+            write_t = torch.cat([w.detach().to(A.dtype) for w in writers], dim=1).t().contiguous()  # (K*r [+ r], d_out)
+            kept = (read, write_t, self.r[adapter_name], self.num_heads[adapter_name], offset)
+        self._inference_weights[("decode", adapter_name)] = (
+            sources,
+            tuple((t.data_ptr(), t._version) for t in sources),
+            kept,
+        )
+        return kept
+
+    @staticmethod
+    def _decode_delta(
+        x: torch.Tensor, result: torch.Tensor, read: torch.Tensor, write_t: torch.Tensor, r: int, k: int, offset: bool
+    ) -> torch.Tensor:
+        """`delta`'s algebra with as few small operations as it takes, for decoding (a token at a time, where each
+        operation's fixed cost outweighs its arithmetic): one matmul reads x for A, the offset's A^0 and the router;
+        the scaling is folded into the kept B (s B_k, and -s mean_k B_k^0 for the offset), stored transposed for the
+        last matmul; dropout is the identity in eval mode. Held to the per-head formula in float64 by
+        `tests/test_layer.py::test_the_decoding_path_is_the_layers_algebra`."""
+        parts = F.linear(x, read)  # (..., r [+ r] + K): A x, [A^0 x], W_r x
+        gates = torch.softmax(parts[..., -k:], dim=-1)
+        u = (gates.unsqueeze(-1) * parts[..., :r].unsqueeze(-2)).flatten(-2)  # (..., K*r): g_k A x
+        if offset:
+            u = torch.cat([u, parts[..., r : 2 * r]], dim=-1)
+        return torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), write_t).view(result.shape)
 
     # ---- Router options: task routing and the router losses (config `routing`, `balance_loss_coef`, ...) ----
 
@@ -453,8 +501,10 @@ def reuse_fused_weights(model: nn.Module) -> Iterator[None]:
     """While inside, every R-LoRA layer of `model` keeps the weights its forward concatenates (A with the offset's A^0
     and the router, B with the offset's B) from one call without autograd to the next: for generation, where a
     decoding step would otherwise copy them again in every layer. A weight changed in place is seen through its
-    version counter, but not every writer bumps it (fused AdamW does not, nor a write through `.data`): so the
-    weights are kept only where the caller knows they do not change, and dropped on leaving."""
+    version counter, and one given new storage (`.data = ...`) through its address; but not every writer bumps the
+    counter (fused AdamW does not, nor an in-place write through `.data`), and a parameter replaced by another object
+    is not seen either: so the weights are kept only where the caller knows they do not change, and dropped on
+    leaving. In eval mode, the layer's decoding path (`_decode_delta`) works from these kept weights."""
     layers = [m for m in model.modules() if isinstance(m, RLoraLayer)]
     for layer in layers:
         layer._inference_weights = {}
