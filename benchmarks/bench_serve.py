@@ -10,6 +10,8 @@ same prompts in this process, left-padded, batches of 4. Rounds are interleaved 
 --repeats reported, and the server and this process use --threads torch threads each.
 
     python benchmarks/bench_serve.py [--quick] [--tokens 32] [--requests 8] [--repeats 3] [--transformers-serve]
+
+--transformers-serve needs transformers' serving extras in this environment: `pip install "transformers[serving]"`.
 """
 
 from __future__ import annotations
@@ -171,7 +173,10 @@ def run(args: argparse.Namespace) -> str:
             command = [cli, "serve", path, "--continuous-batching", "--port", str(hf_port)]
             hf = start(command, hf_port, args.threads, root / "hf.log")
             if hf is None:
-                others.append(f"`transformers serve` did not start: see {root / 'hf.log'}")
+                others.append(
+                    f"`transformers serve` did not start: see {root / 'hf.log'} (it needs the extras of "
+                    '`pip install "transformers[serving]"`)'
+                )
             else:
                 fns["transformers serve (base), 1 client"] = serve_fn(hf_port, path, 1, args)
                 fns[f"transformers serve (base), {CLIENTS} clients"] = serve_fn(hf_port, path, CLIENTS, args)

@@ -440,7 +440,13 @@ CLAIMS = [
             "test_completions_give_the_greedy_text_of_rlora_generate",
             "test_chat_completions_use_the_chat_template",
             "test_streaming_sends_the_same_text_in_pieces",
+            "test_the_official_openai_client_gets_the_texts_streams_usage_and_errors",
         ),
+    ),
+    Claim(
+        "docs/serving.md",
+        "The official `openai` Python client works against it",
+        _t("test_serve", "test_the_official_openai_client_gets_the_texts_streams_usage_and_errors"),
     ),
     Claim(
         "docs/evaluation.md",
