@@ -502,9 +502,9 @@ def reuse_fused_weights(model: nn.Module) -> Iterator[None]:
     and the router, B with the offset's B) from one call without autograd to the next: for generation, where a
     decoding step would otherwise copy them again in every layer. A weight changed in place is seen through its
     version counter, and one given new storage (`.data = ...`) through its address; but not every writer bumps the
-    counter (fused AdamW does not, nor an in-place write through `.data`), and a parameter replaced by another object
-    is not seen either: so the weights are kept only where the caller knows they do not change, and dropped on
-    leaving. In eval mode, the layer's decoding path (`_decode_delta`) works from these kept weights."""
+    counter (fused AdamW does not, nor an in-place write through `.data`), and the decoding path (`_decode_delta`,
+    taken in eval mode) keeps the parameter objects it read, so one replaced by another object is not seen by it:
+    the weights are kept only where the caller knows they do not change, and dropped on leaving."""
     layers = [m for m in model.modules() if isinstance(m, RLoraLayer)]
     for layer in layers:
         layer._inference_weights = {}
