@@ -280,9 +280,9 @@ class RLoraLayer(BaseTunerLayer):
             s = self.scaling[adapter_name]
             readers = [A, self.rlora_offset_A[adapter_name], router] if offset else [A, router]
             writers = [s * B, -self.rlora_offset_B[adapter_name]] if offset else [s * B]
-            read = torch.cat([w.detach().to(A.dtype) for w in readers])  # (r [+ r] + K, d_in)
+            read_t = torch.cat([w.detach().to(A.dtype) for w in readers]).t().contiguous()  # (d_in, r [+ r] + K)
             write_t = torch.cat([w.detach().to(A.dtype) for w in writers], dim=1).t().contiguous()  # (K*r [+ r], d_out)
-            kept = (read, write_t, self.r[adapter_name], self.num_heads[adapter_name], offset)
+            kept = (read_t, write_t, self.r[adapter_name], self.num_heads[adapter_name], offset)
         self._inference_weights[("decode", adapter_name)] = (
             sources,
             tuple((t.data_ptr(), t._version) for t in sources),
@@ -292,19 +292,24 @@ class RLoraLayer(BaseTunerLayer):
 
     @staticmethod
     def _decode_delta(
-        x: torch.Tensor, result: torch.Tensor, read: torch.Tensor, write_t: torch.Tensor, r: int, k: int, offset: bool
+        x: torch.Tensor, result: torch.Tensor, read_t: torch.Tensor, write_t: torch.Tensor, r: int, k: int, offset: bool
     ) -> torch.Tensor:
         """`delta`'s algebra with as few small operations as it takes, for decoding (a token at a time, where each
-        operation's fixed cost outweighs its arithmetic): one matmul reads x for A, the offset's A^0 and the router;
-        the scaling is folded into the kept B (s B_k, and -s mean_k B_k^0 for the offset), stored transposed for the
-        last matmul; dropout is the identity in eval mode. Held to the per-head formula in float64 by
-        `tests/test_layer.py::test_the_decoding_path_is_the_layers_algebra`."""
-        parts = F.linear(x, read)  # (..., r [+ r] + K): A x, [A^0 x], W_r x
-        gates = torch.softmax(parts[..., -k:], dim=-1)
-        u = (gates.unsqueeze(-1) * parts[..., :r].unsqueeze(-2)).flatten(-2)  # (..., K*r): g_k A x
+        operation's fixed cost outweighs its arithmetic): one matmul reads x for A, the offset's A^0 and the router
+        (their weights kept transposed, (d_in, r [+ r] + K)); the scaling is folded into the kept B (s B_k, and
+        -s mean_k B_k^0 for the offset), stored transposed for the last matmul; dropout is the identity in eval mode.
+        Rows are flattened to 2-D so that each step is one call (`split` rather than indexing). Held to the per-head
+        formula in float64 by `tests/test_layer.py::test_the_decoding_path_is_the_layers_algebra`."""
+        shape = result.shape
+        parts = torch.mm(x.reshape(-1, x.shape[-1]), read_t)  # (N, r [+ r] + K): A x, [A^0 x], W_r x
         if offset:
-            u = torch.cat([u, parts[..., r : 2 * r]], dim=-1)
-        return torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), write_t).view(result.shape)
+            z, z0, logits = parts.split([r, r, k], dim=1)
+        else:
+            z, logits = parts.split([r, k], dim=1)
+        u = torch.mul(torch.softmax(logits, dim=1).unsqueeze(2), z.unsqueeze(1)).view(-1, k * r)  # (N, K*r): g_k A x
+        if offset:
+            u = torch.cat([u, z0], dim=1)
+        return torch.addmm(result.reshape(-1, shape[-1]), u, write_t).view(shape)
 
     # ---- Router options: task routing and the router losses (config `routing`, `balance_loss_coef`, ...) ----
 
