@@ -77,3 +77,13 @@ def test_every_verb_shown_answers_help(monkeypatch):
     passed = []
     monkeypatch.setattr(rlora.commands.lm_eval, "run", lambda args: passed.append(args.lm_eval_args) or 0)
     assert main(["lm-eval", "--help"]) == 0 and passed == [["--help"]]
+
+
+def test_no_help_text_shows_an_unconsumed_percent_escape():
+    """argparse formats a `help=` string with %, so "95%%" there prints "95%"; a `description=` is printed as written
+    (it is %-formatted only when it names %(prog)s), so "%%" there would print as "%%"."""
+    parser = build_parser()
+    verbs = parser._subparsers._group_actions[0].choices
+    texts = {"rlora": parser.format_help()} | {verb: sub.format_help() for verb, sub in verbs.items()}
+    assert "95% CIs" in texts["compare"]
+    assert {verb: text.count("%%") for verb, text in texts.items() if "%%" in text} == {}

@@ -172,7 +172,7 @@ def _add_compare(subparsers) -> None:
         "compare",
         help="train and evaluate several methods over seeds, with 95%% CIs; with --lr each at its own best rate",
         description="Trains and evaluates every method at every seed on the same data, split and budget, and writes "
-        "OUT/comparison.md/.json/.png (means, 95%% CIs, paired differences, router health). With --lr or --sweep, "
+        "OUT/comparison.md/.json/.png (means, 95% CIs, paired differences, router health). With --lr or --sweep, "
         "each method first trains once per value at the first seed on the training examples minus a validation "
         "split carved from them (never the test split), keeps the value with the lowest validation loss, then "
         "runs every seed at it. Finished runs are reused.",
