@@ -267,7 +267,7 @@ class RLoraLayer(BaseTunerLayer):
         (storage and in-place version counter), or None where the layer is not in its case (one shared A, token
         routing, a float32/64 adapter: the gates' dtype)."""
         entry = self._inference_weights.get(("decode", adapter_name))
-        if entry is not None and entry[1] == tuple((t.data_ptr(), t._version) for t in entry[0]):
+        if entry is not None and entry[1] == _stamp(entry[0]):
             return entry[2]
         A, B = self.rlora_A[adapter_name], self.rlora_B[adapter_name]
         router = self.rlora_router.get(adapter_name)
@@ -285,7 +285,7 @@ class RLoraLayer(BaseTunerLayer):
             kept = (read_t, write_t, self.r[adapter_name], self.num_heads[adapter_name], offset)
         self._inference_weights[("decode", adapter_name)] = (
             sources,
-            tuple((t.data_ptr(), t._version) for t in sources),
+            _stamp(sources),
             kept,
         )
         return kept
@@ -375,11 +375,16 @@ class RLoraLayer(BaseTunerLayer):
         a decoding step does not copy the adapter's weights again in every layer."""
         if self._inference_weights is None or torch.is_grad_enabled():
             return build()
-        stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+        stamp = _stamp(sources)
         kept = self._inference_weights.get(key)
         if kept is None or kept[0] != stamp:
             kept = self._inference_weights[key] = (stamp, build())
         return kept[1]
+
+
+def _stamp(sources: list[torch.Tensor]) -> tuple:
+    """What a kept inference weight is checked against: each source's storage, in-place version counter and dtype."""
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
 
 
 class RLoraLinear(nn.Module, RLoraLayer):
