@@ -61,11 +61,16 @@ def _verbs_shown() -> dict[str, list[str]]:
     return shown
 
 
+def _verb_parsers(parser) -> dict:
+    """The verbs' own parsers, by name."""
+    return parser._subparsers._group_actions[0].choices
+
+
 def test_every_verb_shown_answers_help(monkeypatch):
     shown = _verbs_shown()
     assert {"demo", "train", "eval", "export", "serve"} <= set(shown)  # the pages are read at all
     parser = build_parser()
-    verbs = parser._subparsers._group_actions[0].choices
+    verbs = _verb_parsers(parser)
     unknown = {verb: pages for verb, pages in shown.items() if verb not in verbs}
     assert unknown == {}
     for verb in sorted(set(shown) - {"lm-eval"}):
@@ -83,7 +88,7 @@ def test_no_help_text_shows_an_unconsumed_percent_escape():
     """argparse formats a `help=` string with %, so "95%%" there prints "95%"; a `description=` is printed as written
     (it is %-formatted only when it names %(prog)s), so "%%" there would print as "%%"."""
     parser = build_parser()
-    verbs = parser._subparsers._group_actions[0].choices
+    verbs = _verb_parsers(parser)
     texts = {"rlora": parser.format_help()} | {verb: sub.format_help() for verb, sub in verbs.items()}
     assert "95% CIs" in " ".join(texts["compare"].split())  # the wrapping follows the terminal's width
     assert {verb: text.count("%%") for verb, text in texts.items() if "%%" in text} == {}
